@@ -1,0 +1,28 @@
+# The two commands: `make run` (set up + the default CPU pipeline) and `make test` (set up + the tests).
+SHELL := /bin/bash
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test test-all flow benchmark
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	dvc repro
+	@echo; echo "Report: data/report/report.md (sample grids and plots beside it)"
+	@dvc metrics show
+
+test: setup
+	python -m pytest -q
+
+test-all: setup
+	python -m pytest -q -m "slow or not slow"
+
+flow: setup
+	python -m flows.pipeline
+
+benchmark: setup
+	python benchmarks/pipeline_times.py

@@ -1,0 +1,151 @@
+"""Typed params: every knob of params.yaml with its allowed range, written down once.
+
+A stage calls `load_params()`; any unknown key, wrong type or out-of-range value raises UserError
+with one line that names the key (`data.bias_ratio`) and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class DataParams(_Section):
+    source: str = "mnist"
+    resolution: int = Field(16, ge=8, le=128)
+    bias_ratio: float = Field(0.95, ge=0.0, lt=1.0)
+    colour_jitter: float = Field(0.005, ge=0.0, le=0.5)
+    n_judge: int = Field(10000, ge=10)
+    n_train: int = Field(50000, ge=10)
+    n_test: int = Field(10000, ge=10)
+
+    @model_validator(mode="after")
+    def _fits_mnist(self):
+        if self.source == "mnist" and self.n_judge + self.n_train > 60000:
+            raise ValueError(f"n_judge + n_train must be <= 60000 for MNIST, got {self.n_judge + self.n_train}")
+        return self
+
+
+class ClassifierParams(_Section):
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    width: int = Field(32, ge=4)
+
+
+class DiffusionParams(_Section):
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = Field(1, ge=1, le=4)
+    attention: bool = True
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    train_steps: int = Field(2500, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(500, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+    @model_validator(mode="after")
+    def _channels(self):
+        if not 1 <= len(self.block_out_channels) <= 5 or min(self.block_out_channels) < 8:
+            raise ValueError("block_out_channels must list 1 to 5 widths, each >= 8")
+        if any(c % 8 for c in self.block_out_channels):
+            raise ValueError("block_out_channels must be multiples of 8 (GroupNorm groups)")
+        return self
+
+
+class SampleParams(_Section):
+    num_per_class: int = Field(100, ge=1)
+    batch_size: int = Field(250, ge=1)
+    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    num_inference_steps: int = Field(25, ge=1, le=1000)
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    guidance_scale: float = Field(1.0, ge=0.0, le=50.0)
+
+
+class ScoreParams(_Section):
+    inception_fid: Literal[True, False, "auto"] = "auto"
+    pr_k: int = Field(3, ge=1)
+    max_reference: int = Field(10000, ge=10)
+    reference_split: Literal["train", "test", "judge"] = "train"
+    batch_size: int = Field(500, ge=1)
+
+
+class ReportParams(_Section):
+    grid_per_class: int = Field(10, ge=1, le=64)
+
+
+class MlflowParams(_Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "debias-diffusion"
+
+
+class Params(_Section):
+    seed: int = Field(0, ge=0, lt=2**31)
+    data: DataParams = DataParams()
+    classifiers: ClassifierParams = ClassifierParams()
+    diffusion: DiffusionParams = DiffusionParams()
+    sample: SampleParams = SampleParams()
+    score: ScoreParams = ScoreParams()
+    report: ReportParams = ReportParams()
+    mlflow: MlflowParams = MlflowParams()
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    got = err.get("input")
+    got = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {err['msg'].removeprefix('Value error, ')}{got}"
+
+
+def parse_params(raw: dict, origin: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise UserError with one line listing every bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        raise UserError(f"{origin}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml (the DVC-tracked file in the working directory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, str(path))
+
+
+def set_override(raw: dict, dotted_key: str, value) -> dict:
+    """Return a copy of `raw` with `a.b.c = value` set (used by the Prefect flow's param overrides)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    node = out
+    *parents, leaf = dotted_key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {dotted_key}: {p} is not a section")
+    node[leaf] = value
+    return out

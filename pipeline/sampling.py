@@ -1,0 +1,135 @@
+"""The one sampler: DDIM/DDPM over diffusers schedulers, classifier-free guidance, per-sample seeds, hooks.
+
+Methods never copy this loop; they subclass `SamplerHooks` (guided-diffusion's cond_fn habit) and
+override what they need:
+    initial_noise(z_T, ctx)          z_T ← f(z_T)            e.g. Latent Directions: z_T + w·d_a
+    mid_block(h, ctx)                h ← f(h)                e.g. Distribution Guidance: h − s·∇_h L
+    model_output(out, x_t, ctx)      f_θ ← f(f_θ)            e.g. InvDiff: mix of f_θ and δ
+`model_output` sees the U-Net's raw output in its own parameterisation (ε or v), on the full batch fed
+to the U-Net (conditional and, with guidance, unconditional halves; ctx.labels tells which is which),
+before the guidance combination.
+
+One step, with w the guidance scale and ∅ the null class:
+    (1) f = f_θ(x_t, t, [y; ∅])                    (hooks: mid_block inside, model_output after)
+    (2) f̃ = f_∅ + w·(f_y − f_∅)                    (skipped when w = 1)
+    (3) x_{t−1} = scheduler.step(f̃, t, x_t)        (DDIM with η, or DDPM ancestral)
+Seeding: sample i draws its initial noise and every per-step noise from its own generator seeded with
+seeds[i], so sample i is the same whatever the batch size or position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class StepContext:
+    """What a hook knows about the current call. labels: the classes fed to the U-Net (null = ∅)."""
+
+    step_index: int  # 0 .. num_steps − 1; −1 for initial_noise
+    num_steps: int
+    timestep: int
+    labels: torch.Tensor
+    null_class: int
+    sample_ids: torch.Tensor  # index of each conditional sample in the run
+
+
+class SamplerHooks:
+    """Identity hooks. Subclasses override any subset."""
+
+    def initial_noise(self, z: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return z
+
+    def mid_block(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return h
+
+    def model_output(self, out: torch.Tensor, x_t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return out
+
+    def _overrides(self, name: str) -> bool:
+        return getattr(type(self), name) is not getattr(SamplerHooks, name)
+
+
+def sample_seeds(base_seed: int, n: int, offset: int = 0) -> np.ndarray:
+    """Seed of sample i = first word of SeedSequence([base_seed, i]) (independent streams, no overlap
+    between runs with neighbouring base seeds)."""
+    return np.array([np.random.SeedSequence([base_seed, i]).generate_state(1, np.uint64)[0] >> np.uint64(1)
+                     for i in range(offset, offset + n)], dtype=np.int64)
+
+
+def make_scheduler(train_config: dict, kind: str = "ddim", timestep_spacing: str = "trailing"):
+    """A sampling scheduler built from the training scheduler's config."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cls = DDIMScheduler if kind == "ddim" else DDPMScheduler
+    cfg = {k: v for k, v in train_config.items() if not k.startswith("_")}
+    return cls.from_config(cfg, timestep_spacing=timestep_spacing, clip_sample=False)
+
+
+@torch.no_grad()
+def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inference_steps: int = 25,
+           guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 256, null_class: int,
+           hooks: SamplerHooks | None = None, device: str | torch.device = "cpu",
+           autocast: bool | None = None, progress: bool = True) -> torch.Tensor:
+    """Generate len(cond) images; returns float32 [N,C,H,W] in [-1, 1] on the CPU."""
+    hooks = hooks or SamplerHooks()
+    device = torch.device(device)
+    autocast = device.type == "cuda" if autocast is None else autocast
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    cond_t = torch.as_tensor(np.asarray(cond), dtype=torch.long)
+    out = []
+    state: dict = {}
+    handle = None
+    if hooks._overrides("mid_block"):
+        handle = unet.mid_block.register_forward_hook(lambda m, i, o: hooks.mid_block(o, state["ctx"]))
+    try:
+        batches = range(0, len(cond_t), batch_size)
+        total = len(batches) * num_inference_steps
+        with tqdm(total=total, desc="sample", disable=not progress, leave=False) as bar:
+            for start in batches:
+                ids = torch.arange(start, min(start + batch_size, len(cond_t)))
+                gens = [torch.Generator().manual_seed(int(s)) for s in seeds[ids.numpy()]]
+                out.append(_sample_batch(unet, scheduler, cond_t[ids], gens, ids, num_inference_steps,
+                                         guidance_scale, eta, null_class, hooks, device, autocast, state, bar))
+    finally:
+        if handle is not None:
+            handle.remove()
+    return torch.cat(out) if out else torch.empty(0, channels, *size)
+
+
+def _sample_batch(unet, scheduler, y, gens, ids, num_steps, w, eta, null, hooks, device, autocast, state, bar):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    n, c = len(y), unet.config.in_channels
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    scheduler.set_timesteps(num_steps)
+    guided = w != 1.0
+    labels = torch.cat([y, torch.full_like(y, null)]) if guided else y
+    labels = labels.to(device)
+    ctx = StepContext(-1, num_steps, int(scheduler.timesteps[0]), labels, null, ids)
+    # CPU draws keep the noise identical across devices; list of generators = one stream per sample.
+    x = randn_tensor((n, c, *size), generator=gens, device=torch.device("cpu")).to(device)
+    x = hooks.initial_noise(x * scheduler.init_noise_sigma, ctx)
+    step_kwargs = {"eta": eta} if "eta" in scheduler.step.__code__.co_varnames else {}
+    for i, t in enumerate(scheduler.timesteps):
+        ctx = StepContext(i, num_steps, int(t), labels, null, ids)
+        state["ctx"] = ctx
+        x_in = torch.cat([x, x]) if guided else x
+        x_in = scheduler.scale_model_input(x_in, t)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            f = unet(x_in, t.to(device), class_labels=labels).sample.float()
+        f = hooks.model_output(f, x_in, ctx)
+        if guided:  # (2)
+            f_cond, f_null = f.chunk(2)
+            f = f_null + w * (f_cond - f_null)
+        # (3) stochastic steps (DDPM, DDIM with η > 0) draw from the per-sample generators.
+        x = scheduler.step(f, t, x, generator=gens, **step_kwargs).prev_sample
+        bar.update()
+    return x.clamp(-1, 1).float().cpu()
+

@@ -1,0 +1,41 @@
+"""Score a set of generated samples with the judges: the metrics of DESIGN.md §5 in one call."""
+
+import numpy as np
+import pandas as pd
+
+from pipeline.data import NUM_COLOURS, to_tensor
+from pipeline.metrics import (aligned_fraction, bias_score, fairness_discrepancy, feature_statistics, fidelity,
+                              frechet_distance, precision_recall)
+from pipeline.models import judge_outputs
+
+
+def score_samples(images: np.ndarray, cond: np.ndarray, colour_judge, digit_judge, ref: dict, *, k: int,
+                  seed: int, batch_size: int, inception=None, inception_ref: dict | None = None):
+    """(overall metrics, per-class frame) for uint8 NHWC samples conditioned on `cond`."""
+    x = to_tensor(images)
+    attr, _ = judge_outputs(colour_judge, x, batch_size)
+    pred, feats = judge_outputs(digit_judge, x, batch_size)
+    aligned_attr = np.arange(NUM_COLOURS)  # digit y's bias-aligned colour is colour y
+    bias = bias_score(attr, cond, NUM_COLOURS)
+    fd = fairness_discrepancy(attr, cond, NUM_COLOURS)
+    al = aligned_fraction(attr, cond, aligned_attr)
+    mu, sigma = feature_statistics(feats)
+    rng = np.random.default_rng(seed)
+    real = ref["features"][rng.permutation(len(ref["features"]))[: len(feats)]]
+    pr = precision_recall(real.astype(np.float64), feats, k=k)
+    metrics = {"bias_score": bias["bias_score"], "bias_score_normalised": bias["bias_score_normalised"],
+               "fd": fd["fd"], "aligned_fraction": al["aligned_fraction"], "fidelity": fidelity(pred, cond),
+               "fid_indomain": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
+               "precision": pr["precision"], "recall": pr["recall"], "num_samples": int(len(cond))}
+    if inception is not None:
+        mu_i, sigma_i = feature_statistics(inception(images))
+        metrics["fid_inception"] = frechet_distance(mu_i, sigma_i, inception_ref["mu"], inception_ref["sigma"])
+    classes = sorted(bias["per_class"])
+    per_class = pd.DataFrame({
+        "condition": classes,
+        "bias_score": [bias["per_class"][y] for y in classes],
+        "fd": [fd["per_class"][y] for y in classes],
+        "aligned_fraction": [al["per_class"][y] for y in classes],
+        "fidelity": [float(np.mean(pred[cond == y] == y)) for y in classes],
+    })
+    return metrics, per_class

@@ -1,0 +1,56 @@
+"""fid_reference: feature statistics of real images, computed once for every score@<method>.
+
+In-domain: the digit judge's penultimate features (mean, covariance, and the features for precision/recall).
+Inception: FID Inception-v3 pool features, when score.inception_fid is on (or 'auto' with CUDA present).
+Also the bias of the real training split itself, as the reference row of the report.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data import NUM_COLOURS, load_split, to_tensor
+from pipeline.io import save_json, save_npz
+from pipeline.metrics import InceptionFeatures, aligned_fraction, bias_score, feature_statistics
+from pipeline.models import judge_outputs, load_judge
+from stages.common import device, load_params, mlflow_run, stage_main
+
+PREPARED, JUDGES, OUT = Path("data/prepared"), Path("data/judges"), Path("data/reference")
+
+
+def inception_enabled(setting) -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available()) if setting == "auto" else bool(setting)
+
+
+@stage_main
+def main() -> None:
+    params = load_params()
+    p = params.score
+    dev = device()
+    judge = load_judge(JUDGES / "digit.safetensors", dev)
+    ref = load_split(PREPARED, p.reference_split, with_bias=True)
+    rng = np.random.default_rng(params.seed)
+    keep = np.sort(rng.permutation(len(ref.classes))[: p.max_reference])
+    images = ref.images[keep]
+    _, feats = judge_outputs(judge, to_tensor(images), p.batch_size)
+    mu, sigma = feature_statistics(feats)
+    save_npz(OUT / "indomain.npz", mu=mu, sigma=sigma, features=feats.astype(np.float32))
+    train = load_split(PREPARED, "train", with_bias=True)
+    data_bias = {**{k: v for k, v in bias_score(train.bias, train.classes, NUM_COLOURS).items() if k != "per_class"},
+                 "aligned_fraction": aligned_fraction(train.bias, train.classes, np.arange(NUM_COLOURS))["aligned_fraction"]}
+    summary = {"n_reference": int(len(keep)), "reference_split": p.reference_split, "train_data_bias": data_bias,
+               "inception": inception_enabled(p.inception_fid)}
+    if summary["inception"]:
+        inc = InceptionFeatures(device=str(dev))(images, batch_size=50)
+        mu_i, sigma_i = feature_statistics(inc)
+        save_npz(OUT / "inception.npz", mu=mu_i, sigma=sigma_i)
+    save_json(OUT / "summary.json", summary)
+    with mlflow_run("fid_reference", params, ("score",)) as run:
+        run.metrics({"n_reference": len(keep), **{f"train_data_{k}": v for k, v in data_bias.items()}})
+    print(f"reference: {len(keep)} {p.reference_split} images; inception {'on' if summary['inception'] else 'off'}")
+
+
+if __name__ == "__main__":
+    main()

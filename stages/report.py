@@ -1,0 +1,49 @@
+"""report: one table row per scored method, sample grids (rows = classes), a bias-vs-FID scatter.
+
+Writes data/report/{report.md, *.png} and data/metrics/report_methods.json; logs one MLflow run per method so MLflow's compare
+view lines the methods up.
+"""
+
+from pathlib import Path
+
+from pipeline.io import atomic_path, load_json, load_npz, load_parquet, save_json
+from pipeline.report import bias_fid_scatter, render_markdown, sample_grid, save_png
+from stages.common import UserError, load_params, mlflow_run, stage_main
+
+SCORES, SAMPLES, OUT = Path("data/scores"), Path("data/samples"), Path("data/report")
+
+
+@stage_main
+def main() -> None:
+    params = load_params()
+    methods = sorted(p.name for p in SCORES.glob("*") if (p / "metrics.json").is_file())
+    if not methods:
+        raise UserError(f"{SCORES}: no scored methods found (run `dvc repro score`)")
+    # The baseline first, then the methods alphabetically.
+    methods.sort(key=lambda m: (m != "baseline", m))
+    rows = [{"method": m, **load_json(SCORES / m / "metrics.json")} for m in methods]
+    with atomic_path(OUT) as tmp:
+        tmp.mkdir(parents=True)
+        grids = {}
+        for m in methods:
+            images = load_npz(SAMPLES / m / "images.npz", "images")["images"]
+            cond = load_parquet(SAMPLES / m / "samples.parquet", ["condition"])["condition"].to_numpy()
+            save_png(sample_grid(images, cond, params.report.grid_per_class), tmp / f"samples_{m}.png")
+            grids[m] = f"samples_{m}.png"
+        bias_fid_scatter(rows, tmp / "bias_vs_fid.png")
+        context = {**params.data.model_dump(), **params.sample.model_dump()}
+        md = render_markdown(rows, data_bias=load_json("data/reference/summary.json")["train_data_bias"],
+                             judges=load_json("data/metrics/train_classifiers.json"), context=context,
+                             grids=grids, scatter="bias_vs_fid.png")
+        (tmp / "report.md").write_text(md)
+    save_json("data/metrics/report_methods.json", rows)
+    for row in rows:
+        with mlflow_run("report", params, ("sample", "score"), run_name=row["method"],
+                        extra_tags={"method": row["method"]}) as run:
+            run.metrics({k: v for k, v in row.items() if k != "method"})
+            run.artifact(OUT / f"samples_{row['method']}.png")
+    print(f"report: {OUT / 'report.md'} ({len(rows)} methods)")
+
+
+if __name__ == "__main__":
+    main()

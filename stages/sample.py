@@ -1,0 +1,61 @@
+"""sample@<method>: draw num_per_class samples per class with the one sampler and the method's hooks.
+
+Outputs data/samples/<method>/images.npz (uint8 NHWC) and samples.parquet (condition, seed, method, knobs).
+Every method uses the same per-sample seeds, so samples are paired across methods.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.data import NUM_CLASSES, to_uint8
+from pipeline.diffusion import load_diffusion
+from pipeline.io import atomic_path
+from pipeline.models import null_class
+from pipeline.sampling import SamplerHooks, make_scheduler, sample, sample_seeds
+from stages.common import UserError, device, load_params, mlflow_run, stage_main
+
+MODEL = Path("data/models/diffusion")
+
+
+def hooks_for(method: str) -> SamplerHooks:
+    """The sampler hooks of each method (the baseline changes nothing)."""
+    if method == "baseline":
+        return SamplerHooks()
+    raise UserError(f"--method {method!r}: unknown method (expected one of: baseline)")
+
+
+@stage_main
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--method", default="baseline")
+    args = ap.parse_args(argv)
+    params = load_params()
+    p = params.sample
+    hooks = hooks_for(args.method)
+    dev = device()
+    unet, sched_cfg = load_diffusion(MODEL, dev)
+    scheduler = make_scheduler(sched_cfg, p.scheduler, p.timestep_spacing)
+    cond = np.repeat(np.arange(NUM_CLASSES), p.num_per_class)
+    seeds = sample_seeds(params.seed, len(cond))
+    with mlflow_run("sample", params, ("sample",), run_name=f"sample@{args.method}",
+                    extra_tags={"method": args.method}) as run:
+        images = sample(unet, scheduler, cond, seeds, num_inference_steps=p.num_inference_steps,
+                        guidance_scale=p.guidance_scale, eta=p.eta, batch_size=p.batch_size,
+                        null_class=null_class(unet), hooks=hooks, device=dev)
+        run.metrics({"num_samples": len(cond)})
+    table = pd.DataFrame({"index": np.arange(len(cond)), "condition": cond, "seed": seeds, "method": args.method,
+                          "scheduler": p.scheduler, "num_inference_steps": p.num_inference_steps,
+                          "guidance_scale": p.guidance_scale, "eta": p.eta})
+    with atomic_path(Path("data/samples") / args.method) as tmp:
+        tmp.mkdir(parents=True)
+        with open(tmp / "images.npz", "wb") as f:
+            np.savez_compressed(f, images=to_uint8(images))
+        table.to_parquet(tmp / "samples.parquet", index=False)
+    print(f"sample@{args.method}: {len(cond)} images")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""score@<method>: bias (InvDiff score, normalised, FD, aligned fraction), in-domain FID, fidelity,
+precision/recall, and Inception FID when on — per class and overall (DESIGN.md §5)."""
+
+import argparse
+import json
+from pathlib import Path
+
+
+from pipeline.io import atomic_path, load_json, load_npz, load_parquet
+from pipeline.metrics import InceptionFeatures
+from pipeline.models import load_judge
+from pipeline.scoring import score_samples
+from stages.common import UserError, device, load_params, mlflow_run, stage_main
+
+JUDGES, REF = Path("data/judges"), Path("data/reference")
+
+
+@stage_main
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--method", default="baseline")
+    args = ap.parse_args(argv)
+    params = load_params()
+    p = params.score
+    dev = device()
+    sample_dir = Path("data/samples") / args.method
+    images = load_npz(sample_dir / "images.npz", "images")["images"]
+    table = load_parquet(sample_dir / "samples.parquet", ["condition"])
+    if len(table) != len(images):
+        raise UserError(f"{sample_dir}: images.npz has {len(images)} images, samples.parquet {len(table)} rows")
+    colour, digit = load_judge(JUDGES / "colour.safetensors", dev), load_judge(JUDGES / "digit.safetensors", dev)
+    ref = load_npz(REF / "indomain.npz", "mu", "sigma", "features")
+    inception, inception_ref = None, None
+    if load_json(REF / "summary.json")["inception"]:
+        inception, inception_ref = InceptionFeatures(device=str(dev)), load_npz(REF / "inception.npz", "mu", "sigma")
+    metrics, per_class = score_samples(images, table["condition"].to_numpy(), colour, digit, ref, k=p.pr_k,
+                                       seed=params.seed, batch_size=p.batch_size, inception=inception,
+                                       inception_ref=inception_ref)
+    out = Path("data/scores") / args.method
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        per_class.to_parquet(tmp / "per_class.parquet", index=False)
+    with mlflow_run("score", params, ("score",), run_name=f"score@{args.method}",
+                    extra_tags={"method": args.method}) as run:
+        run.metrics(metrics)
+    print(f"score@{args.method}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Tiny params derived from the real params.yaml (lightning-hydra-template habit: take the real config, shrink it)."""
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHRINK = {
+    "data": {"resolution": 16, "n_judge": 400, "n_train": 600, "n_test": 200},
+    "classifiers": {"epochs": 1, "batch_size": 64, "width": 8},
+    "diffusion": {"block_out_channels": [16, 32], "train_steps": 4, "batch_size": 8, "checkpoint_every": 2,
+                  "warmup_steps": 1},
+    "sample": {"num_per_class": 2, "batch_size": 8, "num_inference_steps": 3},
+    "score": {"max_reference": 100, "batch_size": 100, "inception_fid": False},
+    "report": {"grid_per_class": 2},
+}
+
+
+def tiny_params() -> dict:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in SHRINK.items():
+        raw[section].update(values)
+    return raw
