@@ -12,6 +12,7 @@ class × colour, the test split colour-uniform. The bias attribute (colour) is s
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise UserError(f"{path}: cannot read idx file ({exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise UserError(f"{path}: not an idx file (bad magic number)")
@@ -141,7 +142,7 @@ def biased_colours(labels: np.ndarray, bias_ratio: float, rng: np.random.Generat
     colours = labels.astype(np.int64).copy()
     for y in range(NUM_CLASSES):
         idx = np.flatnonzero(labels == y)
-        n_conf = int(round((1.0 - bias_ratio) * len(idx)))
+        n_conf = round((1.0 - bias_ratio) * len(idx))
         if n_conf == 0:
             continue
         conf = rng.choice(idx, size=n_conf, replace=False)
@@ -222,7 +223,8 @@ def load_split(data_dir: str | Path, split: str, *, with_bias: bool) -> Labelled
     classes = frame["class"].to_numpy(np.int64, copy=True)
     if not with_bias:
         return LabelledImages(images, classes)
-    return ScoredImages(images, classes, frame["bias"].to_numpy(np.int64, copy=True), frame["aligned"].to_numpy(bool, copy=True))
+    return ScoredImages(images, classes, frame["bias"].to_numpy(np.int64, copy=True),
+                        frame["aligned"].to_numpy(bool, copy=True))
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -69,8 +69,9 @@ def config_fingerprint(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
-    """The newest complete checkpoint made with the same config (temp dirs are dot-prefixed, so skipped)."""
+def latest_checkpoint(ckpt_dir: Path, fingerprint: str, max_step: int | None = None) -> Path | None:
+    """The newest complete checkpoint made with the same config and before `max_step` (temp dirs are
+    dot-prefixed, so skipped; a checkpoint past a lowered train_steps is not resumed)."""
     if not ckpt_dir.is_dir():
         return None
     cands = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
@@ -79,7 +80,7 @@ def latest_checkpoint(ckpt_dir: Path, fingerprint: str) -> Path | None:
             meta = json.loads((p / "meta.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if meta.get("fingerprint") == fingerprint:
+        if meta.get("fingerprint") == fingerprint and (max_step is None or meta.get("step", 0) < max_step):
             return p
     return None
 
@@ -110,7 +111,7 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     fingerprint = config_fingerprint({**cfg, "seed": seed, "num_classes": num_classes,
                                       "data": _tensor_digest(images, classes)})
     start = 0
-    ckpt = latest_checkpoint(ckpt_dir, fingerprint)
+    ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=cfg["train_steps"])
     if ckpt is not None:
         start = load_checkpoint(ckpt, unet, ema, opt, lr_sched, gen)
         accelerator.print(f"resuming from {ckpt} (step {start})")
@@ -230,8 +231,11 @@ def load_diffusion(model_dir: str | Path, device: str | torch.device = "cpu"):
         raise UserError(f"{model_dir}: not a trained diffusion model (expected unet/ and scheduler/; "
                         "run `dvc repro train_diffusion`)")
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True)
         config = json.loads(sched_cfg.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{sched_cfg}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True)
     except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{unet_dir}: cannot load the diffusion model ({msg})") from None

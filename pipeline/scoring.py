@@ -4,8 +4,15 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data import NUM_COLOURS, to_tensor
-from pipeline.metrics import (aligned_fraction, bias_score, fairness_discrepancy, feature_statistics, fidelity,
-                              frechet_distance, precision_recall)
+from pipeline.metrics import (
+    aligned_fraction,
+    bias_score,
+    fairness_discrepancy,
+    feature_statistics,
+    fidelity,
+    frechet_distance,
+    precision_recall,
+)
 from pipeline.models import judge_outputs
 
 
@@ -26,7 +33,7 @@ def score_samples(images: np.ndarray, cond: np.ndarray, colour_judge, digit_judg
     metrics = {"bias_score": bias["bias_score"], "bias_score_normalised": bias["bias_score_normalised"],
                "fd": fd["fd"], "aligned_fraction": al["aligned_fraction"], "fidelity": fidelity(pred, cond),
                "fid_indomain": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
-               "precision": pr["precision"], "recall": pr["recall"], "num_samples": int(len(cond))}
+               "precision": pr["precision"], "recall": pr["recall"], "num_samples": len(cond)}
     if inception is not None:
         mu_i, sigma_i = feature_statistics(inception(images))
         metrics["fid_inception"] = frechet_distance(mu_i, sigma_i, inception_ref["mu"], inception_ref["sigma"])

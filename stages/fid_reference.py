@@ -38,9 +38,11 @@ def main() -> None:
     mu, sigma = feature_statistics(feats)
     save_npz(OUT / "indomain.npz", mu=mu, sigma=sigma, features=feats.astype(np.float32))
     train = load_split(PREPARED, "train", with_bias=True)
-    data_bias = {**{k: v for k, v in bias_score(train.bias, train.classes, NUM_COLOURS).items() if k != "per_class"},
-                 "aligned_fraction": aligned_fraction(train.bias, train.classes, np.arange(NUM_COLOURS))["aligned_fraction"]}
-    summary = {"n_reference": int(len(keep)), "reference_split": p.reference_split, "train_data_bias": data_bias,
+    bias = bias_score(train.bias, train.classes, NUM_COLOURS)
+    aligned = aligned_fraction(train.bias, train.classes, np.arange(NUM_COLOURS))
+    data_bias = {"bias_score": bias["bias_score"], "bias_score_normalised": bias["bias_score_normalised"],
+                 "aligned_fraction": aligned["aligned_fraction"]}
+    summary = {"n_reference": len(keep), "reference_split": p.reference_split, "train_data_bias": data_bias,
                "inception": inception_enabled(p.inception_fid)}
     if summary["inception"]:
         inc = InceptionFeatures(device=str(dev))(images, batch_size=50)

@@ -22,7 +22,7 @@ def main() -> None:
     by_split = labels.groupby("split")
     stats = {
         "aligned_fraction": {s: float(g["aligned"].mean()) for s, g in by_split},
-        "count": {s: int(len(g)) for s, g in by_split},
+        "count": {s: len(g) for s, g in by_split},
     }
     with atomic_path(OUT) as tmp:
         tmp.mkdir(parents=True)

@@ -1,7 +1,7 @@
 """report: one table row per scored method, sample grids (rows = classes), a bias-vs-FID scatter.
 
-Writes data/report/{report.md, *.png} and data/metrics/report_methods.json; logs one MLflow run per method so MLflow's compare
-view lines the methods up.
+Writes data/report/{report.md, *.png} and data/metrics/report_methods.json; logs one MLflow run per
+method so MLflow's compare view lines the methods up.
 """
 
 from pathlib import Path

@@ -5,7 +5,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 from pipeline.io import atomic_path, load_json, load_npz, load_parquet
 from pipeline.metrics import InceptionFeatures
 from pipeline.models import load_judge

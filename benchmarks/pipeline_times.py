@@ -1,0 +1,81 @@
+"""Wall time of the default pipeline per stage and in total, the no-op `dvc repro`, and the fully cached
+Prefect flow — each cached figure a median of several runs, measured side by side in one run.
+
+    python benchmarks/pipeline_times.py                 # the default CPU profile (~10 min)
+    python benchmarks/pipeline_times.py --tiny          # tests' tiny params (a minute), to check the script
+
+Runs in a fresh temporary git+dvc copy of the project, so the checkout's own outputs are not touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flows.pipeline import select_stages, stage_graph  # noqa: E402
+from tests.test_dag import _env, make_project  # noqa: E402
+
+
+def timed(cmd: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(cwd), capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="use the tests' tiny params")
+    ap.add_argument("--runs", type=int, default=5, help="repeats of the cached measurements")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        make_project(tmp)
+        if not args.tiny:
+            shutil.copy(ROOT / "params.yaml", tmp / "params.yaml")
+        dvc = [sys.executable, "-m", "dvc"]
+        order = select_stages(stage_graph(tmp), ["baseline"])
+        print(f"project copy: {tmp}  params: {'tiny' if args.tiny else 'params.yaml'}")
+        stage_times = {}
+        for name in order:
+            stage_times[name] = timed([*dvc, "repro", "--single-item", name], tmp)
+            print(f"  {name:22s} {stage_times[name]:8.1f} s", flush=True)
+        total = sum(stage_times.values())
+        print(f"  {'total':22s} {total:8.1f} s  ({total / 60:.1f} min)")
+        noop = [timed([*dvc, "repro"], tmp) for _ in range(args.runs)]
+        flow = [timed([sys.executable, "-m", "flows.pipeline", "--project-dir", str(tmp)], tmp)
+                for _ in range(max(3, args.runs // 2))]
+        status = [timed([*dvc, "status"], tmp) for _ in range(args.runs)]
+        summary = {
+            "stage_seconds": {k: round(v, 2) for k, v in stage_times.items()},
+            "total_seconds": round(total, 1),
+            "noop_dvc_repro_median_s": round(statistics.median(noop), 2),
+            "dvc_status_median_s": round(statistics.median(status), 2),
+            "cached_prefect_flow_median_s": round(statistics.median(flow), 2),
+        }
+        summary["flow_minus_noop_s"] = round(summary["cached_prefect_flow_median_s"]
+                                             - summary["noop_dvc_repro_median_s"], 2)
+        print(f"no-op dvc repro:      median {summary['noop_dvc_repro_median_s']:.2f} s over {len(noop)} runs")
+        print(f"cached Prefect flow:  median {summary['cached_prefect_flow_median_s']:.2f} s over {len(flow)} runs "
+              f"(python -m flows.pipeline, ephemeral API server included)")
+        print(f"flow − no-op repro:   {summary['flow_minus_noop_s']:.2f} s")
+        print(yaml.safe_dump(summary, sort_keys=False))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
