@@ -55,9 +55,9 @@ def stage_graph(root: Path):
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph
-        deps = {s.addressing: set() for s in graph.nodes}
+        deps = {s.name: set() for s in graph.nodes}
         for stage, upstream in graph.edges:
-            deps[stage.addressing].add(upstream.addressing)
+            deps[stage.name].add(upstream.name)
     return deps
 
 
@@ -108,8 +108,9 @@ def run_stage(name: str, root: str, run_id: str) -> str:
     from dvc.repo import Repo
 
     logger = get_run_logger()
+    # A target resolves against the working directory, so name the stage by its full dvc.yaml path.
     with Repo(root) as repo:
-        changed = bool(repo.status(targets=[name]))
+        changed = bool(repo.status(targets=[f"{Path(root) / 'dvc.yaml'}:{name}"]))
     if not changed:
         logger.info("%s: up to date", name)
         return "up to date"

@@ -24,8 +24,8 @@ class DataParams(_Section):
     resolution: int = Field(16, ge=8, le=128)
     bias_ratio: float = Field(0.95, ge=0.0, lt=1.0)
     colour_jitter: float = Field(0.005, ge=0.0, le=0.5)
-    n_judge: int = Field(10000, ge=10)
-    n_train: int = Field(50000, ge=10)
+    n_judge: int = Field(20000, ge=10)
+    n_train: int = Field(40000, ge=10)
     n_test: int = Field(10000, ge=10)
 
     @model_validator(mode="after")
@@ -36,7 +36,7 @@ class DataParams(_Section):
 
 
 class ClassifierParams(_Section):
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     width: int = Field(32, ge=4)
@@ -50,7 +50,7 @@ class DiffusionParams(_Section):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    train_steps: int = Field(2500, ge=1)
+    train_steps: int = Field(1600, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)

@@ -42,7 +42,7 @@ def bias_score(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int) -> dict:
     per = pair_sum / c.sum(1) / (K * (K - 1) / 2)
     mean = float(per.mean())
     return {"bias_score": mean, "bias_score_normalised": mean / (2 / K),
-            "per_class": {int(y): float(b) for y, b in zip(ys, per, strict=False)}}
+            "per_class": {int(y): float(b) for y, b in zip(ys, per, strict=True)}}
 
 
 def fairness_discrepancy(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int,
@@ -57,7 +57,7 @@ def fairness_discrepancy(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int,
         raise UserError(f"fairness target: expected {num_attr} non-negative probabilities summing to 1, "
                         f"got {target.tolist()}")
     per = np.linalg.norm(c / c.sum(1, keepdims=True) - target, axis=1)
-    return {"fd": float(per.mean()), "per_class": {int(y): float(d) for y, d in zip(ys, per, strict=False)}}
+    return {"fd": float(per.mean()), "per_class": {int(y): float(d) for y, d in zip(ys, per, strict=True)}}
 
 
 def aligned_fraction(attr_pred: np.ndarray, cond: np.ndarray, aligned_attr: np.ndarray) -> dict:

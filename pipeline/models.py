@@ -46,7 +46,9 @@ def save_judge(judge: Judge, path: str | Path, extra: dict | None = None) -> Non
 
     from pipeline.io import atomic_path
 
-    meta = {"config": json.dumps(judge.config), "extra": json.dumps(extra or {})}
+    # One metadata key: safetensors writes its metadata map in hash order, so several keys would make the
+    # file's bytes (and DVC's hash of it) differ from run to run.
+    meta = {"judge": json.dumps({"config": judge.config, "extra": extra or {}}, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp), metadata=meta)
 
@@ -60,8 +62,8 @@ def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
         raise UserError(f"{path}: judge checkpoint not found (run `dvc repro train_classifiers`)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            config = json.loads(f.metadata()["config"])
-            state = {k: f.get_tensor(k) for k in f}
+            config = json.loads(f.metadata()["judge"])["config"]
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         judge = Judge(**config)
         judge.load_state_dict(state)
     except Exception as exc:
