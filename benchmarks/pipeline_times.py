@@ -10,6 +10,7 @@ Runs in a fresh temporary git+dvc copy of the project, so the checkout's own out
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
@@ -40,6 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="use the tests' tiny params")
     ap.add_argument("--runs", type=int, default=5, help="repeats of the cached measurements")
+    ap.add_argument("--keep", type=Path, help="copy the run's data/ (report, metrics) here before cleaning up")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
@@ -72,7 +74,11 @@ def main() -> None:
         print(f"cached Prefect flow:  median {summary['cached_prefect_flow_median_s']:.2f} s over {len(flow)} runs "
               f"(python -m flows.pipeline, ephemeral API server included)")
         print(f"flow − no-op repro:   {summary['flow_minus_noop_s']:.2f} s")
+        summary["baseline_scores"] = json.loads((tmp / "data/scores/baseline/metrics.json").read_text())
+        summary["judges"] = json.loads((tmp / "data/metrics/train_classifiers.json").read_text())
         print(yaml.safe_dump(summary, sort_keys=False))
+        if args.keep:
+            shutil.copytree(tmp / "data", args.keep, dirs_exist_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

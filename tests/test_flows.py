@@ -3,8 +3,16 @@
 import pytest
 import yaml
 
-from flows.pipeline import (GPU_STAGES, PipelineConfig, StageFailed, _is_transient, apply_overrides,
-                            debias_pipeline, select_stages, stage_graph)
+from flows.pipeline import (
+    GPU_STAGES,
+    PipelineConfig,
+    StageFailed,
+    _is_transient,
+    apply_overrides,
+    debias_pipeline,
+    select_stages,
+    stage_graph,
+)
 from pipeline.errors import UserError
 from tests.tiny import ROOT, tiny_params
 
