@@ -38,8 +38,8 @@ class PipelineConfig(BaseModel):
         description="params.yaml overrides as dotted keys, e.g. {\"diffusion.train_steps\": 500}; validated, "
                     "then written to params.yaml (like `dvc exp run -S`) so dvc.lock records them",
     )
-    methods: list[str] = Field(default_factory=lambda: ["baseline"],
-                               description="methods to sample and score (foreach keys of dvc.yaml)")
+    methods: list[str] | None = Field(None, description="methods to run (foreach keys of dvc.yaml, e.g. "
+                                      "baseline, latentdir); empty = all")
     project_dir: str = Field(".", description="the project checkout (holds dvc.yaml and params.yaml)")
 
 
@@ -61,9 +61,11 @@ def stage_graph(root: Path):
     return deps
 
 
-def select_stages(deps: dict[str, set[str]], methods: list[str]) -> list[str]:
-    """Stages in dependency order (ties by name), keeping only the chosen methods' `stage@method` nodes."""
+def select_stages(deps: dict[str, set[str]], methods: list[str] | None = None) -> list[str]:
+    """Stages in dependency order (ties by name), keeping only the chosen methods' `stage@method` nodes
+    (all when `methods` is empty)."""
     known = {n.split("@", 1)[1] for n in deps if "@" in n}
+    methods = methods or sorted(known)
     unknown = sorted(set(methods) - known)
     if unknown:
         raise ValueError(f"methods {unknown}: not in dvc.yaml (known: {sorted(known)})")
@@ -150,7 +152,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Run the pipeline as a Prefect flow.")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="params override, e.g. sample.guidance_scale=2 (repeatable)")
-    ap.add_argument("--methods", nargs="+", default=["baseline"])
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every method in dvc.yaml")
     ap.add_argument("--project-dir", default=".")
     args = ap.parse_args(argv)
     overrides = {}

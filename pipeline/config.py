@@ -85,6 +85,32 @@ class ScoreParams(_Section):
     batch_size: int = Field(500, ge=1)
 
 
+class LatentDirParams(_Section):
+    fit_per_class: int = Field(200, ge=2)
+    record_steps: tuple[int, ...] = (0, 5, 10, 15, 20)
+    svm_c: float = Field(1.0, gt=0)
+    holdout: float = Field(0.2, ge=0.0, lt=1.0)
+    pool: int = Field(1, ge=0)
+    allow_missing: bool = False
+    source_step: int = 15
+    weight: float = Field(10.0, ge=0.0)
+    target: tuple[float, ...] | None = None
+    sweep_weights: tuple[float, ...] = (5.0, 10.0, 15.0)
+    sweep_steps: tuple[int, ...] = (10, 15)
+    sweep_per_class: int = Field(30, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if any(s < -1 for s in self.record_steps):
+            raise ValueError("record_steps: step indices must be >= -1 (-1 = the initial noise z_T)")
+        for name, steps in (("source_step", (self.source_step,)), ("sweep_steps", self.sweep_steps)):
+            if not set(steps) <= set(self.record_steps):
+                raise ValueError(f"{name} {list(steps)} must be among record_steps {list(self.record_steps)}")
+        if self.target is not None and (min(self.target) <= 0 or abs(sum(self.target) - 1.0) > 1e-6):
+            raise ValueError(f"target must have every entry > 0 and sum to 1, got {list(self.target)}")
+        return self
+
+
 class ReportParams(_Section):
     grid_per_class: int = Field(10, ge=1, le=64)
 
@@ -101,6 +127,7 @@ class Params(_Section):
     diffusion: DiffusionParams = DiffusionParams()
     sample: SampleParams = SampleParams()
     score: ScoreParams = ScoreParams()
+    latentdir: LatentDirParams = LatentDirParams()
     report: ReportParams = ReportParams()
     mlflow: MlflowParams = MlflowParams()
 

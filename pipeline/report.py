@@ -10,6 +10,7 @@ import numpy as np
 COLUMNS = [
     ("bias_score", "bias score ↓"), ("bias_score_normalised", "normalised bias ↓"), ("fd", "FD ↓"),
     ("aligned_fraction", "aligned fraction ↓"), ("fidelity", "fidelity ↑"), ("fid_indomain", "in-domain FID ↓"),
+    ("fid_balanced", "FID vs colour-balanced ↓"),
     ("fid_inception", "Inception FID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
 ]
 
@@ -34,8 +35,10 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def bias_fid_scatter(rows: list[dict], path: str | Path, fid_key: str = "fid_indomain") -> None:
-    """Normalised bias score against FID, one labelled point per method (lower-left is better)."""
+def bias_fid_scatter(rows: list[dict], path: str | Path, fid_key: str = "fid_indomain",
+                     sweeps: list[dict] = ()) -> None:
+    """Normalised bias score against FID, one labelled point per method (lower-left is better); sweep points
+    (fewer samples each, so their FID sits higher than the full runs') as small markers joined per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,6 +51,17 @@ def bias_fid_scatter(rows: list[dict], path: str | Path, fid_key: str = "fid_ind
         ax.scatter(row[fid_key], row["bias_score_normalised"], s=40)
         ax.annotate(row["method"], (row[fid_key], row["bias_score_normalised"]), xytext=(4, 4),
                     textcoords="offset points", fontsize=8)
+    by_method: dict[str, list[dict]] = {}
+    for row in sweeps:
+        by_method.setdefault(row["method"], []).append(row)
+    for method, points in by_method.items():
+        ax.plot([r[fid_key] for r in points], [r["bias_score_normalised"] for r in points], "x:", ms=5,
+                alpha=0.7, label=f"{method} sweep")
+        for r in points:
+            ax.annotate(sweep_label(r), (r[fid_key], r["bias_score_normalised"]), xytext=(3, -9),
+                        textcoords="offset points", fontsize=6, alpha=0.8)
+    if sweeps:
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel(f"{fid_key.replace('_', ' ')} (lower is better)")
     ax.set_ylabel("normalised bias score (0 = fair, 1 = all one colour)")
     ax.set_ylim(0, 1.05)
@@ -58,12 +72,19 @@ def bias_fid_scatter(rows: list[dict], path: str | Path, fid_key: str = "fid_ind
     plt.close(fig)
 
 
+def sweep_label(row: dict) -> str:
+    """The knobs of a sweep point, e.g. 'w=10 s=15'."""
+    skip = {"method", *dict(COLUMNS), "num_samples"}
+    short = {"weight": "w", "source_step": "s"}
+    return " ".join(f"{short.get(k, k)}={v:g}" for k, v in row.items() if k not in skip and isinstance(v, (int, float)))
+
+
 def _fmt(v) -> str:
     return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def render_markdown(rows: list[dict], *, data_bias: dict, judges: dict, context: dict, grids: dict[str, str],
-                    scatter: str) -> str:
+                    scatter: str, sweeps: list[dict] = (), extras: dict[str, list[str]] | None = None) -> str:
     """The report page: methods table, the training data's own bias, judges, grids, scatter, next steps."""
     cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
     lines = ["# Bias report", "",
@@ -73,7 +94,10 @@ def render_markdown(rows: list[dict], *, data_bias: dict, judges: dict, context:
              f"{context['guidance_scale']}.", "",
              "Bias is measured by the colour judge on the generated images; the bias score (InvDiff) is 0 for "
              "uniform colours and 2/K = 0.2 when every sample of a class has one colour, so read it beside the "
-             "normalised score (÷ 2/K) and the aligned fraction (share of samples in their class's colour).", "",
+             "normalised score (÷ 2/K) and the aligned fraction (share of samples in their class's colour). "
+             "In-domain FID compares with the biased training data (what the model learned), so removing the "
+             "bias raises it; FID vs colour-balanced compares with the colour-uniform test split (what a "
+             "debiased model should produce). Both use the digit judge's features.", "",
              "| method | " + " | ".join(h for _, h in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for r in rows:
@@ -84,7 +108,18 @@ def render_markdown(rows: list[dict], *, data_bias: dict, judges: dict, context:
               + ", ".join(f"{k.replace('_test_accuracy', '')} {v:.4f}" for k, v in judges.items()) + ".", ""]
     for method, png in grids.items():
         lines += [f"## Samples: {method}", "", "Rows are the classes 0–9.", "", f"![{method} samples]({png})", ""]
-    lines += ["## Bias vs FID", "", f"![bias vs FID]({scatter})", "",
+        lines += [*(extras or {}).get(method, [])]
+    lines += ["## Bias vs FID", "", f"![bias vs FID]({scatter})", ""]
+    if sweeps:
+        sweep_cols = [(k, h) for k, h in COLUMNS if k in sweeps[0]]
+        lines += ["### Sweeps", "", f"Each point: {sweeps[0]['num_samples']} samples (fewer than the full runs, so "
+                  "compare FID within this table; w = 0 is the baseline at the same size).", "",
+                  "| method | knobs | " + " | ".join(h for _, h in sweep_cols) + " |",
+                  "|---|---|" + "---|" * len(sweep_cols)]
+        lines += [f"| {r['method']} | {sweep_label(r)} | " + " | ".join(_fmt(r.get(k)) for k, _ in sweep_cols) + " |"
+                  for r in sweeps]
+        lines.append("")
+    lines += [
               "## Where to look next", "",
               "- `dvc metrics show` — every stage's metrics; `dvc plots show` — loss curve and bias-vs-FID plot.",
               "- `mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1` — every stage run; the "
@@ -92,3 +127,24 @@ def render_markdown(rows: list[dict], *, data_bias: dict, judges: dict, context:
               "- `prefect server start --host 127.0.0.1` then `python -m flows.serve` — trigger and watch the "
               "pipeline from the Prefect UI.", ""]
     return "\n".join(lines)
+
+
+def line_plot(rows: list[dict], x: str, y: str, path: str | Path, title: str = "") -> None:
+    """A small line plot of y against x (e.g. per-step probe accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -17,7 +17,8 @@ from pipeline.models import judge_outputs
 
 
 def score_samples(images: np.ndarray, cond: np.ndarray, colour_judge, digit_judge, ref: dict, *, k: int,
-                  seed: int, batch_size: int, inception=None, inception_ref: dict | None = None):
+                  seed: int, batch_size: int, inception=None, inception_ref: dict | None = None,
+                  balanced_ref: dict | None = None):
     """(overall metrics, per-class frame) for uint8 NHWC samples conditioned on `cond`."""
     x = to_tensor(images)
     attr, _ = judge_outputs(colour_judge, x, batch_size)
@@ -34,6 +35,8 @@ def score_samples(images: np.ndarray, cond: np.ndarray, colour_judge, digit_judg
                "fd": fd["fd"], "aligned_fraction": al["aligned_fraction"], "fidelity": fidelity(pred, cond),
                "fid_indomain": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
                "precision": pr["precision"], "recall": pr["recall"], "num_samples": len(cond)}
+    if balanced_ref is not None:
+        metrics["fid_balanced"] = frechet_distance(mu, sigma, balanced_ref["mu"], balanced_ref["sigma"])
     if inception is not None:
         mu_i, sigma_i = feature_statistics(inception(images))
         metrics["fid_inception"] = frechet_distance(mu_i, sigma_i, inception_ref["mu"], inception_ref["sigma"])
@@ -46,3 +49,30 @@ def score_samples(images: np.ndarray, cond: np.ndarray, colour_judge, digit_judg
         "fidelity": [float(np.mean(pred[cond == y] == y)) for y in classes],
     })
     return metrics, per_class
+
+
+class Scorer:
+    """The judges and reference statistics loaded once; `scorer(images, cond)` → (metrics, per-class frame)."""
+
+    def __init__(self, judges_dir, reference_dir, *, device, k: int, seed: int, batch_size: int):
+        from pathlib import Path
+
+        from pipeline.io import load_json, load_npz
+        from pipeline.metrics import InceptionFeatures
+        from pipeline.models import load_judge
+
+        judges_dir, reference_dir = Path(judges_dir), Path(reference_dir)
+        self.colour = load_judge(judges_dir / "colour.safetensors", device)
+        self.digit = load_judge(judges_dir / "digit.safetensors", device)
+        self.ref = load_npz(reference_dir / "indomain.npz", "mu", "sigma", "features")
+        self.balanced = load_npz(reference_dir / "balanced.npz", "mu", "sigma")
+        self.inception = self.inception_ref = None
+        if load_json(reference_dir / "summary.json")["inception"]:
+            self.inception = InceptionFeatures(device=str(device))
+            self.inception_ref = load_npz(reference_dir / "inception.npz", "mu", "sigma")
+        self.k, self.seed, self.batch_size = k, seed, batch_size
+
+    def __call__(self, images: np.ndarray, cond: np.ndarray):
+        return score_samples(images, cond, self.colour, self.digit, self.ref, k=self.k, seed=self.seed,
+                             batch_size=self.batch_size, inception=self.inception, inception_ref=self.inception_ref,
+                             balanced_ref=self.balanced)

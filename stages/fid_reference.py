@@ -1,6 +1,7 @@
 """fid_reference: feature statistics of real images, computed once for every score@<method>.
 
-In-domain: the digit judge's penultimate features (mean, covariance, and the features for precision/recall).
+In-domain: the digit judge's penultimate features (mean, covariance, and the features for precision/recall) of
+the reference split (the biased training split by default), and of the colour-balanced test split.
 Inception: FID Inception-v3 pool features, when score.inception_fid is on (or 'auto' with CUDA present).
 Also the bias of the real training split itself, as the reference row of the report.
 """
@@ -37,6 +38,11 @@ def main() -> None:
     _, feats = judge_outputs(judge, to_tensor(images), p.batch_size)
     mu, sigma = feature_statistics(feats)
     save_npz(OUT / "indomain.npz", mu=mu, sigma=sigma, features=feats.astype(np.float32))
+    # The colour-balanced test split: the distribution a debiased model should produce.
+    balanced = load_split(PREPARED, "test", with_bias=False)
+    _, feats_bal = judge_outputs(judge, to_tensor(balanced.images[: p.max_reference]), p.batch_size)
+    mu_b, sigma_b = feature_statistics(feats_bal)
+    save_npz(OUT / "balanced.npz", mu=mu_b, sigma=sigma_b)
     train = load_split(PREPARED, "train", with_bias=True)
     bias = bias_score(train.bias, train.classes, NUM_COLOURS)
     aligned = aligned_fraction(train.bias, train.classes, np.arange(NUM_COLOURS))

@@ -4,6 +4,7 @@ Writes data/report/{report.md, *.png} and data/metrics/report_methods.json; logs
 method so MLflow's compare view lines the methods up.
 """
 
+import shutil
 from pathlib import Path
 
 from pipeline.io import atomic_path, load_json, load_npz, load_parquet, save_json
@@ -11,6 +12,7 @@ from pipeline.report import bias_fid_scatter, render_markdown, sample_grid, save
 from stages.common import UserError, load_params, mlflow_run, stage_main
 
 SCORES, SAMPLES, OUT = Path("data/scores"), Path("data/samples"), Path("data/report")
+SWEEPS, METHODS = Path("data/sweeps"), Path("data/methods")
 
 
 @stage_main
@@ -30,11 +32,21 @@ def main() -> None:
             cond = load_parquet(SAMPLES / m / "samples.parquet", ["condition"])["condition"].to_numpy()
             save_png(sample_grid(images, cond, params.report.grid_per_class), tmp / f"samples_{m}.png")
             grids[m] = f"samples_{m}.png"
-        bias_fid_scatter(rows, tmp / "bias_vs_fid.png")
+        sweeps = [r for f in sorted(SWEEPS.glob("*.json")) for r in load_json(f)]
+        bias_fid_scatter(rows, tmp / "bias_vs_fid.png", sweeps=sweeps)
+        extras = {}
+        accuracy_png = METHODS / "latentdir" / "svm_accuracy.png"
+        if "latentdir" in methods and accuracy_png.is_file():
+            shutil.copy(accuracy_png, tmp / "latentdir_svm_accuracy.png")
+            p = params.latentdir
+            extras["latentdir"] = [
+                f"Latent Directions: z_T + w·d with w = {p.weight:g}, directions fitted on x_t at step "
+                f"{p.source_step} (SVM on {p.pool}×{p.pool}-pooled latents). Held-out SVM accuracy per step:", "",
+                "![SVM accuracy per step](latentdir_svm_accuracy.png)", ""]
         context = {**params.data.model_dump(), **params.sample.model_dump()}
         md = render_markdown(rows, data_bias=load_json("data/reference/summary.json")["train_data_bias"],
                              judges=load_json("data/metrics/train_classifiers.json"), context=context,
-                             grids=grids, scatter="bias_vs_fid.png")
+                             grids=grids, scatter="bias_vs_fid.png", sweeps=sweeps, extras=extras)
         (tmp / "report.md").write_text(md)
     save_json("data/metrics/report_methods.json", rows)
     for row in rows:

@@ -13,18 +13,25 @@ import pandas as pd
 from pipeline.data import NUM_CLASSES, to_uint8
 from pipeline.diffusion import load_diffusion
 from pipeline.io import atomic_path
+from pipeline.methods.latent_directions import latent_direction_hooks
 from pipeline.models import null_class
 from pipeline.sampling import SamplerHooks, make_scheduler, sample, sample_seeds
-from stages.common import UserError, device, load_params, mlflow_run, stage_main
+from stages.common import Params, UserError, device, load_params, mlflow_run, stage_main
 
 MODEL = Path("data/models/diffusion")
+METHODS = ("baseline", "latentdir")
 
 
-def hooks_for(method: str) -> SamplerHooks:
-    """The sampler hooks of each method (the baseline changes nothing)."""
+def hooks_for(method: str, params: Params, cond: np.ndarray) -> tuple[SamplerHooks, dict]:
+    """(the method's sampler hooks, its knobs for the samples table). The baseline changes nothing."""
     if method == "baseline":
-        return SamplerHooks()
-    raise UserError(f"--method {method!r}: unknown method (expected one of: baseline)")
+        return SamplerHooks(), {}
+    if method == "latentdir":
+        p = params.latentdir
+        hooks = latent_direction_hooks(Path("data/methods/latentdir/directions.npz"), cond, step=p.source_step,
+                                       weight=p.weight, target=p.target, seed=params.seed)
+        return hooks, {"source_step": p.source_step, "weight": p.weight}
+    raise UserError(f"--method {method!r}: unknown method (expected one of: {', '.join(METHODS)})")
 
 
 @stage_main
@@ -34,11 +41,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     params = load_params()
     p = params.sample
-    hooks = hooks_for(args.method)
+    cond = np.repeat(np.arange(NUM_CLASSES), p.num_per_class)
+    hooks, knobs = hooks_for(args.method, params, cond)
     dev = device()
     unet, sched_cfg = load_diffusion(MODEL, dev)
     scheduler = make_scheduler(sched_cfg, p.scheduler, p.timestep_spacing)
-    cond = np.repeat(np.arange(NUM_CLASSES), p.num_per_class)
     seeds = sample_seeds(params.seed, len(cond))
     with mlflow_run("sample", params, ("sample",), run_name=f"sample@{args.method}",
                     extra_tags={"method": args.method}) as run:
@@ -48,7 +55,7 @@ def main(argv=None) -> None:
         run.metrics({"num_samples": len(cond)})
     table = pd.DataFrame({"index": np.arange(len(cond)), "condition": cond, "seed": seeds, "method": args.method,
                           "scheduler": p.scheduler, "num_inference_steps": p.num_inference_steps,
-                          "guidance_scale": p.guidance_scale, "eta": p.eta})
+                          "guidance_scale": p.guidance_scale, "eta": p.eta, **knobs})
     with atomic_path(Path("data/samples") / args.method) as tmp:
         tmp.mkdir(parents=True)
         with open(tmp / "images.npz", "wb") as f:

@@ -5,10 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.io import atomic_path, load_json, load_npz, load_parquet
-from pipeline.metrics import InceptionFeatures
-from pipeline.models import load_judge
-from pipeline.scoring import score_samples
+from pipeline.io import atomic_path, load_npz, load_parquet
+from pipeline.scoring import Scorer
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
 
 JUDGES, REF = Path("data/judges"), Path("data/reference")
@@ -27,14 +25,8 @@ def main(argv=None) -> None:
     table = load_parquet(sample_dir / "samples.parquet", ["condition"])
     if len(table) != len(images):
         raise UserError(f"{sample_dir}: images.npz has {len(images)} images, samples.parquet {len(table)} rows")
-    colour, digit = load_judge(JUDGES / "colour.safetensors", dev), load_judge(JUDGES / "digit.safetensors", dev)
-    ref = load_npz(REF / "indomain.npz", "mu", "sigma", "features")
-    inception, inception_ref = None, None
-    if load_json(REF / "summary.json")["inception"]:
-        inception, inception_ref = InceptionFeatures(device=str(dev)), load_npz(REF / "inception.npz", "mu", "sigma")
-    metrics, per_class = score_samples(images, table["condition"].to_numpy(), colour, digit, ref, k=p.pr_k,
-                                       seed=params.seed, batch_size=p.batch_size, inception=inception,
-                                       inception_ref=inception_ref)
+    scorer = Scorer(JUDGES, REF, device=dev, k=p.pr_k, seed=params.seed, batch_size=p.batch_size)
+    metrics, per_class = scorer(images, table["condition"].to_numpy())
     out = Path("data/scores") / args.method
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)

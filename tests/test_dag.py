@@ -56,7 +56,10 @@ def test_dvc_repro_builds_every_output(repro_project):
                  "data/judges/digit.safetensors", "data/models/diffusion/unet/diffusion_pytorch_model.safetensors",
                  "data/samples/baseline/images.npz", "data/samples/baseline/samples.parquet",
                  "data/reference/indomain.npz", "data/scores/baseline/per_class.parquet", "data/report/report.md",
-                 "data/report/samples_baseline.png", "data/report/bias_vs_fid.png"]:
+                 "data/report/samples_baseline.png", "data/report/bias_vs_fid.png",
+                 "data/methods/latentdir/directions.npz", "data/samples/latentdir/images.npz",
+                 "data/scores/latentdir/metrics.json", "data/sweeps/latentdir.json",
+                 "data/report/samples_latentdir.png"]:
         assert (tmp / path).is_file(), path
     metrics = json.loads((tmp / "data/scores/baseline/metrics.json").read_text())
     for key in ["bias_score", "bias_score_normalised", "fd", "aligned_fraction", "fidelity", "fid_indomain",
@@ -65,6 +68,7 @@ def test_dvc_repro_builds_every_output(repro_project):
     assert metrics["num_samples"] == 20
     report = (tmp / "data/report/report.md").read_text()
     assert "| baseline |" in report and "samples_baseline.png" in report and "mlflow ui" in report
+    assert "| latentdir |" in report and "### Sweeps" in report
     shown = dvc(tmp, "metrics", "show", "--json")
     assert shown.returncode == 0 and "bias_score" in shown.stdout
 
@@ -86,10 +90,10 @@ def test_stages_logged_to_mlflow(repro_project):
     runs = client.search_runs([exp.experiment_id])
     stages = {r.data.tags["stage"] for r in runs}
     assert {"prepare_data", "train_classifiers", "train_diffusion", "fid_reference", "sample", "score",
-            "report"} <= stages
+            "fit_directions", "sweep", "report"} <= stages
     assert all(r.data.tags.get("git_revision") for r in runs)
     report_runs = [r for r in runs if r.data.tags["stage"] == "report"]
-    assert [r.info.run_name for r in report_runs] == ["baseline"]
+    assert sorted(r.info.run_name for r in report_runs) == ["baseline", "latentdir"]
     assert "fid_indomain" in report_runs[0].data.metrics
 
 

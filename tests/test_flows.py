@@ -81,4 +81,5 @@ def test_flow_parameters_form_is_typed():
     schema = debias_pipeline.parameters.model_dump()
     props = schema["definitions"]["PipelineConfig"]["properties"]
     assert {"overrides", "methods", "project_dir"} <= set(props)
-    assert PipelineConfig().methods == ["baseline"]
+    assert PipelineConfig().methods is None
+    assert set(select_stages(DEPS)) == set(DEPS)

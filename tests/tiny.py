@@ -13,6 +13,8 @@ SHRINK = {
                   "warmup_steps": 1},
     "sample": {"num_per_class": 2, "batch_size": 8, "num_inference_steps": 3},
     "score": {"max_reference": 100, "batch_size": 100, "inception_fid": False},
+    "latentdir": {"fit_per_class": 6, "record_steps": [0, 2], "source_step": 2, "sweep_steps": [2],
+                  "sweep_weights": [5.0], "sweep_per_class": 2, "allow_missing": True},
     "report": {"grid_per_class": 2},
 }
 
