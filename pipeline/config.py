@@ -86,18 +86,19 @@ class ScoreParams(_Section):
 
 
 class LatentDirParams(_Section):
-    fit_per_class: int = Field(200, ge=2)
+    fit_per_class: int = Field(100, ge=2)
     record_steps: tuple[int, ...] = (0, 5, 10, 15, 20)
     svm_c: float = Field(1.0, gt=0)
     holdout: float = Field(0.2, ge=0.0, lt=1.0)
     pool: int = Field(1, ge=0)
     allow_missing: bool = False
     source_step: int = 15
-    weight: float = Field(10.0, ge=0.0)
+    weight: float = Field(12.0, ge=0.0)
+    renormalise: bool = True
     target: tuple[float, ...] | None = None
-    sweep_weights: tuple[float, ...] = (5.0, 10.0, 15.0)
+    sweep_weights: tuple[float, ...] = (4.0, 8.0, 12.0)
     sweep_steps: tuple[int, ...] = (10, 15)
-    sweep_per_class: int = Field(30, ge=1)
+    sweep_per_class: int = Field(20, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -51,15 +51,24 @@ def bias_fid_scatter(rows: list[dict], path: str | Path, fid_key: str = "fid_ind
         ax.scatter(row[fid_key], row["bias_score_normalised"], s=40)
         ax.annotate(row["method"], (row[fid_key], row["bias_score_normalised"]), xytext=(4, 4),
                     textcoords="offset points", fontsize=8)
-    by_method: dict[str, list[dict]] = {}
+    # One line per sweep series (a method at fixed knobs other than the weight), in weight order; the w = 0
+    # point (the baseline at sweep size) starts every series of its method.
+    series: dict[str, list[dict]] = {}
     for row in sweeps:
-        by_method.setdefault(row["method"], []).append(row)
-    for method, points in by_method.items():
+        if row.get("weight", None) == 0:
+            continue
+        key = f"{row['method']} " + sweep_label({k: v for k, v in row.items() if k != "weight"})
+        series.setdefault(key.strip(), []).append(row)
+    for key, points in series.items():
+        method = points[0]["method"]
+        start = [r for r in sweeps if r["method"] == method and r.get("weight", None) == 0]
+        points = start + sorted(points, key=lambda r: r.get("weight", 0))
         ax.plot([r[fid_key] for r in points], [r["bias_score_normalised"] for r in points], "x:", ms=5,
-                alpha=0.7, label=f"{method} sweep")
-        for r in points:
-            ax.annotate(sweep_label(r), (r[fid_key], r["bias_score_normalised"]), xytext=(3, -9),
-                        textcoords="offset points", fontsize=6, alpha=0.8)
+                alpha=0.7, label=key)
+        for r in points[len(start):]:
+            ax.annotate(f"w={r['weight']:g}" if "weight" in r else sweep_label(r),
+                        (r[fid_key], r["bias_score_normalised"]), xytext=(3, -9), textcoords="offset points",
+                        fontsize=6, alpha=0.8)
     if sweeps:
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel(f"{fid_key.replace('_', ' ')} (lower is better)")

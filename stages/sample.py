@@ -29,7 +29,8 @@ def hooks_for(method: str, params: Params, cond: np.ndarray) -> tuple[SamplerHoo
     if method == "latentdir":
         p = params.latentdir
         hooks = latent_direction_hooks(Path("data/methods/latentdir/directions.npz"), cond, step=p.source_step,
-                                       weight=p.weight, target=p.target, seed=params.seed)
+                                       weight=p.weight, target=p.target, seed=params.seed,
+                                       renormalise=p.renormalise)
         return hooks, {"source_step": p.source_step, "weight": p.weight}
     raise UserError(f"--method {method!r}: unknown method (expected one of: {', '.join(METHODS)})")
 

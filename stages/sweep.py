@@ -41,7 +41,8 @@ def main(argv=None) -> None:
                     extra_tags={"method": args.method}) as run:
         for i, (step, weight) in enumerate(grid):
             hooks = latent_direction_hooks(Path("data/methods/latentdir/directions.npz"), cond, step=step,
-                                           weight=weight, target=p.target, seed=params.seed)
+                                           weight=weight, target=p.target, seed=params.seed,
+                                           renormalise=p.renormalise)
             images = sample(unet, scheduler, cond, seeds, num_inference_steps=ps.num_inference_steps,
                             guidance_scale=ps.guidance_scale, eta=ps.eta, batch_size=ps.batch_size,
                             null_class=null_class(unet), hooks=hooks, device=dev, progress=False)

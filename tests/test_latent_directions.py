@@ -160,3 +160,15 @@ def test_hooks_from_file_refuse_an_unrecorded_step(tmp_path):
         latent_direction_hooks(path, np.zeros(4, int), step=3, weight=1.0, target=None, seed=0)
     hooks = latent_direction_hooks(path, np.zeros(4, int), step=5, weight=1.0, target=None, seed=0)
     assert hooks.directions.shape == (10, 12)
+
+
+def test_renormalised_shift_keeps_the_noise_norm_and_moves_along_d():
+    z = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    d = np.zeros((2, 48), np.float32)
+    d[:, 0] = 1.0
+    from pipeline.sampling import StepContext
+
+    ctx = StepContext(-1, 3, 999, torch.zeros(4, dtype=torch.long), 10, torch.arange(4))
+    out = LatentDirectionHooks(d, np.array([0, 1, 0, 1]), weight=5.0, renormalise=True).initial_noise(z, ctx)
+    torch.testing.assert_close(out.flatten(1).norm(dim=1), z.flatten(1).norm(dim=1))
+    assert (out.flatten(1)[:, 0] / out.flatten(1).norm(dim=1) > z.flatten(1)[:, 0] / z.flatten(1).norm(dim=1)).all()
