@@ -17,18 +17,10 @@ from pipeline.methods.latent_directions import (
     unpool_directions,
     validate_target,
 )
-from pipeline.models import build_unet
 from pipeline.sampling import make_scheduler, sample, sample_seeds
 from tests.tiny import tiny_params
 
 SHAPE = (3, 4, 4)
-
-
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return build_unet(resolution=16, num_classes=10, block_out_channels=[16, 32], layers_per_block=1,
-                      attention=False).eval()
 
 
 @pytest.fixture(scope="module")

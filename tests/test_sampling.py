@@ -5,27 +5,14 @@ import pytest
 import torch
 
 from pipeline.diffusion import make_noise_scheduler
-from pipeline.models import build_unet, null_class
+from pipeline.models import null_class
 from pipeline.sampling import SamplerHooks, StepContext, make_scheduler, sample, sample_seeds
 
 STEPS = 3
 N = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight a busy machine); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return build_unet(resolution=16, num_classes=10, block_out_channels=[16, 32], layers_per_block=1,
-                      attention=False).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
