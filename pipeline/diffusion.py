@@ -8,15 +8,12 @@ Per step (Ho et al. 2020, with classifier-free label dropout, Ho & Salimans 2022
     (5) L = ‖f_θ(x_t, t, y) − target‖²
 Every random draw comes from one CPU generator seeded by the run seed and saved in each checkpoint, so a
 resumed run continues exactly where an uninterrupted one would have been.
-A checkpoint is a directory `step-XXXXXXX/` with model.safetensors, ema.safetensors and state.pt
-(optimizer + RNG states, tensors only: read back with torch.load(weights_only=True)).
+Checkpoints (pipeline/checkpoints.py) hold model.safetensors, ema.safetensors and state.pt (optimizer + RNG).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +22,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipeline.checkpoints import (
+    check_finite,
+    config_fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    tensor_digest,
+)
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
 from pipeline.models import build_unet, null_class
@@ -63,28 +68,6 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-def config_fingerprint(cfg: dict) -> str:
-    """Hash of everything a checkpoint depends on; training length and cadence are excluded."""
-    keep = {k: v for k, v in cfg.items() if k not in ("train_steps", "checkpoint_every")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def latest_checkpoint(ckpt_dir: Path, fingerprint: str, max_step: int | None = None) -> Path | None:
-    """The newest complete checkpoint made with the same config and before `max_step` (temp dirs are
-    dot-prefixed, so skipped; a checkpoint past a lowered train_steps is not resumed)."""
-    if not ckpt_dir.is_dir():
-        return None
-    cands = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
-    for p in reversed(cands):
-        try:
-            meta = json.loads((p / "meta.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if meta.get("fingerprint") == fingerprint and (max_step is None or meta.get("step", 0) < max_step):
-            return p
-    return None
-
-
 def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes: int, cfg: dict, seed: int,
                     out_dir: Path, ckpt_dir: Path, accelerator=None, log=None) -> TrainResult:
     """Train and write the EMA model to out_dir/{unet,scheduler} via save_pretrained.
@@ -109,11 +92,19 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     null = null_class(unet)
 
     fingerprint = config_fingerprint({**cfg, "seed": seed, "num_classes": num_classes,
-                                      "data": _tensor_digest(images, classes)})
+                                      "data": tensor_digest(images, classes)})
     start = 0
     ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=cfg["train_steps"])
     if ckpt is not None:
-        start = load_checkpoint(ckpt, unet, ema, opt, lr_sched, gen)
+        weights, state, start = load_checkpoint(ckpt, ("model", "ema"))
+        unet.load_state_dict(weights["model"])
+        for i, p in enumerate(ema.shadow_params):
+            p.data.copy_(weights["ema"][f"p{i}"])
+        ema.optimization_step = int(state["ema_step"])
+        opt.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
         accelerator.print(f"resuming from {ckpt} (step {start})")
     unet, opt = accelerator.prepare(unet, opt)
     ema.to(accelerator.device)
@@ -141,8 +132,7 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
         with accelerator.autocast():
             pred = unet(x_t, t, class_labels=y).sample
         loss = F.mse_loss(pred.float(), target.float())
-        if not torch.isfinite(loss):
-            raise UserError(f"train_diffusion: loss became {loss.item()} at step {step}; lower diffusion.lr")
+        check_finite(loss, "train_diffusion", step, "lower diffusion.lr")
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(unet.parameters(), 1.0)
@@ -158,7 +148,12 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
             if log is not None and accelerator.is_main_process:
                 log(step + 1, {"train_loss": mean})
         if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < total and accelerator.is_main_process:
-            save_checkpoint(ckpt_dir, step + 1, fingerprint, accelerator.unwrap_model(unet), ema, opt, lr_sched, gen)
+            save_checkpoint(ckpt_dir, step + 1, fingerprint, weights={
+                "model": accelerator.unwrap_model(unet).state_dict(),
+                "ema": {f"p{i}": p for i, p in enumerate(ema.shadow_params)},
+            }, state={"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+                      "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                      "ema_step": torch.tensor(ema.optimization_step)})
     bar.close()
 
     final = accelerator.unwrap_model(unet)
@@ -171,54 +166,6 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     last = losses[-1][1] if losses else float("nan")
     n_params = sum(p.numel() for p in final.parameters())
     return TrainResult(steps=total, resumed_from=start, final_loss=last, num_params=n_params, losses=losses)
-
-
-def _tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, fingerprint: str, unet, ema, opt, lr_sched, gen,
-                    keep: int = 2) -> Path:
-    from safetensors.torch import save_file
-
-    path = ckpt_dir / f"step-{step:07d}"
-    with atomic_path(path) as tmp:
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        save_file({f"p{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
-                  str(tmp / "ema.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
-                    "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "ema_step": torch.tensor(ema.optimization_step)}, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
-    for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
-    return path
-
-
-def load_checkpoint(path: Path, unet, ema, opt, lr_sched, gen) -> int:
-    """Restore everything save_checkpoint wrote; a truncated file raises UserError naming it."""
-    from safetensors.torch import load_file
-
-    try:
-        unet.load_state_dict(load_file(str(path / "model.safetensors")))
-        shadow = load_file(str(path / "ema.safetensors"))
-        for i, p in enumerate(ema.shadow_params):
-            p.data.copy_(shadow[f"p{i}"])
-        state = torch.load(path / "state.pt", weights_only=True)
-        opt.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        gen.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        ema.optimization_step = int(state["ema_step"])
-        return int(json.loads((path / "meta.json").read_text())["step"])
-    except Exception as exc:
-        raise UserError(f"{path}: checkpoint is incomplete or corrupt ({type(exc).__name__}: {exc}); "
-                        "delete it to restart from the previous one") from None
 
 
 def load_diffusion(model_dir: str | Path, device: str | torch.device = "cpu"):

@@ -72,25 +72,52 @@ def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
 
 
 def train_judge(images: torch.Tensor, targets: torch.Tensor, num_outputs: int, *, width: int, epochs: int,
-                batch_size: int, lr: float, seed: int, device: str = "cpu", desc: str = "judge") -> Judge:
-    """Plain cross-entropy training with Adam; batches drawn from a generator seeded by `seed`."""
+                batch_size: int, lr: float, seed: int, device: str = "cpu", desc: str = "judge",
+                ckpt_dir: Path | None = None) -> Judge:
+    """Cross-entropy training with Adam and a one-cycle schedule; batches drawn from a generator seeded by
+    `seed`. With `ckpt_dir`, a checkpoint after every epoch, and a re-run resumes from the latest."""
+    from pipeline.checkpoints import (
+        check_finite,
+        config_fingerprint,
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+        tensor_digest,
+    )
+
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     judge = Judge(num_outputs, width).to(device)
     opt = torch.optim.Adam(judge.parameters(), lr=lr)
-    steps = epochs * ((len(images) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    bar = tqdm(total=steps, desc=desc, leave=False)
-    for _ in range(epochs):
+    per_epoch = (len(images) + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * per_epoch)
+    fingerprint = config_fingerprint({"outputs": num_outputs, "width": width, "batch_size": batch_size, "lr": lr,
+                                      "seed": seed, "schedule": epochs * per_epoch,
+                                      "data": tensor_digest(images, targets)})
+    start = 0
+    ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=epochs) if ckpt_dir else None
+    if ckpt is not None:
+        weights, state, start = load_checkpoint(ckpt, ("model",))
+        judge.load_state_dict(weights["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+        gen.set_state(state["data_rng"])
+    bar = tqdm(total=epochs * per_epoch, initial=start * per_epoch, desc=desc, leave=False)
+    for epoch in range(start, epochs):
         for idx in torch.randperm(len(images), generator=gen).split(batch_size):
             x, y = images[idx].to(device), targets[idx].to(device)
             loss = nn.functional.cross_entropy(judge(x), y)
+            check_finite(loss, desc, bar.n, "lower classifiers.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if ckpt_dir is not None and epoch + 1 < epochs:
+            save_checkpoint(ckpt_dir, epoch + 1, fingerprint, weights={"model": judge.state_dict()},
+                            state={"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+                                   "data_rng": gen.get_state()})
     bar.close()
     return judge.eval()
 

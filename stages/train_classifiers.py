@@ -10,7 +10,7 @@ from pipeline.io import save_json
 from pipeline.models import judge_outputs, save_judge, train_judge
 from stages.common import device, load_params, mlflow_run, stage_main
 
-PREPARED, OUT = Path("data/prepared"), Path("data/judges")
+PREPARED, OUT, CKPT = Path("data/prepared"), Path("data/judges"), Path("data/checkpoints/classifiers")
 JUDGES = {"colour": ("bias", NUM_COLOURS), "digit": ("classes", NUM_CLASSES)}
 
 
@@ -27,7 +27,7 @@ def main() -> None:
         for offset, (name, (field, k)) in enumerate(JUDGES.items()):
             judge = train_judge(x_train, torch.from_numpy(getattr(train, field)), k, width=p.width,
                                 epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=params.seed + offset,
-                                device=str(dev), desc=f"judge:{name}")
+                                device=str(dev), desc=f"judge:{name}", ckpt_dir=CKPT / name)
             pred, _ = judge_outputs(judge, x_test)
             metrics[f"{name}_test_accuracy"] = float(np.mean(pred == getattr(test, field)))
             save_judge(judge.cpu(), OUT / f"{name}.safetensors", {"attribute": name})

@@ -1,0 +1,82 @@
+"""Training checkpoints shared by every long stage: a directory `step-XXXXXXX/` holding
+<name>.safetensors for each weight set, state.pt (optimizer, schedules, RNG states — tensors and numbers only,
+read back with torch.load(weights_only=True)) and meta.json (step, config fingerprint). Written to a temp
+name and renamed, so a killed writer never leaves a checkpoint that looks complete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_path
+
+
+def config_fingerprint(cfg: dict) -> str:
+    """Hash of everything a checkpoint depends on; training length and checkpoint cadence are excluded, so a
+    longer run resumes from a shorter one's checkpoints."""
+    keep = {k: v for k, v in cfg.items() if k not in ("train_steps", "checkpoint_every", "epochs")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """Short content hash of training data, part of a fingerprint."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def latest_checkpoint(ckpt_dir: Path, fingerprint: str, max_step: int | None = None) -> Path | None:
+    """The newest complete checkpoint made with the same config and before `max_step` (temp dirs are
+    dot-prefixed, so skipped; a checkpoint past a lowered train_steps is not resumed)."""
+    if not ckpt_dir.is_dir():
+        return None
+    for p in sorted((p for p in ckpt_dir.glob("step-*") if p.is_dir()), reverse=True):
+        try:
+            meta = json.loads((p / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if meta.get("fingerprint") == fingerprint and (max_step is None or meta.get("step", 0) < max_step):
+            return p
+    return None
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, fingerprint: str, weights: dict[str, dict[str, torch.Tensor]],
+                    state: dict, keep: int = 2) -> Path:
+    from safetensors.torch import save_file
+
+    path = ckpt_dir / f"step-{step:07d}"
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        for name, tensors in weights.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
+    for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+    return path
+
+
+def load_checkpoint(path: Path, names: tuple[str, ...]) -> tuple[dict[str, dict[str, torch.Tensor]], dict, int]:
+    """(weights by name, state, step); a truncated or missing file raises UserError naming the checkpoint."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = {name: load_file(str(path / f"{name}.safetensors")) for name in names}
+        state = torch.load(path / "state.pt", weights_only=True)
+        step = int(json.loads((path / "meta.json").read_text())["step"])
+    except Exception as exc:
+        raise UserError(f"{path}: checkpoint is incomplete or corrupt ({type(exc).__name__}: {exc}); "
+                        "delete it to restart from the previous one") from None
+    return weights, state, step
+
+
+def check_finite(loss: torch.Tensor, stage: str, step: int, hint: str) -> None:
+    """Stop a training loop on a NaN/inf loss with one line naming the stage and step."""
+    if not torch.isfinite(loss):
+        raise UserError(f"{stage}: loss became {loss.item()} at step {step}; {hint}")
