@@ -94,6 +94,8 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     fingerprint = config_fingerprint({**cfg, "seed": seed, "num_classes": num_classes,
                                       "data": tensor_digest(images, classes)})
     start = 0
+    if accelerator.is_main_process:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)  # exists even when no step is checkpointed (a DVC output)
     ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=cfg["train_steps"])
     if ckpt is not None:
         weights, state, start = load_checkpoint(ckpt, ("model", "ema"))

@@ -95,6 +95,8 @@ def train_judge(images: torch.Tensor, targets: torch.Tensor, num_outputs: int, *
                                       "seed": seed, "schedule": epochs * per_epoch,
                                       "data": tensor_digest(images, targets)})
     start = 0
+    if ckpt_dir is not None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)  # exists even when no epoch is checkpointed (a DVC output)
     ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=epochs) if ckpt_dir else None
     if ckpt is not None:
         weights, state, start = load_checkpoint(ckpt, ("model",))

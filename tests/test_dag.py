@@ -123,3 +123,23 @@ def test_prefect_flow_matches_dvc_repro(repro_project, tmp_path_factory):
                                                    theirs["stages"][stage].get("outs", []), strict=True) if o != t]
                  for stage in ours["stages"] if ours["stages"][stage] != theirs["stages"][stage]}
     assert not differing, f"the flow and dvc repro produced different outputs: {differing}"
+
+
+def test_push_and_pull_through_a_local_directory_remote(repro_project, tmp_path):
+    """Artifacts travel through a DVC remote (here a local directory, as a GPU worker would use S3 or SSH)."""
+    tmp = repro_project
+    assert dvc(tmp, "remote", "add", "-d", "store", str(tmp_path / "store")).returncode == 0
+    try:
+        pushed = dvc(tmp, "push")
+        assert pushed.returncode == 0, pushed.stderr[-2000:]
+        before = (tmp / "data/models/diffusion/unet/diffusion_pytorch_model.safetensors").read_bytes()
+        for path in ("data/models", "data/prepared", "data/report", ".dvc/cache"):
+            shutil.rmtree(tmp / path)
+        assert "deleted" in dvc(tmp, "status").stdout
+        pulled = dvc(tmp, "pull")
+        assert pulled.returncode == 0, pulled.stderr[-2000:]
+        assert (tmp / "data/models/diffusion/unet/diffusion_pytorch_model.safetensors").read_bytes() == before
+        status = dvc(tmp, "status")
+        assert "changed" not in status.stdout and "deleted" not in status.stdout, status.stdout
+    finally:
+        dvc(tmp, "remote", "remove", "store")
