@@ -123,6 +123,10 @@ def test_prefect_flow_matches_dvc_repro(repro_project, tmp_path_factory):
                                                    theirs["stages"][stage].get("outs", []), strict=True) if o != t]
                  for stage in ours["stages"] if ours["stages"][stage] != theirs["stages"][stage]}
     assert not differing, f"the flow and dvc repro produced different outputs: {differing}"
+    # Same seed, same CPU: the metrics of the two independent runs are identical, byte for byte.
+    for metrics in ["data/scores/baseline/metrics.json", "data/scores/latentdir/metrics.json",
+                    "data/metrics/train_classifiers.json", "data/metrics/train_diffusion.json"]:
+        assert (tmp / metrics).read_bytes() == (repro_project / metrics).read_bytes(), metrics
 
 
 def test_push_and_pull_through_a_local_directory_remote(repro_project, tmp_path):
