@@ -144,10 +144,6 @@ def debias_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, str]
     return results
 
 
-def _parse_value(text: str):
-    return yaml.safe_load(text)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Run the pipeline as a Prefect flow.")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -160,7 +156,7 @@ def main(argv=None) -> None:
         key, sep, value = item.partition("=")
         if not sep:
             ap.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = _parse_value(value)
+        overrides[key] = yaml.safe_load(value)
     from pipeline.errors import UserError
 
     try:

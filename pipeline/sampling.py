@@ -81,7 +81,7 @@ def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inferenc
     device = torch.device(device)
     autocast = device.type == "cuda" if autocast is None else autocast
     size, channels = unet.config.sample_size, unet.config.in_channels
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
     cond_t = torch.as_tensor(np.asarray(cond), dtype=torch.long)
     out = []
     state: dict = {}
@@ -95,7 +95,7 @@ def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inferenc
             for start in batches:
                 ids = torch.arange(start, min(start + batch_size, len(cond_t)))
                 gens = [torch.Generator().manual_seed(int(s)) for s in seeds[ids.numpy()]]
-                out.append(_sample_batch(unet, scheduler, cond_t[ids], gens, ids, num_inference_steps,
+                out.append(_sample_batch(unet, scheduler, cond_t[ids], gens, ids, size, num_inference_steps,
                                          guidance_scale, eta, null_class, hooks, device, autocast, state, bar))
     finally:
         if handle is not None:
@@ -103,12 +103,11 @@ def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inferenc
     return torch.cat(out) if out else torch.empty(0, channels, *size)
 
 
-def _sample_batch(unet, scheduler, y, gens, ids, num_steps, w, eta, null, hooks, device, autocast, state, bar):
+def _sample_batch(unet, scheduler, y, gens, ids, size, num_steps, w, eta, null, hooks, device, autocast, state,
+                  bar):
     from diffusers.utils.torch_utils import randn_tensor
 
     n, c = len(y), unet.config.in_channels
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
     scheduler.set_timesteps(num_steps)
     guided = w != 1.0
     labels = torch.cat([y, torch.full_like(y, null)]) if guided else y

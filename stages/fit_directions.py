@@ -7,7 +7,7 @@ import numpy as np
 
 from pipeline.data import NUM_CLASSES, NUM_COLOURS
 from pipeline.diffusion import load_diffusion
-from pipeline.io import atomic_path, save_json
+from pipeline.io import atomic_path, save_json, save_npz
 from pipeline.methods.latent_directions import RecordLatents, fit_directions, pool_latents, unpool_directions
 from pipeline.models import judge_outputs, load_judge, null_class
 from pipeline.report import line_plot
@@ -42,9 +42,8 @@ def main() -> None:
     curve = [{"step": int(s), "svm_accuracy": float(a)} for s, a in zip(steps, accuracy, strict=True)]
     with atomic_path(OUT) as tmp:
         tmp.mkdir(parents=True)
-        with open(tmp / "directions.npz", "wb") as f:
-            np.savez_compressed(f, steps=steps, directions=directions, accuracy=accuracy,
-                                missing=np.array(missing, dtype=np.int64))
+        save_npz(tmp / "directions.npz", steps=steps, directions=directions, accuracy=accuracy,
+                 missing=np.array(missing, dtype=np.int64))
         line_plot(curve, "step", "svm_accuracy", tmp / "svm_accuracy.png",
                   title="held-out SVM accuracy of the colour from x_t (−1 = z_T)")
     save_json("data/metrics/fit_directions.json", curve)

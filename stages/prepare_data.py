@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from pipeline.data import SPLITS, load_mnist, make_coloured_mnist
-from pipeline.io import atomic_path, save_json
+from pipeline.io import atomic_path, save_json, save_npz
 from stages.common import load_params, mlflow_run, stage_main
 
 OUT = Path("data/prepared")
@@ -17,8 +17,6 @@ def main() -> None:
     images, labels = make_coloured_mnist(
         mnist, resolution=p.resolution, bias_ratio=p.bias_ratio, colour_jitter=p.colour_jitter,
         n_judge=p.n_judge, n_train=p.n_train, n_test=p.n_test, seed=params.seed)
-    import numpy as np
-
     by_split = labels.groupby("split")
     stats = {
         "aligned_fraction": {s: float(g["aligned"].mean()) for s, g in by_split},
@@ -27,8 +25,7 @@ def main() -> None:
     with atomic_path(OUT) as tmp:
         tmp.mkdir(parents=True)
         for split in SPLITS:
-            with open(tmp / f"{split}.npz", "wb") as f:
-                np.savez_compressed(f, images=images[split])
+            save_npz(tmp / f"{split}.npz", images=images[split])
         labels.to_parquet(tmp / "labels.parquet", index=False)
     save_json("data/metrics/prepare_data.json", stats)
     with mlflow_run("prepare_data", params, ("data",)) as run:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from pipeline.data import NUM_CLASSES, to_uint8
 from pipeline.diffusion import load_diffusion
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, save_npz
 from pipeline.methods.latent_directions import latent_direction_hooks
 from pipeline.models import null_class
 from pipeline.sampling import SamplerHooks, make_scheduler, sample, sample_seeds
@@ -59,8 +59,7 @@ def main(argv=None) -> None:
                           "guidance_scale": p.guidance_scale, "eta": p.eta, **knobs})
     with atomic_path(Path("data/samples") / args.method) as tmp:
         tmp.mkdir(parents=True)
-        with open(tmp / "images.npz", "wb") as f:
-            np.savez_compressed(f, images=to_uint8(images))
+        save_npz(tmp / "images.npz", images=to_uint8(images))
         table.to_parquet(tmp / "samples.parquet", index=False)
     print(f"sample@{args.method}: {len(cond)} images")
 

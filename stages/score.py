@@ -2,10 +2,9 @@
 precision/recall, and Inception FID when on — per class and overall (DESIGN.md §5)."""
 
 import argparse
-import json
 from pathlib import Path
 
-from pipeline.io import atomic_path, load_npz, load_parquet
+from pipeline.io import atomic_path, load_npz, load_parquet, save_json
 from pipeline.scoring import Scorer
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
 
@@ -30,7 +29,7 @@ def main(argv=None) -> None:
     out = Path("data/scores") / args.method
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        save_json(tmp / "metrics.json", metrics)
         per_class.to_parquet(tmp / "per_class.parquet", index=False)
     with mlflow_run("score", params, ("score",), run_name=f"score@{args.method}",
                     extra_tags={"method": args.method}) as run:
