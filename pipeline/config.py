@@ -112,6 +112,44 @@ class LatentDirParams(_Section):
         return self
 
 
+class InvDiffParams(_Section):
+    # max step: per-sample losses of the frozen model, then the grouper
+    loss_timesteps: tuple[int, int] = (0, 999)
+    loss_draws: int = Field(8, ge=1, le=1000)
+    loss_batch_size: int = Field(500, ge=1)
+    num_groups: int = Field(2, ge=2, le=16)
+    min_group_share: float = Field(0.05, gt=0.0, le=0.5)
+    grouper_init: Literal["ranked", "random"] = "ranked"
+    grouper_steps: int = Field(300, ge=0)
+    grouper_lr: float = Field(0.05, gt=0)
+    # min step: the guidance module δ
+    delta_width: float = Field(0.45, gt=0.0, le=1.0)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    lam: float = Field(1.0, ge=0.0)
+    balanced: bool = True
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(500, ge=1)
+    # sampling
+    strength: float = Field(1.0, ge=0.0, le=20.0)
+    sweep_strengths: tuple[float, ...] = (1.0, 2.0)
+    sweep_per_class: int = Field(20, ge=1)
+    grid_per_group: int = Field(10, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        lo, hi = self.loss_timesteps
+        if not 0 <= lo <= hi:
+            raise ValueError(f"loss_timesteps must be [t_min, t_max] with 0 <= t_min <= t_max, got {[lo, hi]}")
+        if self.min_group_share * self.num_groups > 1:
+            raise ValueError(f"min_group_share × num_groups must be <= 1, got {self.min_group_share} × "
+                             f"{self.num_groups}")
+        if self.batch_size < self.num_groups:
+            raise ValueError(f"batch_size must be >= num_groups ({self.num_groups}) for group-balanced batches")
+        return self
+
+
 class ReportParams(_Section):
     grid_per_class: int = Field(10, ge=1, le=64)
 
@@ -129,6 +167,7 @@ class Params(_Section):
     sample: SampleParams = SampleParams()
     score: ScoreParams = ScoreParams()
     latentdir: LatentDirParams = LatentDirParams()
+    invdiff: InvDiffParams = InvDiffParams()
     report: ReportParams = ReportParams()
     mlflow: MlflowParams = MlflowParams()
 

@@ -15,6 +15,9 @@ COLUMNS = [
 ]
 
 
+SHORT = {"weight": "w", "source_step": "s", "strength": "r", "lam": "λ"}  # knob names in sweep labels
+
+
 def sample_grid(images: np.ndarray, cond: np.ndarray, per_class: int, scale: int = 3, pad: int = 1) -> np.ndarray:
     """uint8 [rows·(H+pad), cols·(W+pad), 3]: row y holds the first `per_class` samples of condition y."""
     classes = np.unique(cond)
@@ -51,24 +54,24 @@ def bias_fid_scatter(rows: list[dict], path: str | Path, fid_key: str = "fid_ind
         ax.scatter(row[fid_key], row["bias_score_normalised"], s=40)
         ax.annotate(row["method"], (row[fid_key], row["bias_score_normalised"]), xytext=(4, 4),
                     textcoords="offset points", fontsize=8)
-    # One line per sweep series (a method at fixed knobs other than the weight), in weight order; the w = 0
-    # point (the baseline at sweep size) starts every series of its method.
+    # One line per sweep series (a method at fixed other knobs), in order of its swept knob (`swept`: the weight
+    # w or the strength r); the knob-0 point (the baseline at sweep size) starts every series of its method.
     series: dict[str, list[dict]] = {}
     for row in sweeps:
-        if row.get("weight", None) == 0:
+        knob = row.get("swept", "weight")
+        if row[knob] == 0:
             continue
-        key = f"{row['method']} " + sweep_label({k: v for k, v in row.items() if k != "weight"})
+        key = f"{row['method']} " + sweep_label({k: v for k, v in row.items() if k != knob})
         series.setdefault(key.strip(), []).append(row)
     for key, points in series.items():
-        method = points[0]["method"]
-        start = [r for r in sweeps if r["method"] == method and r.get("weight", None) == 0]
-        points = start + sorted(points, key=lambda r: r.get("weight", 0))
+        method, knob = points[0]["method"], points[0].get("swept", "weight")
+        start = [r for r in sweeps if r["method"] == method and r[knob] == 0]
+        points = start + sorted(points, key=lambda r: r[knob])
         ax.plot([r[fid_key] for r in points], [r["bias_score_normalised"] for r in points], "x:", ms=5,
                 alpha=0.7, label=key)
         for r in points[len(start):]:
-            ax.annotate(f"w={r['weight']:g}" if "weight" in r else sweep_label(r),
-                        (r[fid_key], r["bias_score_normalised"]), xytext=(3, -9), textcoords="offset points",
-                        fontsize=6, alpha=0.8)
+            ax.annotate(f"{SHORT.get(knob, knob)}={r[knob]:g}", (r[fid_key], r["bias_score_normalised"]),
+                        xytext=(3, -9), textcoords="offset points", fontsize=6, alpha=0.8)
     if sweeps:
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel(f"{fid_key.replace('_', ' ')} (lower is better)")
@@ -84,8 +87,7 @@ def bias_fid_scatter(rows: list[dict], path: str | Path, fid_key: str = "fid_ind
 def sweep_label(row: dict) -> str:
     """The knobs of a sweep point, e.g. 'w=10 s=15'."""
     skip = {"method", *dict(COLUMNS), "num_samples"}
-    short = {"weight": "w", "source_step": "s"}
-    return " ".join(f"{short.get(k, k)}={v:g}" for k, v in row.items() if k not in skip and isinstance(v, (int, float)))
+    return " ".join(f"{SHORT.get(k, k)}={v:g}" for k, v in row.items() if k not in skip and isinstance(v, (int, float)))
 
 
 def _fmt(v) -> str:

@@ -13,16 +13,18 @@ import pandas as pd
 from pipeline.data import NUM_CLASSES, to_uint8
 from pipeline.diffusion import load_diffusion
 from pipeline.io import atomic_path, save_npz
+from pipeline.methods.invdiff import InvDiffHooks, load_delta
 from pipeline.methods.latent_directions import latent_direction_hooks
 from pipeline.models import null_class
 from pipeline.sampling import SamplerHooks, make_scheduler, sample, sample_seeds
 from stages.common import Params, UserError, device, load_params, mlflow_run, stage_main
 
 MODEL = Path("data/models/diffusion")
-METHODS = ("baseline", "latentdir")
+INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
+METHODS = ("baseline", "latentdir", *INVDIFF)
 
 
-def hooks_for(method: str, params: Params, cond: np.ndarray) -> tuple[SamplerHooks, dict]:
+def hooks_for(method: str, params: Params, cond: np.ndarray, dev="cpu") -> tuple[SamplerHooks, dict]:
     """(the method's sampler hooks, its knobs for the samples table). The baseline changes nothing."""
     if method == "baseline":
         return SamplerHooks(), {}
@@ -32,6 +34,9 @@ def hooks_for(method: str, params: Params, cond: np.ndarray) -> tuple[SamplerHoo
                                        weight=p.weight, target=p.target, seed=params.seed,
                                        renormalise=p.renormalise)
         return hooks, {"source_step": p.source_step, "weight": p.weight}
+    if method in INVDIFF:
+        return InvDiffHooks(load_delta(Path("data/methods") / method / "delta", dev), params.invdiff.strength), {
+            "strength": params.invdiff.strength}
     raise UserError(f"--method {method!r}: unknown method (expected one of: {', '.join(METHODS)})")
 
 
@@ -43,8 +48,8 @@ def main(argv=None) -> None:
     params = load_params()
     p = params.sample
     cond = np.repeat(np.arange(NUM_CLASSES), p.num_per_class)
-    hooks, knobs = hooks_for(args.method, params, cond)
     dev = device()
+    hooks, knobs = hooks_for(args.method, params, cond, dev)
     unet, sched_cfg = load_diffusion(MODEL, dev)
     scheduler = make_scheduler(sched_cfg, p.scheduler, p.timestep_spacing)
     seeds = sample_seeds(params.seed, len(cond))

@@ -1,5 +1,9 @@
-"""sweep@<method>: the method's knobs over a grid, each point sampled (fewer samples) and scored, for the report's
-bias-vs-FID plot. Weight 0 is always included: the baseline at the same sample size, so points compare fairly."""
+"""sweep@<method>: the method's knob over a grid, each point sampled (fewer samples) and scored, for the report's
+bias-vs-FID plot. The knob at 0 is always included: the baseline at the same sample size, so points compare fairly.
+
+  latentdir                                 weight w (× each of sweep_steps)
+  invdiff, invdiff_lambda0, invdiff_oracle  strength r of f_θ + r·δ (the variants differ in λ and groups)
+Rows carry `swept` (the knob's name) and the method's other settings."""
 
 import argparse
 import itertools
@@ -9,7 +13,8 @@ import numpy as np
 
 from pipeline.data import NUM_CLASSES, to_uint8
 from pipeline.diffusion import load_diffusion
-from pipeline.io import save_json
+from pipeline.io import load_json, save_json
+from pipeline.methods.invdiff import InvDiffHooks, load_delta
 from pipeline.methods.latent_directions import latent_direction_hooks
 from pipeline.models import null_class
 from pipeline.sampling import make_scheduler, sample, sample_seeds
@@ -17,6 +22,25 @@ from pipeline.scoring import Scorer
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
 
 MODEL, JUDGES, REF = Path("data/models/diffusion"), Path("data/judges"), Path("data/reference")
+INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
+
+
+def sweep_grid(method: str, params, cond: np.ndarray, dev) -> tuple[str, list[tuple[dict, object]]]:
+    """(params section, [(knobs, hooks)]) for one method."""
+    if method == "latentdir":
+        p = params.latentdir
+        grid = [(p.sweep_steps[0], 0.0), *itertools.product(p.sweep_steps, p.sweep_weights)]
+        return "latentdir", [({"swept": "weight", "source_step": s, "weight": w},
+                              latent_direction_hooks(Path("data/methods/latentdir/directions.npz"), cond, step=s,
+                                                     weight=w, target=p.target, seed=params.seed,
+                                                     renormalise=p.renormalise)) for s, w in grid]
+    if method in INVDIFF:
+        folder = Path("data/methods") / method
+        delta, lam = load_delta(folder / "delta", dev), load_json(folder / "summary.json")["lam"]
+        strengths = sorted({0.0, *params.invdiff.sweep_strengths})
+        return "invdiff", [({"swept": "strength", "lam": lam, "strength": r}, InvDiffHooks(delta, r))
+                           for r in strengths]
+    raise UserError(f"--method {method!r}: no sweep defined (expected one of: latentdir, {', '.join(INVDIFF)})")
 
 
 @stage_main
@@ -25,31 +49,28 @@ def main(argv=None) -> None:
     ap.add_argument("--method", required=True)
     args = ap.parse_args(argv)
     params = load_params()
-    if args.method != "latentdir":
-        raise UserError(f"--method {args.method!r}: no sweep defined (expected: latentdir)")
-    p, ps = params.latentdir, params.sample
-    cond = np.repeat(np.arange(NUM_CLASSES), p.sweep_per_class)
+    ps = params.sample
+    per_class = params.invdiff.sweep_per_class if args.method in INVDIFF else params.latentdir.sweep_per_class
+    cond = np.repeat(np.arange(NUM_CLASSES), per_class)
     seeds = sample_seeds(params.seed, len(cond))
-    grid = [(p.sweep_steps[0], 0.0), *itertools.product(p.sweep_steps, p.sweep_weights)]
     dev = device()
+    section, grid = sweep_grid(args.method, params, cond, dev)
     unet, sched_cfg = load_diffusion(MODEL, dev)
     scheduler = make_scheduler(sched_cfg, ps.scheduler, ps.timestep_spacing)
     scorer = Scorer(JUDGES, REF, device=dev, k=params.score.pr_k, seed=params.seed,
                     batch_size=params.score.batch_size)
     rows = []
-    with mlflow_run("sweep", params, ("latentdir", "sample", "score"), run_name=f"sweep@{args.method}",
+    with mlflow_run("sweep", params, (section, "sample", "score"), run_name=f"sweep@{args.method}",
                     extra_tags={"method": args.method}) as run:
-        for i, (step, weight) in enumerate(grid):
-            hooks = latent_direction_hooks(Path("data/methods/latentdir/directions.npz"), cond, step=step,
-                                           weight=weight, target=p.target, seed=params.seed,
-                                           renormalise=p.renormalise)
+        for i, (knobs, hooks) in enumerate(grid):
             images = sample(unet, scheduler, cond, seeds, num_inference_steps=ps.num_inference_steps,
                             guidance_scale=ps.guidance_scale, eta=ps.eta, batch_size=ps.batch_size,
                             null_class=null_class(unet), hooks=hooks, device=dev, progress=False)
             metrics, _ = scorer(to_uint8(images), cond)
-            rows.append({"method": args.method, "source_step": step, "weight": weight, **metrics})
+            rows.append({"method": args.method, **knobs, **metrics})
             run.metrics(metrics, step=i)
-            print(f"step {step} w {weight:g}: normalised bias {metrics['bias_score_normalised']:.3f}, "
+            shown = " ".join(f"{k} {v:g}" for k, v in knobs.items() if k != "swept")
+            print(f"{shown}: normalised bias {metrics['bias_score_normalised']:.3f}, "
                   f"aligned {metrics['aligned_fraction']:.3f}, fidelity {metrics['fidelity']:.3f}, "
                   f"FID {metrics['fid_indomain']:.2f}", flush=True)
     save_json(Path("data/sweeps") / f"{args.method}.json", rows)

@@ -1,0 +1,420 @@
+"""InvDiff (DESIGN.md §4): infer bias groups from the frozen model's per-sample losses (max step), then train a
+small guidance network δ on a group-balanced, group-invariant loss (min step); sample with f_θ + r·δ.
+
+Max step (no bias labels; class labels only)
+    l_{i,d} = ‖ε̂_θ(x_t, t_d, c_i) − ε_{i,d}‖²  (pixel mean), draws d = 1..D at fixed timesteps t_d evenly spread
+              over [t_min, t_max], fresh noise per draw; ε̂ converted from the model's parameterisation (ε, v, x_0)
+    s_i = mean_d  l_{i,d} / mean_j l_{j,d}         each draw divided by its timestep's mean loss, so every t counts
+                                                   alike (raw losses at small t are ~50× those at large t)
+    z_i = (s_i − mean_{c_j=c_i} s_j) / std_{c_j=c_i} s_j     within-class z-score (digits differ in difficulty)
+    W   = argmax_W  std_k m_k − ρ·Σ_k relu(π − n_k/N)²,   m_k = Σ_i z_i W_ik / Σ_i W_ik,   n_k = Σ_i W_ik
+          by Adam; after each step W ← clamp(W, 0), rows renormalised (rows stay on the simplex).
+    π (min_group_share) is a prior on the smallest group's share: without it the spread is maximised by a single
+    extreme sample, and Adam from a random start stalls at the near-mean split instead (measured, see docs).
+    `init="ranked"` starts from the quantile split of z (top π share in the last group); "random" is the
+    published start.
+Min step (f_θ frozen; δ of the same class and inputs, ≤ 25% of the parameters, zero-initialised output layer)
+    f̂_i = f_θ(x_t, t, c_i) + δ(x_t, t, c_i)
+    l_i = ‖f̂_i − target_i‖²   (pixel mean; target in the model's own parameterisation: ε, v or x_0)
+    L_k = Σ_{i∈B} l_i W_ik / Σ_{i∈B} W_ik,     loss = mean_k L_k + λ·var_k L_k   (population variance over k)
+    Batches are group-balanced: B/K indices per group k, drawn ∝ W_:k (a 5% group barely moves a weighted
+    mean of a uniform batch).
+Sampling: f = f_θ + r·δ. r = 1 is the trained combination; r > 1 extrapolates along δ like a guidance scale.
+
+Differences from the published code (on purpose): its grouper compares the prediction with the clean image
+instead of the noise; its training ignores the mixing ratio; its δ is a full copy of the base U-Net.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.checkpoints import (
+    check_finite,
+    config_fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    tensor_digest,
+)
+from pipeline.diffusion import training_target
+from pipeline.errors import UserError
+from pipeline.io import atomic_path
+from pipeline.sampling import SamplerHooks, StepContext
+
+# ----------------------------------------------------------------------------------------------------------------
+# any diffusers U-Net: UNet2DModel (class labels) or UNet2DConditionModel (class labels and/or text embeddings)
+
+
+@dataclass
+class Conditioning:
+    """What a U-Net is conditioned on, per sample: class labels, text-encoder states, or both."""
+
+    class_labels: torch.Tensor | None = None  # int64 [N]
+    encoder_hidden_states: torch.Tensor | None = None  # float [N, seq, dim]
+
+    def __len__(self) -> int:
+        t = self.class_labels if self.class_labels is not None else self.encoder_hidden_states
+        return 0 if t is None else len(t)
+
+    def select(self, idx, device=None) -> Conditioning:
+        def pick(t):
+            return None if t is None else t[idx].to(device) if device is not None else t[idx]
+
+        return Conditioning(pick(self.class_labels), pick(self.encoder_hidden_states))
+
+
+def call_unet(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """unet(x, t, ...).sample for either diffusers U-Net class."""
+    kwargs = {}
+    if cond.class_labels is not None:
+        kwargs["class_labels"] = cond.class_labels
+    if _takes_text(unet):
+        kwargs["encoder_hidden_states"] = cond.encoder_hidden_states
+    elif cond.encoder_hidden_states is not None:
+        raise UserError(f"{type(unet).__name__} takes no encoder_hidden_states (text conditioning)")
+    return unet(x, t, **kwargs).sample
+
+
+def _takes_text(unet) -> bool:
+    return type(unet).__name__ == "UNet2DConditionModel"
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def make_delta(base, *, width: float = 0.45, max_param_ratio: float = 0.25):
+    """δ: the base's own class, built from its config with every channel width scaled by `width` (rounded down to
+    a multiple of the GroupNorm group count, which is scaled too), output layer zeroed so f_θ + δ = f_θ at
+    initialisation. Raises if δ has more than max_param_ratio × the base's parameters."""
+    import math
+
+    cfg = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
+    groups = max(1, int(cfg.get("norm_num_groups") or 32))
+    # GroupNorm groups scale with the width; every width is a multiple of the new group count
+    new_groups = math.gcd(groups, max(1, round(groups * width)))
+    widths = [max(new_groups, int(c * width) // new_groups * new_groups) for c in cfg["block_out_channels"]]
+    cfg.update(block_out_channels=tuple(widths), norm_num_groups=new_groups)
+    head = cfg.get("attention_head_dim")
+    if isinstance(head, int) and any(w % head for w in widths):
+        cfg["attention_head_dim"] = math.gcd(head, *widths)
+    delta = type(base).from_config(cfg)
+    torch.nn.init.zeros_(delta.conv_out.weight)
+    torch.nn.init.zeros_(delta.conv_out.bias)
+    ratio = count_params(delta) / count_params(base)
+    if ratio > max_param_ratio:
+        raise UserError(f"invdiff.delta_width: {width} gives δ {ratio:.0%} of the base's parameters "
+                        f"(at most {max_param_ratio:.0%}); lower it")
+    return delta
+
+
+def load_delta(path: str | Path, device="cpu"):
+    """A δ saved by finetune_guidance (save_pretrained), whatever its diffusers class."""
+    import diffusers
+
+    path = Path(path)
+    try:
+        name = json.loads((path / "config.json").read_text())["_class_name"]
+        cls = getattr(diffusers, name)
+        model = cls.from_pretrained(str(path), use_safetensors=True)
+    except Exception as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: cannot load the InvDiff guidance module ({msg}; run `dvc repro "
+                        "finetune_guidance`)") from None
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# max step: per-sample losses and the grouper
+
+
+def predicted_noise(scheduler, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """ε̂ from a model output in any parameterisation: ε as is; v: √ᾱ·v + √(1−ᾱ)·x_t; x_0: (x_t − √ᾱ·x_0)/√(1−ᾱ)."""
+    a = scheduler.alphas_cumprod.to(out.device, torch.float32)[t].view(-1, 1, 1, 1)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return out
+    if kind == "v_prediction":
+        return a.sqrt() * out + (1 - a).sqrt() * x_t
+    return (x_t - a.sqrt() * out) / (1 - a).sqrt()
+
+
+def loss_timesteps(t_min: int, t_max: int, draws: int) -> np.ndarray:
+    """The D timesteps of the max step, evenly spread over [t_min, t_max]."""
+    return np.unique(np.linspace(t_min, t_max, draws).round().astype(np.int64))
+
+
+@torch.no_grad()
+def denoising_losses(unet, scheduler, images: torch.Tensor, cond: Conditioning, timesteps: np.ndarray, *,
+                     seed: int, batch_size: int = 500, device="cpu", autocast: bool | None = None,
+                     progress: bool = True) -> np.ndarray:
+    """l[i, d] = pixel-mean ‖ε̂_θ(x_t, t_d, c_i) − ε‖² of the frozen model, one fresh noise per (i, d). [N, D]"""
+    device = torch.device(device)
+    autocast = device.type == "cuda" if autocast is None else autocast
+    gen = torch.Generator().manual_seed(seed)
+    out = np.empty((len(images), len(timesteps)), np.float32)
+    starts = range(0, len(images), batch_size)
+    with tqdm(total=len(starts) * len(timesteps), desc="denoising losses", disable=not progress, leave=False) as bar:
+        for s in starts:
+            idx = torch.arange(s, min(s + batch_size, len(images)))
+            x0, c = images[idx].to(device), cond.select(idx, device)
+            for d, t_val in enumerate(timesteps):
+                noise = torch.randn(x0.shape, generator=gen).to(device)
+                t = torch.full((len(idx),), int(t_val), dtype=torch.long, device=device)
+                x_t = scheduler.add_noise(x0, noise, t)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    f = call_unet(unet, x_t, t, c).float()
+                eps = predicted_noise(scheduler, f, x_t, t)
+                out[s:s + len(idx), d] = (eps - noise).pow(2).mean(dim=(1, 2, 3)).cpu().numpy()
+                bar.update()
+    return out
+
+
+def normalised_scores(losses: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
+    """z_i: each draw divided by its timestep's mean loss, averaged over draws, z-scored within each class."""
+    s = (losses / losses.mean(0, keepdims=True)).mean(1)
+    if classes is None:
+        return (s - s.mean()) / max(s.std(), 1e-12)
+    z = np.empty_like(s)
+    for y in np.unique(classes):
+        m = classes == y
+        z[m] = (s[m] - s[m].mean()) / max(s[m].std(), 1e-12)
+    return z
+
+
+def project_rows(W: torch.Tensor) -> torch.Tensor:
+    """Clamp at 0 and renormalise each row to sum 1 (an all-zero row becomes uniform)."""
+    W = W.clamp(min=0)
+    s = W.sum(1, keepdim=True)
+    return torch.where(s > 0, W / s.clamp(min=1e-12), torch.full_like(W, 1.0 / W.shape[1]))
+
+
+def group_means(z: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """m_k = Σ_i z_i W_ik / Σ_i W_ik."""
+    return (z[:, None] * W).sum(0) / W.sum(0).clamp(min=1e-12)
+
+
+def grouper_objective(z: torch.Tensor, W: torch.Tensor, min_share: float, penalty: float) -> torch.Tensor:
+    """std_k m_k − ρ·Σ_k relu(π − n_k/N)² (to be maximised)."""
+    share = W.sum(0) / W.shape[0]
+    return group_means(z, W).std(unbiased=False) - penalty * torch.relu(min_share - share).pow(2).sum()
+
+
+@dataclass
+class GrouperResult:
+    W: np.ndarray  # [N, K] float32, rows on the simplex
+    objective: list[float] = field(default_factory=list)
+
+
+def fit_grouper(scores: np.ndarray, num_groups: int = 2, *, min_share: float = 0.05, steps: int = 300,
+                lr: float = 0.05, penalty: float = 100.0, init: str = "ranked", seed: int = 0) -> GrouperResult:
+    """Soft groups W [N, K] maximising the spread of group-mean scores (module docstring). Groups are ordered by
+    mean score, so the last group is the highest-loss one."""
+    if num_groups < 2:
+        raise UserError(f"invdiff.num_groups: expected >= 2, got {num_groups}")
+    if not 0 < min_share * num_groups <= 1:
+        raise UserError(f"invdiff.min_group_share: {min_share} × {num_groups} groups must lie in (0, 1]")
+    z = torch.as_tensor(scores, dtype=torch.float64)
+    n, K = len(z), num_groups
+    gen = torch.Generator().manual_seed(seed)
+    if init == "ranked":
+        # quantile split: the top π share in the last group, the rest split evenly by rank
+        rank = torch.empty(n, dtype=torch.float64)
+        rank[torch.argsort(z)] = torch.arange(n, dtype=torch.float64) / n
+        edges = torch.linspace(0, 1 - min_share, K)[1:].to(torch.float64)
+        W = torch.nn.functional.one_hot(torch.bucketize(rank, edges, right=True), K).to(torch.float64)
+        W = project_rows(0.9 * W + 0.1 / K)  # soft, so boundary samples can still move
+    elif init == "random":
+        W = project_rows(torch.rand(n, K, generator=gen, dtype=torch.float64))
+    else:
+        raise UserError(f"invdiff.grouper_init: expected 'ranked' or 'random', got {init!r}")
+    W.requires_grad_(True)
+    opt = torch.optim.Adam([W], lr=lr)
+    history = []
+    for _ in range(steps):
+        obj = grouper_objective(z, W, min_share, penalty)
+        opt.zero_grad()
+        (-obj).backward()
+        opt.step()
+        with torch.no_grad():
+            W.copy_(project_rows(W))
+        history.append(float(obj.detach()))
+    W = W.detach()
+    order = torch.argsort(group_means(z, W))
+    return GrouperResult(W=W[:, order].numpy().astype(np.float32), objective=history)
+
+
+def oracle_groups(aligned: np.ndarray) -> np.ndarray:
+    """One-hot W from the true labels: group 0 bias-aligned, group 1 bias-conflicting (an ablation that uses labels)."""
+    return np.stack([aligned, ~aligned], 1).astype(np.float32)
+
+
+def grouping_quality(W: np.ndarray, conflicting: np.ndarray, scores: np.ndarray | None = None) -> dict:
+    """How well the highest-loss group (last column) recovers the bias-conflicting samples: precision, recall,
+    NMI of argmax groups vs the conflicting flag, group shares, and the AUROC of the scores. Uses hidden labels:
+    for scoring only."""
+    from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
+
+    groups = W.argmax(1)
+    top = groups == W.shape[1] - 1
+    tp = float((top & conflicting).sum())
+    out = {"precision_top_group": tp / max(top.sum(), 1), "recall_top_group": tp / max(conflicting.sum(), 1),
+           "nmi_conflicting": float(normalized_mutual_info_score(conflicting, groups)),
+           "conflicting_rate": float(conflicting.mean()),
+           **{f"share_group{k}": float((groups == k).mean()) for k in range(W.shape[1])}}
+    if scores is not None and 0 < conflicting.sum() < len(conflicting):
+        out["auroc_scores"] = float(roc_auc_score(conflicting, scores))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# min step
+
+
+def group_loss(per_sample: torch.Tensor, W: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_k L_k + λ·var_k L_k, L) with L_k = Σ_i l_i W_ik / Σ_i W_ik; groups absent from the batch are left out."""
+    mass = W.sum(0)
+    present = mass > 0
+    L = (per_sample[:, None] * W).sum(0)[present] / mass[present]
+    return L.mean() + lam * L.var(unbiased=False), L
+
+
+def balanced_indices(W: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """batch/K indices per group k, drawn with replacement ∝ W_:k (remainder spread over the first groups)."""
+    K = W.shape[1]
+    sizes = [batch // K + (k < batch % K) for k in range(K)]
+    return torch.cat([torch.multinomial(W[:, k], s, replacement=True, generator=gen) for k, s in enumerate(sizes)])
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    resumed_from: int
+    final_loss: float
+    delta_params: int
+    base_params: int
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    group_losses: list[list[float]] = field(default_factory=list)
+
+
+def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Conditioning, W: np.ndarray, *,
+                      cfg: dict, seed: int, out_dir: Path, ckpt_dir: Path, null_class: int | None = None,
+                      accelerator=None, log=None, progress: bool = True) -> FinetuneResult:
+    """Train δ with the base frozen (module docstring) and write it to out_dir via save_pretrained.
+
+    images: float [N,C,H,W] in [-1,1]; W: [N,K]. cfg keys: steps, batch_size, lr, lam, balanced, label_dropout,
+    checkpoint_every. With null_class set, class labels are replaced by it with probability label_dropout, so δ
+    also learns the unconditional branch used by classifier-free guidance.
+    """
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    if W.shape[0] != len(images) or len(cond) != len(images):
+        raise UserError(f"group matrix has {W.shape[0]} rows, conditioning {len(cond)}, images {len(images)}")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    W_t = torch.as_tensor(W, dtype=torch.float32)
+    base.requires_grad_(False).eval()
+    opt = torch.optim.AdamW(delta.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    fingerprint = config_fingerprint({**cfg, "seed": seed, "W": tensor_digest(W_t), "data": tensor_digest(images),
+                                      "base": tensor_digest(*[p.detach().cpu() for p in base.parameters()]),
+                                      "delta": dict(delta.config), "null": null_class})
+    start = 0
+    if accelerator.is_main_process:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=cfg["steps"])
+    if ckpt is not None:
+        weights, state, start = load_checkpoint(ckpt, ("delta",))
+        delta.load_state_dict(weights["delta"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        accelerator.print(f"resuming from {ckpt} (step {start})")
+    delta, opt = accelerator.prepare(delta, opt)
+    base.to(accelerator.device)
+    total, batch = cfg["steps"], cfg["batch_size"]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    T = scheduler.config.num_train_timesteps
+    losses, group_hist, running, running_L = [], [], [], []
+    bar = tqdm(range(start, total), initial=start, total=total, desc="finetune_guidance",
+               disable=not (progress and accelerator.is_local_main_process))
+    delta.train()
+    for step in bar:
+        # the same global batch on every process, each keeps its slice (as in train_diffusion)
+        idx = balanced_indices(W_t, batch, gen) if cfg["balanced"] else torch.randint(0, len(images), (batch,),
+                                                                                         generator=gen)
+        noise = torch.randn((batch, *images.shape[1:]), generator=gen)
+        t = torch.randint(0, T, (batch,), generator=gen)
+        drop = torch.rand(batch, generator=gen) < cfg["label_dropout"]
+        sl = slice(rank, None, world)
+        idx, noise, t, drop = idx[sl], noise[sl], t[sl], drop[sl]
+        dev = accelerator.device
+        x0, noise, t = images[idx].to(dev), noise.to(dev), t.to(dev)
+        c = cond.select(idx, dev)
+        if null_class is not None and c.class_labels is not None:
+            c.class_labels = torch.where(drop.to(dev), torch.full_like(c.class_labels, null_class), c.class_labels)
+        x_t = scheduler.add_noise(x0, noise, t)
+        target = training_target(scheduler, x0, noise, t)
+        with accelerator.autocast():
+            with torch.no_grad():
+                f_base = call_unet(base, x_t, t, c).float()
+            pred = f_base + call_unet(delta, x_t, t, c).float()
+        per_sample = (pred - target.float()).pow(2).mean(dim=(1, 2, 3))
+        loss, L = group_loss(per_sample, W_t[idx].to(dev), cfg["lam"])
+        check_finite(loss, "finetune_guidance", step, "lower invdiff.lr or invdiff.lam")
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(delta.parameters(), 1.0)
+        opt.step()
+        running.append(accelerator.gather(loss.detach()[None]).mean().item())
+        if len(L) == W.shape[1]:
+            running_L.append(L.detach().cpu().numpy())
+        if (step + 1) % 50 == 0 or step + 1 == total:
+            mean = float(np.mean(running))
+            losses.append((step + 1, mean))
+            gl = np.mean(running_L, 0).tolist() if running_L else []
+            group_hist.append(gl)
+            running, running_L = [], []
+            bar.set_postfix(loss=f"{mean:.4f}")
+            if log is not None and accelerator.is_main_process:
+                log(step + 1, {"train_loss": mean, **{f"group_loss_{k}": v for k, v in enumerate(gl)}})
+        if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < total and accelerator.is_main_process:
+            save_checkpoint(ckpt_dir, step + 1, fingerprint,
+                            weights={"delta": accelerator.unwrap_model(delta).state_dict()},
+                            state={"optimizer": opt.state_dict(), "data_rng": gen.get_state(),
+                                   "torch_rng": torch.get_rng_state()})
+    bar.close()
+    final = accelerator.unwrap_model(delta).eval()
+    if accelerator.is_main_process:
+        with atomic_path(out_dir) as tmp:
+            final.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    return FinetuneResult(steps=total, resumed_from=start, final_loss=losses[-1][1] if losses else float("nan"),
+                          delta_params=count_params(final), base_params=count_params(base), losses=losses,
+                          group_losses=group_hist)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampling
+
+
+class InvDiffHooks(SamplerHooks):
+    """model_output: f ← f_θ + r·δ on the whole U-Net batch (conditional and null halves alike)."""
+
+    def __init__(self, delta, strength: float):
+        self.delta, self.strength = delta, float(strength)
+
+    def model_output(self, out: torch.Tensor, x_t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if self.strength == 0.0:
+            return out
+        t = torch.full((len(x_t),), ctx.timestep, dtype=torch.long, device=x_t.device)
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=x_t.device.type == "cuda"):
+            d = self.delta(x_t, t, class_labels=ctx.labels).sample.float()
+        return out + self.strength * d

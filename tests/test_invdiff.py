@@ -1,0 +1,231 @@
+"""InvDiff: the min-step loss, the grouper, loss normalisation, δ construction, training/resume, sampling hook,
+and independence from our own training code (a UNet2DConditionModel with text or class conditioning)."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import LabelledImages, ScoredImages
+from pipeline.diffusion import make_noise_scheduler, training_target
+from pipeline.errors import UserError
+from pipeline.methods.invdiff import (
+    Conditioning,
+    InvDiffHooks,
+    balanced_indices,
+    call_unet,
+    count_params,
+    denoising_losses,
+    finetune_guidance,
+    fit_grouper,
+    group_loss,
+    grouping_quality,
+    load_delta,
+    loss_timesteps,
+    make_delta,
+    normalised_scores,
+    oracle_groups,
+    predicted_noise,
+    project_rows,
+)
+from pipeline.sampling import make_scheduler, sample, sample_seeds
+
+CFG = {"steps": 4, "batch_size": 8, "lr": 1e-3, "lam": 1.0, "balanced": True, "label_dropout": 0.1,
+       "checkpoint_every": 2}
+
+
+def test_group_loss_matches_a_hand_computed_value():
+    per_sample = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    W = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.0, 1.0]])
+    # L0 = (1 + 2·0.5)/1.5 = 4/3, L1 = (2·0.5 + 3 + 4)/2.5 = 3.2; mean 34/15; population var ((3.2 − 4/3)/2)²
+    loss, L = group_loss(per_sample, W, lam=2.0)
+    assert torch.allclose(L, torch.tensor([4 / 3, 3.2]))
+    expected = (4 / 3 + 3.2) / 2 + 2.0 * ((3.2 - 4 / 3) / 2) ** 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_one_hot_groups_and_zero_lambda_give_the_group_balanced_mean():
+    gen = torch.Generator().manual_seed(0)
+    per_sample = torch.rand(20, generator=gen)
+    g = torch.tensor([0] * 15 + [1] * 4 + [2])
+    loss, _ = group_loss(per_sample, torch.nn.functional.one_hot(g, 3).float(), lam=0.0)
+    balanced = torch.stack([per_sample[g == k].mean() for k in range(3)]).mean()
+    assert loss.item() == pytest.approx(balanced.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(per_sample.mean().item(), rel=1e-3)  # not the plain mean
+
+
+def test_group_loss_leaves_out_groups_absent_from_the_batch():
+    loss, L = group_loss(torch.tensor([1.0, 3.0]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]), lam=5.0)
+    assert L.tolist() == [2.0] and loss.item() == 2.0
+
+
+def test_project_rows_puts_rows_on_the_simplex():
+    W = project_rows(torch.tensor([[2.0, -1.0, 2.0], [-1.0, -2.0, -3.0], [0.2, 0.3, 0.5]]))
+    assert (W >= 0).all() and torch.allclose(W.sum(1), torch.ones(3))
+    assert torch.allclose(W[0], torch.tensor([0.5, 0.0, 0.5])) and torch.allclose(W[1], torch.full((3,), 1 / 3))
+
+
+def _synthetic_scores(n=2000, rate=0.05, shift=3.0, seed=0):
+    rng = np.random.default_rng(seed)
+    conflicting = rng.random(n) < rate
+    return rng.normal(size=n) + shift * conflicting, conflicting
+
+
+@pytest.mark.parametrize("init", ["ranked", "random"])
+@pytest.mark.parametrize("K", [2, 3])
+def test_grouper_keeps_rows_on_the_simplex_and_orders_groups_by_mean(init, K):
+    z, _ = _synthetic_scores()
+    fit = fit_grouper(z, K, min_share=0.05, steps=50, init=init, seed=1)
+    assert fit.W.shape == (len(z), K) and (fit.W >= 0).all()
+    np.testing.assert_allclose(fit.W.sum(1), 1.0, atol=1e-6)
+    means = (z[:, None] * fit.W).sum(0) / fit.W.sum(0)
+    assert np.all(np.diff(means) > 0)
+
+
+def test_ranked_grouper_finds_a_shifted_minority_and_beats_the_random_start():
+    z, conflicting = _synthetic_scores()
+    ranked = grouping_quality(fit_grouper(z, 2, min_share=0.05, steps=200, init="ranked").W, conflicting, z)
+    random = grouping_quality(fit_grouper(z, 2, min_share=0.05, steps=200, init="random").W, conflicting, z)
+    assert ranked["precision_top_group"] > 0.7 and ranked["recall_top_group"] > 0.6
+    assert ranked["nmi_conflicting"] > 0.4
+    assert ranked["nmi_conflicting"] > random["nmi_conflicting"]
+    assert ranked["auroc_scores"] > 0.95
+
+
+def test_grouper_rejects_impossible_shares():
+    with pytest.raises(UserError, match="min_group_share"):
+        fit_grouper(np.zeros(10), 3, min_share=0.5)
+
+
+def test_normalised_scores_equalise_timesteps_and_classes():
+    rng = np.random.default_rng(0)
+    losses = rng.gamma(2.0, size=(300, 4))
+    classes = np.repeat([0, 1, 2], 100)
+    z = normalised_scores(losses, classes)
+    for y in range(3):
+        assert abs(z[classes == y].mean()) < 1e-9 and z[classes == y].std() == pytest.approx(1.0)
+    # a timestep whose losses are 50× larger does not dominate: rescaling one column changes nothing
+    scaled = losses.copy()
+    scaled[:, 0] *= 50
+    np.testing.assert_allclose(normalised_scores(scaled, classes), z, atol=1e-10)
+    assert list(loss_timesteps(0, 999, 4)) == [0, 333, 666, 999]
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_predicted_noise_inverts_each_parameterisation(kind):
+    sched = make_noise_scheduler(1000, "squaredcos_cap_v2", kind)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 3, 8, 8, generator=gen), torch.randn(4, 3, 8, 8, generator=gen)
+    t = torch.tensor([10, 200, 600, 950])
+    x_t = sched.add_noise(x0, noise, t)
+    assert torch.allclose(predicted_noise(sched, training_target(sched, x0, noise, t), x_t, t), noise, atol=1e-4)
+
+
+def test_oracle_groups_and_balanced_batches():
+    aligned = np.array([True, True, True, False])
+    W = oracle_groups(aligned)
+    np.testing.assert_array_equal(W, [[1, 0], [1, 0], [1, 0], [0, 1]])
+    idx = balanced_indices(torch.as_tensor(W), 10, torch.Generator().manual_seed(0))
+    assert len(idx) == 10 and (idx[:5] < 3).all() and (idx[5:] == 3).all()
+
+
+def test_delta_is_small_zero_output_and_same_class(unet):
+    delta = make_delta(unet)
+    assert type(delta) is type(unet)
+    assert count_params(delta) <= 0.25 * count_params(unet)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
+    assert torch.equal(delta(x, t, class_labels=torch.tensor([1, 10])).sample, torch.zeros_like(x))
+    with pytest.raises(UserError, match="delta_width"):
+        make_delta(unet, width=1.0)
+
+
+def test_delta_at_initialisation_leaves_samples_bit_identical(unet, one_thread):
+    scheduler = make_scheduler(make_noise_scheduler(1000, "squaredcos_cap_v2", "v_prediction").config)
+    cond = np.repeat(np.arange(10), 2)
+
+    def run(hooks=None, w=1.0):
+        return sample(unet, scheduler, cond, sample_seeds(0, len(cond)), num_inference_steps=3, batch_size=8,
+                      guidance_scale=w, null_class=10, hooks=hooks, progress=False)
+
+    hooks = InvDiffHooks(make_delta(unet), strength=3.0)
+    assert torch.equal(run(hooks), run())
+    assert torch.equal(run(hooks, w=2.0), run(w=2.0))
+
+
+def _train(unet, tmp_path, name, images, cond, W, cfg=CFG, null=10):
+    sched = make_noise_scheduler(1000, "squaredcos_cap_v2", "v_prediction")
+    torch.manual_seed(0)
+    delta = make_delta(unet)
+    res = finetune_guidance(unet, delta, sched, images, cond, W, cfg=cfg, seed=0, out_dir=tmp_path / name,
+                            ckpt_dir=tmp_path / f"ckpt_{name}", null_class=null, progress=False)
+    return res, load_delta(tmp_path / name)
+
+
+def test_finetune_trains_delta_keeps_base_frozen_and_resumes_exactly(unet, one_thread, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    images, classes = torch.rand(16, 3, 16, 16, generator=gen) * 2 - 1, torch.arange(16) % 10
+    cond, W = Conditioning(class_labels=classes), oracle_groups(np.arange(16) % 4 != 0)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    res, delta = _train(unet, tmp_path, "a", images, cond, W)
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
+    assert np.isfinite(res.final_loss) and res.delta_params <= 0.25 * res.base_params
+    assert delta.conv_out.weight.abs().sum() > 0  # δ has left its zero initialisation
+    # resume: a second run in the same checkpoint dir restarts from step 2 and ends with identical weights
+    res_b, _ = _train(unet, tmp_path, "b", images, cond, W)
+    (tmp_path / "ckpt_b").rename(tmp_path / "ckpt_c")
+    res_c, resumed = _train(unet, tmp_path, "c", images, cond, W)
+    assert res_b.resumed_from == 0 and res_c.resumed_from == 2
+    for (k, v), w in zip(delta.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def _text_unet(class_embeds: int | None = None):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8, num_class_embeds=class_embeds).eval()
+
+
+@pytest.mark.parametrize("class_embeds", [None, 5])
+def test_works_on_a_saved_unet2dconditionmodel(tmp_path, one_thread, class_embeds):
+    from diffusers import UNet2DConditionModel
+
+    _text_unet(class_embeds).save_pretrained(tmp_path / "base")
+    base = UNet2DConditionModel.from_pretrained(str(tmp_path / "base"), use_safetensors=True).eval()
+    n = 12
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(n, 3, 8, 8, generator=gen) * 2 - 1
+    cond = Conditioning(class_labels=torch.arange(n) % 5 if class_embeds else None,
+                        encoder_hidden_states=torch.randn(n, 4, 16, generator=gen))
+    sched = make_noise_scheduler(1000, "linear", "epsilon")
+    losses = denoising_losses(base, sched, images, cond, loss_timesteps(100, 900, 3), seed=0, batch_size=5,
+                              progress=False)
+    assert losses.shape == (n, 3) and np.isfinite(losses).all()
+    W = fit_grouper(normalised_scores(losses, None), 2, min_share=0.25, steps=20).W
+    delta = make_delta(base)
+    assert isinstance(delta, UNet2DConditionModel) and count_params(delta) <= 0.25 * count_params(base)
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 2, 3])
+    assert torch.equal(call_unet(delta, x, t, cond.select([0, 1, 2])), torch.zeros_like(x))
+    res = finetune_guidance(base, delta, sched, images, cond, W, cfg={**CFG, "label_dropout": 0.0}, seed=0,
+                            out_dir=tmp_path / "delta", ckpt_dir=tmp_path / "ckpt", progress=False)
+    assert np.isfinite(res.final_loss)
+    trained = load_delta(tmp_path / "delta")
+    assert isinstance(trained, UNet2DConditionModel)
+    assert call_unet(trained, x, t, cond.select([0, 1, 2])).abs().sum() > 0
+
+
+def test_grouper_stage_refuses_a_view_with_the_bias_attribute():
+    from stages.fit_grouper import infer_groups
+
+    view = ScoredImages(np.zeros((2, 16, 16, 3), np.uint8), np.zeros(2, np.int64), np.zeros(2, np.int64),
+                        np.ones(2, bool))
+    with pytest.raises(UserError, match="bias attribute"):
+        infer_groups(view, None, None, None, 0, "cpu")
+    assert not hasattr(LabelledImages(view.images, view.classes), "bias")
+
+
+def test_load_delta_names_the_path_when_missing(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path / "nope")):
+        load_delta(tmp_path / "nope")
