@@ -39,7 +39,7 @@ class PipelineConfig(BaseModel):
                     "then written to params.yaml (like `dvc exp run -S`) so dvc.lock records them",
     )
     methods: list[str] | None = Field(None, description="methods to run (foreach keys of dvc.yaml, e.g. "
-                                      "baseline, latentdir); empty = all")
+                                      "baseline, latentdir, invdiff); empty = all")
     project_dir: str = Field(".", description="the project checkout (holds dvc.yaml and params.yaml)")
 
 

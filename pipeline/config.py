@@ -114,11 +114,12 @@ class LatentDirParams(_Section):
 
 class InvDiffParams(_Section):
     # max step: per-sample losses of the frozen model, then the grouper
-    loss_timesteps: tuple[int, int] = (0, 999)
-    loss_draws: int = Field(8, ge=1, le=1000)
+    loss_timesteps: tuple[int, int] = (10, 100)
+    loss_draws: int = Field(3, ge=1, le=1000)
+    loss_contrast: bool = True
     loss_batch_size: int = Field(500, ge=1)
     num_groups: int = Field(2, ge=2, le=16)
-    min_group_share: float = Field(0.05, gt=0.0, le=0.5)
+    min_group_share: Literal["auto"] | float = "auto"
     grouper_init: Literal["ranked", "random"] = "ranked"
     grouper_steps: int = Field(300, ge=0)
     grouper_lr: float = Field(0.05, gt=0)
@@ -142,7 +143,9 @@ class InvDiffParams(_Section):
         lo, hi = self.loss_timesteps
         if not 0 <= lo <= hi:
             raise ValueError(f"loss_timesteps must be [t_min, t_max] with 0 <= t_min <= t_max, got {[lo, hi]}")
-        if self.min_group_share * self.num_groups > 1:
+        if self.min_group_share != "auto" and not 0 < self.min_group_share <= 0.5:
+            raise ValueError(f"min_group_share must be 'auto' or in (0, 0.5], got {self.min_group_share}")
+        if self.min_group_share != "auto" and self.min_group_share * self.num_groups > 1:
             raise ValueError(f"min_group_share × num_groups must be <= 1, got {self.min_group_share} × "
                              f"{self.num_groups}")
         if self.batch_size < self.num_groups:

@@ -95,7 +95,8 @@ def _fmt(v) -> str:
 
 
 def render_markdown(rows: list[dict], *, data_bias: dict, judges: dict, context: dict, grids: dict[str, str],
-                    scatter: str, sweeps: list[dict] = (), extras: dict[str, list[str]] | None = None) -> str:
+                    scatter: str, sweeps: list[dict] = (), extras: dict[str, list[str]] | None = None,
+                    labels: dict[str, str] | None = None) -> str:
     """The report page: methods table, the training data's own bias, judges, grids, scatter, next steps."""
     cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
     lines = ["# Bias report", "",
@@ -112,7 +113,8 @@ def render_markdown(rows: list[dict], *, data_bias: dict, judges: dict, context:
              "| method | " + " | ".join(h for _, h in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for r in rows:
-        lines.append(f"| {r['method']} | " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
+        name = f"{r['method']} ({labels[r['method']]})" if r["method"] in (labels or {}) else r["method"]
+        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
     lines.append("| *training data (real, true colours)* | " + " | ".join(
         _fmt(data_bias.get(k)) for k, _ in cols) + " |")
     lines += ["", "Judges' accuracy on the colour-uniform test split: "
@@ -124,7 +126,8 @@ def render_markdown(rows: list[dict], *, data_bias: dict, judges: dict, context:
     if sweeps:
         sweep_cols = [(k, h) for k, h in COLUMNS if k in sweeps[0]]
         lines += ["### Sweeps", "", f"Each point: {sweeps[0]['num_samples']} samples (fewer than the full runs, so "
-                  "compare FID within this table; w = 0 is the baseline at the same size).", "",
+                  "compare FID within this table; a swept knob at 0 (w = 0, r = 0) is the baseline at the same "
+                  "size).", "",
                   "| method | knobs | " + " | ".join(h for _, h in sweep_cols) + " |",
                   "|---|---|" + "---|" * len(sweep_cols)]
         lines += [f"| {r['method']} | {sweep_label(r)} | " + " | ".join(_fmt(r.get(k)) for k, _ in sweep_cols) + " |"

@@ -1,6 +1,7 @@
 """fit_grouper: InvDiff's max step. Per-sample denoising losses of the frozen biased model over the training set
-(class labels only — the dataset view has no bias attribute), normalised per timestep and within class, then the
-soft group matrix W. The hidden labels are read afterwards, only to score the grouping.
+(class labels only — the dataset view has no bias attribute), with `invdiff.loss_contrast` each minus the same
+draw's loss under the null class, normalised per timestep and within class; then the soft group matrix W.
+The hidden labels are read afterwards, only to score the grouping.
 
 Outputs data/methods/invdiff_groups/: groups.npz (W, scores, losses, timesteps), groups.parquet (one row per
 training image: index, class, score, W_k, group), discovery.png (training images of each inferred group, one
@@ -19,11 +20,13 @@ from pipeline.io import atomic_path, save_json, save_npz
 from pipeline.methods.invdiff import (
     Conditioning,
     denoising_losses,
+    estimate_minority_share,
     fit_grouper,
     grouping_quality,
     loss_timesteps,
     normalised_scores,
 )
+from pipeline.models import null_class
 from pipeline.report import save_png
 from pipeline.sampling import make_scheduler
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
@@ -32,35 +35,39 @@ DATA, MODEL, OUT = Path("data/prepared"), Path("data/models/diffusion"), Path("d
 
 
 def infer_groups(train, unet, scheduler, p, seed: int, dev) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """The max step on a dataset view that must not carry the bias attribute. (W, scores, losses, grouper info)"""
+    """The max step on a dataset view that must not carry the bias attribute. (W, scores, losses [N, D] or with the
+    null-class reference [N, D, 2], grouper info)"""
     if hasattr(train, "bias") or hasattr(train, "aligned"):
         raise UserError("fit_grouper: the training view carries the bias attribute; the grouper must infer groups "
                         "without it (load_split(..., with_bias=False))")
     ts = loss_timesteps(*p.loss_timesteps, p.loss_draws)
-    cond = Conditioning(class_labels=torch.from_numpy(train.classes))
-    losses = denoising_losses(unet, scheduler, to_tensor(train.images), cond, ts, seed=seed,
-                              batch_size=p.loss_batch_size, device=dev)
-    scores = normalised_scores(losses, train.classes)
-    fit = fit_grouper(scores, p.num_groups, min_share=p.min_group_share, steps=p.grouper_steps, lr=p.grouper_lr,
+    classes = torch.from_numpy(train.classes)
+    reference = Conditioning(class_labels=torch.full_like(classes, null_class(unet))) if p.loss_contrast else None
+    losses, ref = denoising_losses(unet, scheduler, to_tensor(train.images), Conditioning(class_labels=classes), ts,
+                                   reference=reference, seed=seed, batch_size=p.loss_batch_size, device=dev)
+    scores = normalised_scores(losses, train.classes, ref)
+    share = estimate_minority_share(scores, seed) if p.min_group_share == "auto" else p.min_group_share
+    fit = fit_grouper(scores, p.num_groups, min_share=min(share, 1 / p.num_groups), steps=p.grouper_steps, lr=p.grouper_lr,
                       init=p.grouper_init, seed=seed)
-    return fit.W, scores, losses, {"timesteps": ts, "objective": fit.objective}
+    losses = losses if ref is None else np.stack([losses, ref], -1)
+    return fit.W, scores, losses, {"timesteps": ts, "objective": fit.objective, "min_group_share": share}
 
 
-def discovery_grid(images: np.ndarray, classes: np.ndarray, W: np.ndarray, per_group: int) -> np.ndarray:
-    """Row k: the training images most firmly in group k, cycling over the classes so every digit shows."""
+def discovery_grid(images: np.ndarray, classes: np.ndarray, W: np.ndarray, scores: np.ndarray,
+                   per_group: int) -> np.ndarray:
+    """Row k: the training images most firmly in group k (ties broken by score: the highest-loss group shows its
+    highest scores, the others their lowest), round-robin over the classes (class 0's firmest, class 1's, …, then
+    each class's second), so every digit shows."""
     from pipeline.report import sample_grid
 
-    picks = []
+    rows = []
     for k in range(W.shape[1]):
-        order = np.argsort(-W[:, k], kind="stable")
-        chosen = []
-        for y in np.unique(classes):  # round-robin over classes
-            chosen.append(order[classes[order] == y][: max(1, per_group // len(np.unique(classes)) + 1)])
-        row = np.concatenate(chosen)
-        row = row[np.argsort(-W[row, k], kind="stable")][:per_group]
-        picks.append(row)
-    idx = np.concatenate(picks)
-    return sample_grid(images[idx], np.repeat(np.arange(W.shape[1]), [len(r) for r in picks]), per_group)
+        sign = 1.0 if k == W.shape[1] - 1 else -1.0
+        ranked = [np.flatnonzero(m)[np.lexsort((-sign * scores[m], -W[m, k].round(3)))]
+                  for m in (classes == y for y in np.unique(classes))]
+        rows.append([r[j] for j in range(max(map(len, ranked))) for r in ranked if j < len(r)][:per_group])
+    return sample_grid(images[np.concatenate(rows)], np.repeat(np.arange(W.shape[1]), [len(r) for r in rows]),
+                       per_group)
 
 
 @stage_main
@@ -77,7 +84,7 @@ def main() -> None:
     with mlflow_run("fit_grouper", params, ("invdiff",), run_name="fit_grouper") as run:
         W, scores, losses, info = infer_groups(train, unet, scheduler, p, params.seed, dev)
         hidden = load_split(DATA, "train", with_bias=True)  # scoring only, after W is fixed
-        quality = grouping_quality(W, ~hidden.aligned, scores)
+        quality = {"min_group_share": info["min_group_share"], **grouping_quality(W, ~hidden.aligned, scores)}
         run.metrics(quality)
         for i, v in enumerate(info["objective"][:: max(1, len(info["objective"]) // 50)]):
             run.metrics({"grouper_objective": v}, step=i)
@@ -87,7 +94,7 @@ def main() -> None:
         tmp.mkdir(parents=True)
         save_npz(tmp / "groups.npz", W=W, scores=scores, losses=losses, timesteps=info["timesteps"])
         table.to_parquet(tmp / "groups.parquet", index=False)
-        save_png(discovery_grid(train.images, train.classes, W, p.grid_per_group), tmp / "discovery.png")
+        save_png(discovery_grid(train.images, train.classes, W, scores, p.grid_per_group), tmp / "discovery.png")
     save_json("data/metrics/fit_grouper.json", quality)
     print("fit_grouper: " + ", ".join(f"{k} {v:.3f}" for k, v in quality.items()))
 

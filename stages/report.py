@@ -13,6 +13,7 @@ from stages.common import UserError, load_params, mlflow_run, stage_main
 
 SCORES, SAMPLES, OUT = Path("data/scores"), Path("data/samples"), Path("data/report")
 SWEEPS, METHODS = Path("data/sweeps"), Path("data/methods")
+LABELS = {"invdiff_lambda0": "ablation: λ = 0", "invdiff_oracle": "ablation: true groups, uses bias labels"}
 
 
 @stage_main
@@ -43,10 +44,27 @@ def main() -> None:
                 f"Latent Directions: z_T + w·d with w = {p.weight:g}, directions fitted on x_t at step "
                 f"{p.source_step} (SVM on {p.pool}×{p.pool}-pooled latents). Held-out SVM accuracy per step:", "",
                 "![SVM accuracy per step](latentdir_svm_accuracy.png)", ""]
+        grouper = Path("data/metrics/fit_grouper.json")
+        if "invdiff" in methods and grouper.is_file():
+            shutil.copy(METHODS / "invdiff_groups" / "discovery.png", tmp / "invdiff_discovery.png")
+            q, p = load_json(grouper), params.invdiff
+            shares = ", ".join(f"{v:.3f}" for k, v in q.items() if k.startswith("share_group"))
+            extras["invdiff"] = [
+                f"InvDiff: f_θ + r·δ with r = {p.strength:g}; δ trained {p.steps} steps on mean_k L_k + λ·var_k L_k "
+                f"(λ = {p.lam:g}) over {p.num_groups} groups inferred without bias labels. The ablations: "
+                "`invdiff_lambda0` (λ = 0) and `invdiff_oracle` (the true aligned/conflicting split in place of the "
+                "inferred groups — uses the labels, an upper reference).", "",
+                f"Bias discovery (scored afterwards against the hidden labels): the highest-loss group holds "
+                f"{q['share_group' + str(p.num_groups - 1)]:.1%} of the training set; precision "
+                f"{q['precision_top_group']:.3f} and recall {q['recall_top_group']:.3f} for the bias-conflicting "
+                f"images (base rate {q['conflicting_rate']:.3f}); NMI {q['nmi_conflicting']:.3f}; AUROC of the "
+                f"normalised loss {q.get('auroc_scores', float('nan')):.3f}; group shares {shares}. "
+                "Rows below: training images most firmly in each group (lowest loss first).", "",
+                "![InvDiff bias discovery](invdiff_discovery.png)", ""]
         context = {**params.data.model_dump(), **params.sample.model_dump()}
         md = render_markdown(rows, data_bias=load_json("data/reference/summary.json")["train_data_bias"],
                              judges=load_json("data/metrics/train_classifiers.json"), context=context,
-                             grids=grids, scatter="bias_vs_fid.png", sweeps=sweeps, extras=extras)
+                             grids=grids, scatter="bias_vs_fid.png", sweeps=sweeps, extras=extras, labels=LABELS)
         (tmp / "report.md").write_text(md)
     save_json("data/metrics/report_methods.json", rows)
     for row in rows:

@@ -83,6 +83,14 @@ def test_params_frozen():
     ({"latentdir": {"target": [0.5, 0.5, 0.5]}}, "sum to 1"),
     ({"latentdir": {"record_steps": [-2, 15]}}, "record_steps"),
     ({"latentdir": {"holdout": 1.0}}, "latentdir.holdout"),
+    ({"invdiff": {"loss_timesteps": [500, 100]}}, "loss_timesteps"),
+    ({"invdiff": {"num_groups": 1}}, "invdiff.num_groups"),
+    ({"invdiff": {"num_groups": 4, "min_group_share": 0.3}}, "min_group_share"),
+    ({"invdiff": {"delta_width": 0}}, "invdiff.delta_width"),
+    ({"invdiff": {"lam": -1}}, "invdiff.lam"),
+    ({"invdiff": {"grouper_init": "kmeans"}}, "invdiff.grouper_init"),
+    ({"invdiff": {"batch_size": 3, "num_groups": 4}}, "batch_size"),
+    ({"invdiff": {"mix": 0.5}}, "invdiff.mix: unknown key"),
 ])
 def test_parse_params_errors_are_one_line_naming_the_key(raw, key):
     msg = one_line_error(raw)
@@ -216,3 +224,25 @@ def test_sample_cli_truncated_model(tmp_path):
     write_params(tmp_path)
     assert_one_line_error(run_stage(tmp_path, "sample"), "data/models/diffusion/unet")
     assert not (tmp_path / "data" / "samples").exists()
+
+
+def test_fit_grouper_cli_loss_timesteps_past_the_schedule(tmp_path):
+    write_params(tmp_path, invdiff={"loss_timesteps": [10, 1000]})
+    assert_one_line_error(run_stage(tmp_path, "fit_grouper"), "invdiff.loss_timesteps", "1000")
+    assert not (tmp_path / "data").exists()
+
+
+def test_invdiff_sample_cli_without_guidance_module(tmp_path):
+    write_params(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "stages.sample", "--method", "invdiff"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc, "data/methods/invdiff/delta", "finetune_guidance")
+    assert not (tmp_path / "data" / "samples").exists()
+
+
+def test_finetune_guidance_cli_unknown_variant(tmp_path):
+    write_params(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "stages.finetune_guidance", "--variant", "invdiff_magic"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    assert_one_line_error(proc, "invdiff_magic", "invdiff_oracle")

@@ -12,6 +12,8 @@ import yaml
 
 from tests.tiny import ROOT, tiny_params
 
+INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
+
 PROJECT_FILES = ["pipeline", "stages", "flows", "dvc.yaml", "pyproject.toml"]
 
 
@@ -59,7 +61,11 @@ def test_dvc_repro_builds_every_output(repro_project):
                  "data/report/samples_baseline.png", "data/report/bias_vs_fid.png",
                  "data/methods/latentdir/directions.npz", "data/samples/latentdir/images.npz",
                  "data/scores/latentdir/metrics.json", "data/sweeps/latentdir.json",
-                 "data/report/samples_latentdir.png"]:
+                 "data/report/samples_latentdir.png", "data/methods/invdiff_groups/groups.npz",
+                 "data/methods/invdiff_groups/discovery.png", "data/metrics/fit_grouper.json",
+                 *(f"data/methods/{v}/delta/diffusion_pytorch_model.safetensors" for v in INVDIFF),
+                 *(f"data/scores/{v}/metrics.json" for v in INVDIFF), *(f"data/sweeps/{v}.json" for v in INVDIFF),
+                 "data/report/invdiff_discovery.png"]:
         assert (tmp / path).is_file(), path
     metrics = json.loads((tmp / "data/scores/baseline/metrics.json").read_text())
     for key in ["bias_score", "bias_score_normalised", "fd", "aligned_fraction", "fidelity", "fid_indomain",
@@ -69,6 +75,8 @@ def test_dvc_repro_builds_every_output(repro_project):
     report = (tmp / "data/report/report.md").read_text()
     assert "| baseline |" in report and "samples_baseline.png" in report and "mlflow ui" in report
     assert "| latentdir |" in report and "### Sweeps" in report
+    assert "| invdiff |" in report and "| invdiff_oracle (ablation: true groups, uses bias labels) |" in report
+    assert "Bias discovery" in report
     shown = dvc(tmp, "metrics", "show", "--json")
     assert shown.returncode == 0 and "bias_score" in shown.stdout
 
@@ -90,10 +98,10 @@ def test_stages_logged_to_mlflow(repro_project):
     runs = client.search_runs([exp.experiment_id])
     stages = {r.data.tags["stage"] for r in runs}
     assert {"prepare_data", "train_classifiers", "train_diffusion", "fid_reference", "sample", "score",
-            "fit_directions", "sweep", "report"} <= stages
+            "fit_directions", "sweep", "report", "fit_grouper", "finetune_guidance"} <= stages
     assert all(r.data.tags.get("git_revision") for r in runs)
     report_runs = [r for r in runs if r.data.tags["stage"] == "report"]
-    assert sorted(r.info.run_name for r in report_runs) == ["baseline", "latentdir"]
+    assert sorted(r.info.run_name for r in report_runs) == sorted(["baseline", "latentdir", *INVDIFF])
     assert "fid_indomain" in report_runs[0].data.metrics
 
 
@@ -125,6 +133,7 @@ def test_prefect_flow_matches_dvc_repro(repro_project, tmp_path_factory):
     assert not differing, f"the flow and dvc repro produced different outputs: {differing}"
     # Same seed, same CPU: the metrics of the two independent runs are identical, byte for byte.
     for metrics in ["data/scores/baseline/metrics.json", "data/scores/latentdir/metrics.json",
+                    "data/scores/invdiff/metrics.json", "data/metrics/fit_grouper.json",
                     "data/metrics/train_classifiers.json", "data/metrics/train_diffusion.json"]:
         assert (tmp / metrics).read_bytes() == (repro_project / metrics).read_bytes(), metrics
 

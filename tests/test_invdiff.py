@@ -200,10 +200,11 @@ def test_works_on_a_saved_unet2dconditionmodel(tmp_path, one_thread, class_embed
     cond = Conditioning(class_labels=torch.arange(n) % 5 if class_embeds else None,
                         encoder_hidden_states=torch.randn(n, 4, 16, generator=gen))
     sched = make_noise_scheduler(1000, "linear", "epsilon")
-    losses = denoising_losses(base, sched, images, cond, loss_timesteps(100, 900, 3), seed=0, batch_size=5,
-                              progress=False)
-    assert losses.shape == (n, 3) and np.isfinite(losses).all()
-    W = fit_grouper(normalised_scores(losses, None), 2, min_share=0.25, steps=20).W
+    empty = Conditioning(class_labels=cond.class_labels, encoder_hidden_states=torch.zeros(n, 4, 16))
+    losses, ref = denoising_losses(base, sched, images, cond, loss_timesteps(100, 900, 3), reference=empty, seed=0,
+                                   batch_size=5, progress=False)
+    assert losses.shape == ref.shape == (n, 3) and np.isfinite(losses).all() and not np.allclose(losses, ref)
+    W = fit_grouper(normalised_scores(losses, None, ref), 2, min_share=0.25, steps=20).W
     delta = make_delta(base)
     assert isinstance(delta, UNet2DConditionModel) and count_params(delta) <= 0.25 * count_params(base)
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 2, 3])
@@ -229,3 +230,35 @@ def test_grouper_stage_refuses_a_view_with_the_bias_attribute():
 def test_load_delta_names_the_path_when_missing(tmp_path):
     with pytest.raises(UserError, match=str(tmp_path / "nope")):
         load_delta(tmp_path / "nope")
+
+
+def test_contrast_scores_cancel_the_shared_draw():
+    """With a reference, s_i = mean_d (l − r)/mean r: a per-sample offset common to l and r (image difficulty,
+    the noise draw) drops out; without one it does not."""
+    rng = np.random.default_rng(0)
+    signal, difficulty = rng.normal(size=400), rng.gamma(2.0, size=(400, 1)) * 10
+    ref = 1.0 + difficulty + rng.random((400, 3))
+    losses = ref + signal[:, None]
+    z = normalised_scores(losses, None, ref)
+    assert np.corrcoef(z, signal)[0, 1] > 0.999
+    assert np.corrcoef(normalised_scores(losses, None), signal)[0, 1] < 0.5
+
+
+def test_denoising_losses_same_draws_for_the_reference(unet, one_thread):
+    sched = make_noise_scheduler(1000, "squaredcos_cap_v2", "v_prediction")
+    images, classes = torch.rand(6, 3, 16, 16) * 2 - 1, torch.arange(6)
+    cond = Conditioning(class_labels=classes)
+    same, ref = denoising_losses(unet, sched, images, cond, np.array([10, 500]), reference=cond, seed=3,
+                                 batch_size=4, progress=False)
+    np.testing.assert_array_equal(same, ref)  # identical condition and draws → identical losses
+    alone, none = denoising_losses(unet, sched, images, cond, np.array([10, 500]), seed=3, batch_size=4,
+                                   progress=False)
+    assert none is None
+    np.testing.assert_array_equal(alone, same)
+
+
+def test_minority_share_is_estimated_without_labels():
+    from pipeline.methods.invdiff import estimate_minority_share
+
+    z, conflicting = _synthetic_scores(n=4000, shift=5.0)
+    assert estimate_minority_share(z) == pytest.approx(conflicting.mean(), abs=0.01)

@@ -4,13 +4,20 @@ small guidance network δ on a group-balanced, group-invariant loss (min step); 
 Max step (no bias labels; class labels only)
     l_{i,d} = ‖ε̂_θ(x_t, t_d, c_i) − ε_{i,d}‖²  (pixel mean), draws d = 1..D at fixed timesteps t_d evenly spread
               over [t_min, t_max], fresh noise per draw; ε̂ converted from the model's parameterisation (ε, v, x_0)
-    s_i = mean_d  l_{i,d} / mean_j l_{j,d}         each draw divided by its timestep's mean loss, so every t counts
-                                                   alike (raw losses at small t are ~50× those at large t)
+    r_{i,d} = the same draw's loss under a reference condition (the null class ∅): ‖ε̂_θ(x_t, t_d, ∅) − ε_{i,d}‖²
+    s_i = mean_d (l_{i,d} − r_{i,d}) / mean_j r_{j,d}   with the reference (`contrast`), else
+    s_i = mean_d  l_{i,d} / mean_j l_{j,d}
+          Each draw is divided by its timestep's mean loss, so every t counts alike (raw losses at small t are ~50×
+          those at large t). The contrast l − r is the loss the class label adds on this very (x_t, ε) — minus the
+          log-likelihood ratio log p(c|x_t) of the model's implicit classifier: it cancels the noise draw and the
+          image's own difficulty, and is large where the image contradicts what the model learned for its class.
     z_i = (s_i − mean_{c_j=c_i} s_j) / std_{c_j=c_i} s_j     within-class z-score (digits differ in difficulty)
     W   = argmax_W  std_k m_k − ρ·Σ_k relu(π − n_k/N)²,   m_k = Σ_i z_i W_ik / Σ_i W_ik,   n_k = Σ_i W_ik
           by Adam; after each step W ← clamp(W, 0), rows renormalised (rows stay on the simplex).
-    π (min_group_share) is a prior on the smallest group's share: without it the spread is maximised by a single
+    π (min_group_share) bounds the smallest group's share: without it the spread is maximised by a single
     extreme sample, and Adam from a random start stalls at the near-mean split instead (measured, see docs).
+    π = "auto" estimates it from the scores alone: the weight of the higher-mean component of a 2-component
+    Gaussian mixture fitted to z (`estimate_minority_share`).
     `init="ranked"` starts from the quantile split of z (top π share in the last group); "random" is the
     published start.
 Min step (f_θ frozen; δ of the same class and inputs, ≤ 25% of the parameters, zero-initialised output layer)
@@ -153,33 +160,44 @@ def loss_timesteps(t_min: int, t_max: int, draws: int) -> np.ndarray:
 
 @torch.no_grad()
 def denoising_losses(unet, scheduler, images: torch.Tensor, cond: Conditioning, timesteps: np.ndarray, *,
-                     seed: int, batch_size: int = 500, device="cpu", autocast: bool | None = None,
-                     progress: bool = True) -> np.ndarray:
-    """l[i, d] = pixel-mean ‖ε̂_θ(x_t, t_d, c_i) − ε‖² of the frozen model, one fresh noise per (i, d). [N, D]"""
+                     reference: Conditioning | None = None, seed: int, batch_size: int = 500, device="cpu",
+                     autocast: bool | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(l, r): l[i, d] = pixel-mean ‖ε̂_θ(x_t, t_d, c_i) − ε‖² of the frozen model, one fresh noise per (i, d); r the
+    same draws under `reference` (None without one). [N, D] each."""
     device = torch.device(device)
     autocast = device.type == "cuda" if autocast is None else autocast
     gen = torch.Generator().manual_seed(seed)
     out = np.empty((len(images), len(timesteps)), np.float32)
+    ref = None if reference is None else np.empty_like(out)
     starts = range(0, len(images), batch_size)
+
+    def loss(x_t, t, c, noise):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            f = call_unet(unet, x_t, t, c).float()
+        return (predicted_noise(scheduler, f, x_t, t) - noise).pow(2).mean(dim=(1, 2, 3)).cpu().numpy()
+
     with tqdm(total=len(starts) * len(timesteps), desc="denoising losses", disable=not progress, leave=False) as bar:
         for s in starts:
             idx = torch.arange(s, min(s + batch_size, len(images)))
-            x0, c = images[idx].to(device), cond.select(idx, device)
+            x0 = images[idx].to(device)
             for d, t_val in enumerate(timesteps):
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 t = torch.full((len(idx),), int(t_val), dtype=torch.long, device=device)
                 x_t = scheduler.add_noise(x0, noise, t)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    f = call_unet(unet, x_t, t, c).float()
-                eps = predicted_noise(scheduler, f, x_t, t)
-                out[s:s + len(idx), d] = (eps - noise).pow(2).mean(dim=(1, 2, 3)).cpu().numpy()
+                out[s:s + len(idx), d] = loss(x_t, t, cond.select(idx, device), noise)
+                if reference is not None:
+                    ref[s:s + len(idx), d] = loss(x_t, t, reference.select(idx, device), noise)
                 bar.update()
-    return out
+    return out, ref
 
 
-def normalised_scores(losses: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
-    """z_i: each draw divided by its timestep's mean loss, averaged over draws, z-scored within each class."""
-    s = (losses / losses.mean(0, keepdims=True)).mean(1)
+def normalised_scores(losses: np.ndarray, classes: np.ndarray | None, reference: np.ndarray | None = None
+                      ) -> np.ndarray:
+    """z_i (module docstring): per-timestep scaling, the optional reference contrast, within-class z-score."""
+    if reference is None:
+        s = (losses / losses.mean(0, keepdims=True)).mean(1)
+    else:
+        s = ((losses - reference) / reference.mean(0, keepdims=True)).mean(1)
     if classes is None:
         return (s - s.mean()) / max(s.std(), 1e-12)
     z = np.empty_like(s)
@@ -187,6 +205,14 @@ def normalised_scores(losses: np.ndarray, classes: np.ndarray | None) -> np.ndar
         m = classes == y
         z[m] = (s[m] - s[m].mean()) / max(s[m].std(), 1e-12)
     return z
+
+
+def estimate_minority_share(scores: np.ndarray, seed: int = 0) -> float:
+    """Weight of the higher-mean component of a 1-D two-component Gaussian mixture on the scores (label-free)."""
+    from sklearn.mixture import GaussianMixture
+
+    gmm = GaussianMixture(2, random_state=seed).fit(np.asarray(scores, np.float64)[:, None])
+    return float(gmm.weights_[int(np.argmax(gmm.means_.ravel()))])
 
 
 def project_rows(W: torch.Tensor) -> torch.Tensor:
