@@ -128,13 +128,13 @@ class InvDiffParams(_Section):
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
-    lam: float = Field(1.0, ge=0.0)
+    lam: float = Field(10.0, ge=0.0)
     balanced: bool = True
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(500, ge=1)
     # sampling
-    strength: float = Field(1.0, ge=0.0, le=20.0)
-    sweep_strengths: tuple[float, ...] = (1.0, 2.0)
+    strength: float = Field(1.5, ge=0.0, le=20.0)
+    sweep_strengths: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
     sweep_per_class: int = Field(20, ge=1)
     grid_per_group: int = Field(10, ge=1, le=64)
 
