@@ -46,9 +46,9 @@ def infer_groups(train, unet, scheduler, p, seed: int, dev) -> tuple[np.ndarray,
     losses, ref = denoising_losses(unet, scheduler, to_tensor(train.images), Conditioning(class_labels=classes), ts,
                                    reference=reference, seed=seed, batch_size=p.loss_batch_size, device=dev)
     scores = normalised_scores(losses, train.classes, ref)
-    share = estimate_minority_share(scores, seed) if p.min_group_share == "auto" else p.min_group_share
-    fit = fit_grouper(scores, p.num_groups, min_share=min(share, 1 / p.num_groups), steps=p.grouper_steps, lr=p.grouper_lr,
-                      init=p.grouper_init, seed=seed)
+    share = estimate_minority_share(scores) if p.min_group_share == "auto" else p.min_group_share
+    fit = fit_grouper(scores, p.num_groups, min_share=min(share, 1 / p.num_groups), steps=p.grouper_steps,
+                      lr=p.grouper_lr, init=p.grouper_init, seed=seed)
     losses = losses if ref is None else np.stack([losses, ref], -1)
     return fit.W, scores, losses, {"timesteps": ts, "objective": fit.objective, "min_group_share": share}
 

