@@ -14,7 +14,7 @@ from tests.tiny import ROOT, tiny_params
 
 INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
 
-PROJECT_FILES = ["pipeline", "stages", "flows", "dvc.yaml", "pyproject.toml"]
+PROJECT_FILES = ["pipeline", "stages", "flows", "dvc.yaml", "pyproject.toml", ".dvcignore"]
 
 
 def _env(tmp: Path) -> dict:
