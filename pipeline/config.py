@@ -130,6 +130,7 @@ class InvDiffParams(_Section):
     lr: float = Field(1e-3, gt=0)
     lam: float = Field(10.0, ge=0.0)
     balanced: bool = True
+    paired: bool = False
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(500, ge=1)
     # sampling
@@ -150,6 +151,8 @@ class InvDiffParams(_Section):
                              f"{self.num_groups}")
         if self.batch_size < self.num_groups:
             raise ValueError(f"batch_size must be >= num_groups ({self.num_groups}) for group-balanced batches")
+        if self.paired and not self.balanced:
+            raise ValueError("paired draws need group-balanced batches (balanced: true)")
         return self
 
 

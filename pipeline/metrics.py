@@ -45,6 +45,15 @@ def bias_score(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int) -> dict:
             "per_class": {int(y): float(b) for y, b in zip(ys, per, strict=True)}}
 
 
+def uniform_bias_floor(n_per_condition: int, num_attr: int, *, draws: int = 4000, seed: int = 0) -> float:
+    """Sampling-noise floor of the normalised bias score: E[bias_y] / (2/K) for n colours drawn i.i.d. uniformly
+    over K values (Monte Carlo, `draws` conditions). A sampler with no bias at all scores this on average, not 0:
+    at n = 100, K = 10 it is ≈ 0.18, so a score near it means "as uniform as n samples can show"."""
+    counts = np.random.default_rng(seed).multinomial(n_per_condition, np.full(num_attr, 1.0 / num_attr), draws)
+    pair_sum = np.sort(counts, axis=1) @ (2 * np.arange(num_attr) - num_attr + 1)
+    return float((pair_sum / n_per_condition / (num_attr * (num_attr - 1) / 2)).mean() / (2 / num_attr))
+
+
 def fairness_discrepancy(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int,
                          target: np.ndarray | None = None) -> dict:
     """Fairness discrepancy FD_y = ‖p̂_y − p*‖₂, with p̂_y the empirical attribute distribution of the samples of

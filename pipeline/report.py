@@ -110,6 +110,9 @@ def render_markdown(rows: list[dict], *, data_bias: dict, judges: dict, context:
              "In-domain FID compares with the biased training data (what the model learned), so removing the "
              "bias raises it; FID vs colour-balanced compares with the colour-uniform test split (what a "
              "debiased model should produce). Both use the digit judge's features.", "",
+             *([f"Sampling noise alone: a sampler with perfectly uniform colours would score a normalised bias of "
+                f"{context['bias_floor']:.3f} on average at {context['num_per_class']} samples per class (the "
+                "floor; it falls as 1/√n).", ""] if "bias_floor" in context else []),
              "| method | " + " | ".join(h for _, h in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for r in rows:

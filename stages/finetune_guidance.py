@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     torch.manual_seed(params.seed)
     delta = make_delta(base, width=p.delta_width)
     cfg = {"steps": p.steps, "batch_size": p.batch_size, "lr": p.lr, "lam": lam, "balanced": p.balanced,
-           "label_dropout": p.label_dropout, "checkpoint_every": p.checkpoint_every}
+           "paired": p.paired, "label_dropout": p.label_dropout, "checkpoint_every": p.checkpoint_every}
     out = Path("data/methods") / args.variant
     with mlflow_run("finetune_guidance", params, ("invdiff",), run_name=f"finetune_guidance@{args.variant}",
                     extra_tags={"method": args.variant}) as run, atomic_path(out) as tmp:

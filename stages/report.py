@@ -7,7 +7,9 @@ method so MLflow's compare view lines the methods up.
 import shutil
 from pathlib import Path
 
+from pipeline.data import NUM_COLOURS
 from pipeline.io import atomic_path, load_json, load_npz, load_parquet, save_json
+from pipeline.metrics import uniform_bias_floor
 from pipeline.report import bias_fid_scatter, render_markdown, sample_grid, save_png
 from stages.common import UserError, load_params, mlflow_run, stage_main
 
@@ -61,7 +63,8 @@ def main() -> None:
                 f"normalised loss {q.get('auroc_scores', float('nan')):.3f}; group shares {shares}. "
                 "Rows below: training images most firmly in each group (lowest loss first).", "",
                 "![InvDiff bias discovery](invdiff_discovery.png)", ""]
-        context = {**params.data.model_dump(), **params.sample.model_dump()}
+        context = {**params.data.model_dump(), **params.sample.model_dump(),
+                   "bias_floor": uniform_bias_floor(params.sample.num_per_class, NUM_COLOURS, seed=params.seed)}
         md = render_markdown(rows, data_bias=load_json("data/reference/summary.json")["train_data_bias"],
                              judges=load_json("data/metrics/train_classifiers.json"), context=context,
                              grids=grids, scatter="bias_vs_fid.png", sweeps=sweeps, extras=extras, labels=LABELS)

@@ -262,3 +262,14 @@ def test_minority_share_is_estimated_without_labels():
 
     z, conflicting = _synthetic_scores(n=4000, shift=5.0)
     assert estimate_minority_share(z) == pytest.approx(conflicting.mean(), abs=0.01)
+
+
+def test_paired_draws_share_t_and_noise_across_groups():
+    from pipeline.methods.invdiff import paired_draws
+
+    noise, t = paired_draws(3, 10, (3, 4, 4), 1000, torch.Generator().manual_seed(0))
+    assert noise.shape == (10, 3, 4, 4) and t.shape == (10,)
+    # layout of balanced_indices: sizes 4, 3, 3; position j of each group shares its draw
+    for start, size in ((4, 3), (7, 3)):
+        assert torch.equal(t[start:start + size], t[:size]) and torch.equal(noise[start:start + size], noise[:size])
+    assert len(set(t[:4].tolist())) > 1  # positions within a group still differ

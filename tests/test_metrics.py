@@ -205,3 +205,17 @@ def test_find_packaged_file_and_sha256(tmp_path, monkeypatch):
         verify_sha256(f, "0" * 64, "test data")
     with pytest.raises(UserError, match="not found"):
         verify_sha256(tmp_path / "nope", digest, "test data")
+
+
+def test_uniform_bias_floor_matches_scoring_uniform_samples():
+    """The floor equals the mean normalised bias_score of i.i.d. uniform attribute predictions (independent
+    route: sample predictions, score them with bias_score), and shrinks with n."""
+    from pipeline.metrics import bias_score, uniform_bias_floor
+
+    rng = np.random.default_rng(1)
+    cond = np.repeat(np.arange(400), 100)
+    direct = bias_score(rng.integers(0, 10, len(cond)), cond, 10)["bias_score_normalised"]
+    floor = uniform_bias_floor(100, 10)
+    assert floor == pytest.approx(direct, abs=0.01) and 0.15 < floor < 0.2
+    assert uniform_bias_floor(400, 10) < floor / 1.8  # ~1/√n
+    assert uniform_bias_floor(10**6, 2) < 1e-2

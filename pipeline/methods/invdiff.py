@@ -25,7 +25,8 @@ Min step (f_θ frozen; δ of the same class and inputs, ≤ 25% of the parameter
     l_i = ‖f̂_i − target_i‖²   (pixel mean; target in the model's own parameterisation: ε, v or x_0)
     L_k = Σ_{i∈B} l_i W_ik / Σ_{i∈B} W_ik,     loss = mean_k L_k + λ·var_k L_k   (population variance over k)
     Batches are group-balanced: B/K indices per group k, drawn ∝ W_:k (a 5% group barely moves a weighted
-    mean of a uniform batch).
+    mean of a uniform batch). With `paired`, the j-th sample of every group shares its (t, ε) draw, so the
+    variance term compares groups on the same draws rather than on the t-dependence of the loss.
 Sampling: f = f_θ + r·δ. r = 1 is the trained combination; r > 1 extrapolates along δ like a guidance scale.
 
 Differences from the published code (on purpose): its grouper compares the prediction with the clean image
@@ -321,6 +322,16 @@ def balanced_indices(W: torch.Tensor, batch: int, gen: torch.Generator) -> torch
     return torch.cat([torch.multinomial(W[:, k], s, replacement=True, generator=gen) for k, s in enumerate(sizes)])
 
 
+def paired_draws(K: int, batch: int, shape, T: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε, t) for a group-balanced batch (layout of `balanced_indices`) where the j-th sample of every group gets
+    the same timestep and noise. L_k − L_k' then compares the groups on identical (t, ε) draws: the spread of
+    the loss over t (large) cancels from var_k L_k instead of swamping it; E[L_k] is unchanged."""
+    sizes = [batch // K + (k < batch % K) for k in range(K)]
+    noise = torch.randn((sizes[0], *shape), generator=gen)
+    t = torch.randint(0, T, (sizes[0],), generator=gen)
+    return torch.cat([noise[:s] for s in sizes]), torch.cat([t[:s] for s in sizes])
+
+
 @dataclass
 class FinetuneResult:
     steps: int
@@ -337,8 +348,8 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
                       accelerator=None, log=None, progress: bool = True) -> FinetuneResult:
     """Train δ with the base frozen (module docstring) and write it to out_dir via save_pretrained.
 
-    images: float [N,C,H,W] in [-1,1]; W: [N,K]. cfg keys: steps, batch_size, lr, lam, balanced, label_dropout,
-    checkpoint_every. With null_class set, class labels are replaced by it with probability label_dropout, so δ
+    images: float [N,C,H,W] in [-1,1]; W: [N,K]. cfg keys: steps, batch_size, lr, lam, balanced, paired (optional,
+    `paired_draws`), label_dropout, checkpoint_every. With null_class set, class labels are replaced by it with probability label_dropout, so δ
     also learns the unconditional branch used by classifier-free guidance.
     """
     from accelerate import Accelerator
@@ -378,8 +389,11 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
         # the same global batch on every process, each keeps its slice (as in train_diffusion)
         idx = balanced_indices(W_t, batch, gen) if cfg["balanced"] else torch.randint(0, len(images), (batch,),
                                                                                          generator=gen)
-        noise = torch.randn((batch, *images.shape[1:]), generator=gen)
-        t = torch.randint(0, T, (batch,), generator=gen)
+        if cfg["balanced"] and cfg.get("paired", False):
+            noise, t = paired_draws(W.shape[1], batch, images.shape[1:], T, gen)
+        else:
+            noise = torch.randn((batch, *images.shape[1:]), generator=gen)
+            t = torch.randint(0, T, (batch,), generator=gen)
         drop = torch.rand(batch, generator=gen) < cfg["label_dropout"]
         sl = slice(rank, None, world)
         idx, noise, t, drop = idx[sl], noise[sl], t[sl], drop[sl]
