@@ -349,8 +349,8 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
     """Train δ with the base frozen (module docstring) and write it to out_dir via save_pretrained.
 
     images: float [N,C,H,W] in [-1,1]; W: [N,K]. cfg keys: steps, batch_size, lr, lam, balanced, paired (optional,
-    `paired_draws`), label_dropout, checkpoint_every. With null_class set, class labels are replaced by it with probability label_dropout, so δ
-    also learns the unconditional branch used by classifier-free guidance.
+    `paired_draws`), label_dropout, checkpoint_every. With null_class set, class labels are replaced by it with
+    probability label_dropout, so δ also learns the unconditional branch used by classifier-free guidance.
     """
     from accelerate import Accelerator
 
