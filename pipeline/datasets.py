@@ -15,6 +15,7 @@ attribute equals its class's aligned value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +71,15 @@ def read_table(path: Path, required: dict[str, str]) -> pd.DataFrame:
     return frame
 
 
-def encode(values: pd.Series, declared: dict[str, object], path: Path, column: str):
-    """Map each string of `values` through `declared`; the first value outside it is a UserError naming its line."""
+def encode(values: pd.Series, declared: dict[str, object], path: Path, column: str, first_line: int = 2):
+    """Map each string of `values` through `declared`; the first value outside it is a UserError naming its
+    line (`first_line`: the file line of values[0], 2 for a CSV under its header)."""
     stripped = values.str.strip()
     bad = ~stripped.isin(list(declared))
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise UserError(f"{path}: line {row + 2}: {column} {values.iloc[row]!r} is not one of the declared values "
+        raise UserError(f"{path}: line {row + first_line}: {column} {values.iloc[row]!r} is not one of the declared "
+                        "values "
                         f"{list(declared)}")
     return stripped.map(declared).to_numpy()
 
@@ -149,8 +152,8 @@ def read_celeba(root: Path, target_attr: str, bias_attr: str) -> RawDataset:
         values.append((parts[cols[0]], parts[cols[1]]))
     values = np.array(values)
     sign = {"-1": 0, "1": 1}
-    y = encode(pd.Series(values[:, 0]), sign, attr_path, target_attr)
-    b = encode(pd.Series(values[:, 1]), sign, attr_path, bias_attr)
+    y = encode(pd.Series(values[:, 0]), sign, attr_path, target_attr, first_line=3)
+    b = encode(pd.Series(values[:, 1]), sign, attr_path, bias_attr, first_line=3)
     partition = {}
     for i, line in enumerate(_read_lines(part_path)):
         parts = line.split()
@@ -169,6 +172,10 @@ def read_fairface(root: Path, target_attr: str, bias_attr: str, class_names, att
     `file` relative to root (train/1.jpg). Class and attribute are columns whose labels must lie in the declared
     lists (default: FairFace's published sets). Train → train; val is split in two at random (seeded): the first
     half the judge split, the rest the test split."""
+    tables = {}
+    for name in ("fairface_label_train.csv", "fairface_label_val.csv"):
+        tables[name] = read_table(root / name, {"file": "FairFace labels", target_attr: "data.target_attr",
+                                                bias_attr: "data.bias_attr"})
     declared = {}
     for key, column, names in (("data.class_names", target_attr, class_names),
                                ("data.attr_names", bias_attr, attr_names)):
@@ -178,9 +185,7 @@ def read_fairface(root: Path, target_attr: str, bias_attr: str, class_names, att
         declared[column] = tuple(names)
     frames = []
     for name, split in (("fairface_label_train.csv", "train"), ("fairface_label_val.csv", "val")):
-        path = root / name
-        df = read_table(path, {"file": "FairFace labels", target_attr: "data.target_attr",
-                               bias_attr: "data.bias_attr"})
+        path, df = root / name, tables[name]
         y = encode(df[target_attr], {v: i for i, v in enumerate(declared[target_attr])}, path, target_attr)
         b = encode(df[bias_attr], {v: i for i, v in enumerate(declared[bias_attr])}, path, bias_attr)
         if split == "val":
@@ -313,12 +318,25 @@ def _ratio_counts(ratio: float, n_aligned: int, n_conflicting: int) -> int:
     return n
 
 
+def _exact_size(n: int, ratio: float) -> int:
+    """The size n' in (n − q, n] whose round(ratio·n')/n' is closest to ratio (ties → the larger), q being the
+    denominator of ratio as a fraction (denominator ≤ 100): exactness costs fewer than q images."""
+    q = Fraction(ratio).limit_denominator(100).denominator
+    best = n
+    for m in range(n - 1, max(n - q, 0), -1):
+        if abs(round(ratio * m) / m - ratio) < abs(round(ratio * best) / best - ratio) - 1e-12:
+            best = m
+    return best
+
+
 def rebalance(classes: np.ndarray, bias: np.ndarray, aligned: tuple[int, ...], num_attrs: int, ratio: float,
               n_max: int, rng: np.random.Generator, class_names=None) -> np.ndarray:
     """Indices (sorted) of a subset where, per class y, exactly round(ρ·n_y) images carry the aligned value
     aligned[y] and the other n_y − round(ρ·n_y) are spread as evenly as possible over the other values.
-    n_y is the largest the class's images allow at ratio ρ, then all n_y are scaled down together (largest
-    remainder) so that Σ n_y ≤ n_max. A class that cannot contribute both kinds of image is a UserError."""
+    n_y is the largest the class's images allow at ratio ρ, all n_y are scaled down together (largest
+    remainder) so that Σ n_y ≤ n_max, then each is lowered by less than q (ρ's denominator) where that makes
+    ρ·n_y whole, so the ratio is hit exactly where possible. A class that cannot contribute both kinds of
+    image is a UserError."""
     names = class_names or [str(c) for c in range(len(aligned))]
     pools = []
     for y in range(len(aligned)):
@@ -332,6 +350,7 @@ def rebalance(classes: np.ndarray, bias: np.ndarray, aligned: tuple[int, ...], n
         scaled = np.floor(exact).astype(np.int64)
         scaled[np.argsort(scaled - exact, kind="stable")[: n_max - scaled.sum()]] += 1
         sizes = scaled
+    sizes = [_exact_size(int(n), ratio) for n in sizes]
     chosen = []
     for y, ((al, conf, _), n) in enumerate(zip(pools, sizes, strict=True)):
         n_al = round(ratio * n)
