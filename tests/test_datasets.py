@@ -3,6 +3,7 @@ layouts fail with one line naming the file or key; re-balancing hits the ratio; 
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -473,7 +474,6 @@ def test_load_meta_defaults_to_coloured_mnist_and_rejects_bad_files(tmp_path):
 def test_prepare_data_stage_exits_2_with_one_line(tmp_path):
     import subprocess
     import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     write_folder(tmp_path / "ds", folder_rows(16))
@@ -505,3 +505,52 @@ def test_write_image_helper_round_trip(tmp_path):
     """The fixture writer's flat colours survive JPEG within the tolerance the adapter tests use."""
     write_image(tmp_path / "a.jpg", (190, 40, 90))
     assert np.abs(load_image(tmp_path / "a.jpg", 8).astype(int) - [190, 40, 90]).max() <= 6
+
+
+@pytest.mark.parametrize("name", ["waterbirds", "celeba", "fairface"])
+def test_dataset_profiles_validate_and_spell_out_every_key(name):
+    import yaml
+
+    from pipeline.config import Params, load_params
+
+    root = Path(__file__).resolve().parents[1]
+    params = load_params(root / f"params_{name}.yaml")
+    assert params.data.format == name and params.classifiers.arch == "resnet"
+    raw = yaml.safe_load((root / f"params_{name}.yaml").read_text())
+    assert set(raw) == set(Params.model_fields)
+    assert set(raw["data"]) == set(type(params.data).model_fields)
+
+
+def test_prepare_data_and_train_classifiers_stages_on_a_folder(tmp_path, monkeypatch, one_thread):
+    """Both stages end to end (MLflow in a temp SQLite): a resnet target judge trained on the folder's classes,
+    a user-supplied attribute judge adopted byte for byte, label names recorded in the trained judge."""
+    import yaml
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import stages.prepare_data
+    import stages.train_classifiers
+    from pipeline.judges import ResNetJudge
+
+    write_folder(tmp_path / "ds", folder_rows(48))
+    net = ResNetJudge(2, width=4, blocks=[1])
+    header = {"config": net.config, "input": {"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3},
+              "labels": ["indoor", "outdoor"]}
+    save_file(net.state_dict(), str(tmp_path / "user.safetensors"), metadata={"judge": json.dumps(header)})
+    raw = {"data": {"format": "folder", "source": str(tmp_path / "ds"), "resolution": 8},
+           "classifiers": {"arch": "resnet", "blocks": [1], "width": 4, "epochs": 8, "batch_size": 8, "lr": 0.01,
+                           "attribute_judge": str(tmp_path / "user.safetensors")}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    stages.prepare_data.main()
+    assert (tmp_path / "data/prepared/meta.json").is_file()
+    stages.train_classifiers.main()
+    judges = tmp_path / "data/judges"
+    assert (judges / "colour.safetensors").read_bytes() == (tmp_path / "user.safetensors").read_bytes()
+    with safe_open(str(judges / "digit.safetensors"), framework="pt") as f:
+        saved = json.loads(f.metadata()["judge"])
+    assert saved["config"]["arch"] == "resnet" and saved["labels"] == ["cat", "dog"]
+    metrics = json.loads((tmp_path / "data/metrics/train_classifiers.json").read_text())
+    assert metrics["digit_test_accuracy"] == 1.0  # classes are flat red / not-red images
+    assert 0.0 <= metrics["colour_test_accuracy"] <= 1.0
