@@ -30,18 +30,19 @@ def main() -> None:
     metrics = {}
     with mlflow_run("train_classifiers", params, ("classifiers",)) as run:
         for offset, (name, (field, user_key)) in enumerate(JUDGES.items()):
-            k, dest = len(names[field]), OUT / f"{name}.safetensors"
-            if getattr(p, user_key):
-                judge = adopt_judge(getattr(p, user_key), k, dest, f"classifiers.{user_key}").to(dev)
+            k, dest, user = len(names[field]), OUT / f"{name}.safetensors", getattr(p, user_key)
+            if user:
+                judge = adopt_judge(user, k, dest, f"classifiers.{user_key}").to(dev)
             else:
                 judge = train_judge(x_train, torch.from_numpy(getattr(train, field)), k, width=p.width,
                                     epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=params.seed + offset,
                                     device=str(dev), desc=f"judge:{name}", ckpt_dir=CKPT / name,
                                     arch=p.arch, blocks=p.blocks)
-                labels = None if meta.format == "mnist" else names[field]
-                save_judge(judge.cpu(), dest, {"attribute": name}, labels=labels)
             pred, _ = judge_outputs(judge, x_test)
             metrics[f"{name}_test_accuracy"] = float(np.mean(pred == getattr(test, field)))
+            if not user:
+                labels = None if meta.format == "mnist" else names[field]
+                save_judge(judge.cpu(), dest, {"attribute": name}, labels=labels)
         run.metrics(metrics)
     save_json("data/metrics/train_classifiers.json", metrics)
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
