@@ -27,11 +27,38 @@ class DataParams(_Section):
     n_judge: int = Field(20000, ge=10)
     n_train: int = Field(40000, ge=10)
     n_test: int = Field(10000, ge=10)
+    # real-world datasets (pipeline/datasets.py): source is then the dataset's root directory, n_* are caps
+    format: Literal["mnist", "waterbirds", "celeba", "fairface", "folder"] = "mnist"
+    target_attr: str | None = None
+    bias_attr: str | None = None
+    class_names: tuple[str, ...] | None = None
+    attr_names: tuple[str, ...] | None = None
+    aligned: tuple[int, ...] | None = None
+    rebalance: bool = False
 
     @model_validator(mode="after")
     def _fits_mnist(self):
         if self.source == "mnist" and self.n_judge + self.n_train > 60000:
             raise ValueError(f"n_judge + n_train must be <= 60000 for MNIST, got {self.n_judge + self.n_train}")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_format(self):
+        fmt = self.format
+        named = {"target_attr": ("celeba", "fairface", "folder"), "bias_attr": ("celeba", "fairface", "folder"),
+                 "class_names": ("fairface", "folder"), "attr_names": ("fairface", "folder"),
+                 "aligned": ("waterbirds", "celeba", "fairface", "folder")}
+        for key, formats in named.items():
+            if getattr(self, key) is not None and fmt not in formats:
+                raise ValueError(f"{key} applies to format {' / '.join(formats)} only, not {fmt}")
+        if self.rebalance and fmt == "mnist":
+            raise ValueError("rebalance applies to the real-data formats (Coloured MNIST is built at bias_ratio)")
+        if fmt != "mnist" and self.source == "mnist":
+            raise ValueError(f"source must be the {fmt} dataset's root directory when format is {fmt}")
+        for key in ("class_names", "attr_names"):
+            names = getattr(self, key)
+            if names is not None and (not names or len(set(names)) != len(names)):
+                raise ValueError(f"{key} must list distinct labels, got {list(names)}")
         return self
 
 
@@ -40,6 +67,16 @@ class ClassifierParams(_Section):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     width: int = Field(32, ge=4)
+    arch: Literal["cnn", "resnet"] = "cnn"
+    blocks: tuple[int, ...] = (1, 1, 1)
+    attribute_judge: str | None = None
+    target_judge: str | None = None
+
+    @model_validator(mode="after")
+    def _blocks(self):
+        if not 1 <= len(self.blocks) <= 5 or min(self.blocks) < 1:
+            raise ValueError(f"blocks must list 1 to 5 stage depths, each >= 1, got {list(self.blocks)}")
+        return self
 
 
 class DiffusionParams(_Section):

@@ -235,3 +235,47 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """float NCHW in [-1, 1] -> uint8 NHWC."""
     return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ---------------------------------------------------------------- what the prepared data is about
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """Label names and the class → aligned-attribute map of a prepared dataset (data/prepared/meta.json)."""
+
+    format: str
+    class_names: tuple[str, ...]
+    attr_names: tuple[str, ...]
+    aligned: tuple[int, ...]  # aligned[y]: the attribute value that is bias-aligned for class y
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attr_names)
+
+
+MNIST_META = DatasetMeta("mnist", tuple(str(d) for d in range(NUM_CLASSES)),
+                         tuple(f"colour {k}" for k in range(NUM_COLOURS)), tuple(range(NUM_CLASSES)))
+
+
+def load_meta(data_dir: str | Path) -> DatasetMeta:
+    """The prepared data's meta.json; Coloured MNIST writes none (its outputs stay byte-identical to earlier
+    releases), so a directory without one is Coloured MNIST: ten digits, ten colours, digit y ↔ colour y."""
+    from pipeline.io import load_json
+
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        return MNIST_META
+    raw = load_json(path)
+    try:
+        meta = DatasetMeta(str(raw["format"]), tuple(raw["class_names"]), tuple(raw["attr_names"]),
+                           tuple(int(a) for a in raw["aligned"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: not a prepared-data meta file ({type(exc).__name__}: {exc})") from None
+    if len(meta.aligned) != meta.num_classes or not all(0 <= a < meta.num_attributes for a in meta.aligned):
+        raise UserError(f"{path}: aligned must hold one attribute index per class")
+    return meta

@@ -41,41 +41,47 @@ class Judge(nn.Module):
         return self.head(self.body(x))
 
 
-def save_judge(judge: Judge, path: str | Path, extra: dict | None = None) -> None:
+def save_judge(judge: Judge, path: str | Path, extra: dict | None = None, labels: list[str] | None = None) -> None:
+    """One safetensors file; metadata "judge" = {"config", "extra"[, "labels"]} (format: pipeline/judges.py)."""
     from safetensors.torch import save_file
 
     from pipeline.io import atomic_path
 
     # One metadata key: safetensors writes its metadata map in hash order, so several keys would make the
     # file's bytes (and DVC's hash of it) differ from run to run.
-    meta = {"judge": json.dumps({"config": judge.config, "extra": extra or {}}, sort_keys=True)}
+    header = {"config": judge.config, "extra": extra or {}, **({"labels": list(labels)} if labels else {})}
+    meta = {"judge": json.dumps(header, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp), metadata=meta)
 
 
 def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
-    """Load a judge; a missing, truncated or foreign file raises UserError naming the path."""
+    """Load a judge (any architecture of pipeline.judges, with its declared input convention, if any);
+    a missing, truncated or foreign file raises UserError naming the path."""
     from safetensors import safe_open
+
+    from pipeline.judges import judge_from_header
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: judge checkpoint not found (run `dvc repro train_classifiers`)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            config = json.loads(f.metadata()["judge"])["config"]
+            header = json.loads((f.metadata() or {})["judge"])
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        judge = Judge(**config)
-        judge.load_state_dict(state)
+        judge = judge_from_header(header, state)
     except Exception as exc:
-        raise UserError(f"{path}: not a valid judge checkpoint ({type(exc).__name__}: {exc})") from None
+        msg = " ".join(str(exc).split())
+        raise UserError(f"{path}: not a valid judge checkpoint ({type(exc).__name__}: {msg})") from None
     return judge.to(device).eval()
 
 
 def train_judge(images: torch.Tensor, targets: torch.Tensor, num_outputs: int, *, width: int, epochs: int,
                 batch_size: int, lr: float, seed: int, device: str = "cpu", desc: str = "judge",
-                ckpt_dir: Path | None = None) -> Judge:
+                ckpt_dir: Path | None = None, arch: str = "cnn", blocks=(1, 1, 1)) -> Judge:
     """Cross-entropy training with Adam and a one-cycle schedule; batches drawn from a generator seeded by
-    `seed`. With `ckpt_dir`, a checkpoint after every epoch, and a re-run resumes from the latest."""
+    `seed`. With `ckpt_dir`, a checkpoint after every epoch, and a re-run resumes from the latest.
+    `arch`: "cnn" (Judge) or "resnet" (pipeline.judges.ResNetJudge with `blocks` per stage)."""
     from pipeline.checkpoints import (
         check_finite,
         config_fingerprint,
@@ -84,16 +90,18 @@ def train_judge(images: torch.Tensor, targets: torch.Tensor, num_outputs: int, *
         save_checkpoint,
         tensor_digest,
     )
+    from pipeline.judges import ResNetJudge
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    judge = Judge(num_outputs, width).to(device)
+    judge = (Judge(num_outputs, width) if arch == "cnn" else ResNetJudge(num_outputs, width, blocks)).to(device)
     opt = torch.optim.Adam(judge.parameters(), lr=lr)
     per_epoch = (len(images) + batch_size - 1) // batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * per_epoch)
     fingerprint = config_fingerprint({"outputs": num_outputs, "width": width, "batch_size": batch_size, "lr": lr,
                                       "seed": seed, "schedule": epochs * per_epoch,
-                                      "data": tensor_digest(images, targets)})
+                                      "data": tensor_digest(images, targets),
+                                      **({} if arch == "cnn" else {"arch": judge.config})})
     start = 0
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)  # exists even when no epoch is checkpointed (a DVC output)

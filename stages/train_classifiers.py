@@ -1,17 +1,20 @@
-"""train_classifiers: the judges — a colour (bias attribute) and a digit (target) classifier — on the balanced split."""
+"""train_classifiers: the judges — the bias-attribute judge (colour.safetensors) and the target judge
+(digit.safetensors) — trained on the judge split, or user-supplied files (classifiers.*_judge) adopted."""
 
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.data import NUM_CLASSES, NUM_COLOURS, load_split, to_tensor
+from pipeline.data import load_meta, load_split, to_tensor
 from pipeline.io import save_json
+from pipeline.judges import adopt_judge
 from pipeline.models import judge_outputs, save_judge, train_judge
 from stages.common import device, load_params, mlflow_run, stage_main
 
 PREPARED, OUT, CKPT = Path("data/prepared"), Path("data/judges"), Path("data/checkpoints/classifiers")
-JUDGES = {"colour": ("bias", NUM_COLOURS), "digit": ("classes", NUM_CLASSES)}
+# file name → (labels field of the split, params key of a user-supplied file); file names kept from Coloured MNIST
+JUDGES = {"colour": ("bias", "attribute_judge"), "digit": ("classes", "target_judge")}
 
 
 @stage_main
@@ -19,18 +22,27 @@ def main() -> None:
     params = load_params()
     p = params.classifiers
     dev = device()
+    meta = load_meta(PREPARED)
+    names = {"bias": meta.attr_names, "classes": meta.class_names}
     train = load_split(PREPARED, "judge", with_bias=True)
     test = load_split(PREPARED, "test", with_bias=True)
     x_train, x_test = to_tensor(train.images), to_tensor(test.images)
     metrics = {}
     with mlflow_run("train_classifiers", params, ("classifiers",)) as run:
-        for offset, (name, (field, k)) in enumerate(JUDGES.items()):
-            judge = train_judge(x_train, torch.from_numpy(getattr(train, field)), k, width=p.width,
-                                epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=params.seed + offset,
-                                device=str(dev), desc=f"judge:{name}", ckpt_dir=CKPT / name)
+        for offset, (name, (field, user_key)) in enumerate(JUDGES.items()):
+            k, dest, user = len(names[field]), OUT / f"{name}.safetensors", getattr(p, user_key)
+            if user:
+                judge = adopt_judge(user, k, dest, f"classifiers.{user_key}").to(dev)
+            else:
+                judge = train_judge(x_train, torch.from_numpy(getattr(train, field)), k, width=p.width,
+                                    epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=params.seed + offset,
+                                    device=str(dev), desc=f"judge:{name}", ckpt_dir=CKPT / name,
+                                    arch=p.arch, blocks=p.blocks)
             pred, _ = judge_outputs(judge, x_test)
             metrics[f"{name}_test_accuracy"] = float(np.mean(pred == getattr(test, field)))
-            save_judge(judge.cpu(), OUT / f"{name}.safetensors", {"attribute": name})
+            if not user:
+                labels = None if meta.format == "mnist" else names[field]
+                save_judge(judge.cpu(), dest, {"attribute": name}, labels=labels)
         run.metrics(metrics)
     save_json("data/metrics/train_classifiers.json", metrics)
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
