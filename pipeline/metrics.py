@@ -27,6 +27,15 @@ def _counts(attr_pred, cond, num_attr):
     return ys, counts.reshape(len(ys), num_attr).astype(np.float64)
 
 
+def _bias_per_row(c: np.ndarray) -> np.ndarray:
+    """bias of each row of counts c [M, K]: Σ_{i<j} |c_i − c_j| / Σ_i c_i / (K(K−1)/2)."""
+    K = c.shape[1]
+    # for ascending c_(0) ≤ … ≤ c_(K−1): Σ_{i<j} |c_i − c_j| = Σ_i (2i − K + 1) c_(i)  (c_(i) is larger than i
+    # values and smaller than K−1−i), which avoids the O(K²) double loop
+    pair_sum = np.sort(c, axis=1) @ (2 * np.arange(K) - K + 1)
+    return pair_sum / c.sum(1) / (K * (K - 1) / 2)
+
+
 def bias_score(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int) -> dict:
     """InvDiff bias score. For each condition y with attribute counts c_1..c_K (K = num_attr):
         bias_y = Σ_{i<j} |c_i − c_j| / Σ_i c_i / (K(K−1)/2)
@@ -36,10 +45,7 @@ def bias_score(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int) -> dict:
     if K < 2:
         raise ValueError("bias_score needs num_attr >= 2")
     ys, c = _counts(attr_pred, cond, K)
-    # for ascending c_(0) ≤ … ≤ c_(K−1): Σ_{i<j} |c_i − c_j| = Σ_i (2i − K + 1) c_(i)  (c_(i) is larger than i
-    # values and smaller than K−1−i), which avoids the O(K²) double loop
-    pair_sum = np.sort(c, axis=1) @ (2 * np.arange(K) - K + 1)
-    per = pair_sum / c.sum(1) / (K * (K - 1) / 2)
+    per = _bias_per_row(c)
     mean = float(per.mean())
     return {"bias_score": mean, "bias_score_normalised": mean / (2 / K),
             "per_class": {int(y): float(b) for y, b in zip(ys, per, strict=True)}}
@@ -50,8 +56,7 @@ def uniform_bias_floor(n_per_condition: int, num_attr: int, *, draws: int = 4000
     over K values (Monte Carlo, `draws` conditions). A sampler with no bias at all scores this on average, not 0:
     at n = 100, K = 10 it is ≈ 0.18, so a score near it means "as uniform as n samples can show"."""
     counts = np.random.default_rng(seed).multinomial(n_per_condition, np.full(num_attr, 1.0 / num_attr), draws)
-    pair_sum = np.sort(counts, axis=1) @ (2 * np.arange(num_attr) - num_attr + 1)
-    return float((pair_sum / n_per_condition / (num_attr * (num_attr - 1) / 2)).mean() / (2 / num_attr))
+    return float(_bias_per_row(counts.astype(np.float64)).mean() / (2 / num_attr))
 
 
 def fairness_discrepancy(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int,

@@ -317,16 +317,20 @@ def group_loss(per_sample: torch.Tensor, W: torch.Tensor, lam: float) -> tuple[t
 
 def balanced_indices(W: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
     """batch/K indices per group k, drawn with replacement ∝ W_:k (remainder spread over the first groups)."""
-    K = W.shape[1]
-    sizes = [batch // K + (k < batch % K) for k in range(K)]
+    sizes = _group_sizes(batch, W.shape[1])
     return torch.cat([torch.multinomial(W[:, k], s, replacement=True, generator=gen) for k, s in enumerate(sizes)])
+
+
+def _group_sizes(batch: int, K: int) -> list[int]:
+    """batch/K per group, the remainder spread over the first groups (the layout of a balanced batch)."""
+    return [batch // K + (k < batch % K) for k in range(K)]
 
 
 def paired_draws(K: int, batch: int, shape, T: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(ε, t) for a group-balanced batch (layout of `balanced_indices`) where the j-th sample of every group gets
     the same timestep and noise. L_k − L_k' then compares the groups on identical (t, ε) draws: the spread of
     the loss over t (large) cancels from var_k L_k instead of swamping it; E[L_k] is unchanged."""
-    sizes = [batch // K + (k < batch % K) for k in range(K)]
+    sizes = _group_sizes(batch, K)
     noise = torch.randn((sizes[0], *shape), generator=gen)
     t = torch.randint(0, T, (sizes[0],), generator=gen)
     return torch.cat([noise[:s] for s in sizes]), torch.cat([t[:s] for s in sizes])
