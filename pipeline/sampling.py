@@ -15,6 +15,8 @@ One step, with w the guidance scale and ∅ the null class:
     (3) x_{t−1} = scheduler.step(f̃, t, x_t)        (DDIM with η, or DDPM ancestral)
 Seeding: sample i draws its initial noise and every per-step noise from its own generator seeded with
 seeds[i], so sample i is the same whatever the batch size or position.
+A hook whose edit couples samples (Distribution Guidance: a batch statistic) sets `batch_multiple`; batches are
+then a multiple of it (the batch size is rounded down, to at least one multiple), so no group is ever split.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class StepContext:
 
 class SamplerHooks:
     """Identity hooks. Subclasses override any subset."""
+
+    batch_multiple: int = 1  # batches hold whole blocks of this many consecutive samples
 
     def initial_noise(self, z: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return z
@@ -89,6 +93,7 @@ def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inferenc
     if hooks._overrides("mid_block"):
         handle = unet.mid_block.register_forward_hook(lambda m, i, o: hooks.mid_block(o, state["ctx"]))
     try:
+        batch_size = max(hooks.batch_multiple, batch_size // hooks.batch_multiple * hooks.batch_multiple)
         batches = range(0, len(cond_t), batch_size)
         total = len(batches) * num_inference_steps
         with tqdm(total=total, desc="sample", disable=not progress, leave=False) as bar:
