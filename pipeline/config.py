@@ -159,21 +159,23 @@ class ReportParams(_Section):
 
 class DistGuideParams(_Section):
     # fit_adp: h_t recorded while sampling the biased model, pseudo-labelled by the colour judge
-    fit_per_class: int = Field(200, ge=2)
+    fit_per_class: int = Field(150, ge=2)
+    h_module: str = "up_blocks.1"
+    pool: int = Field(1, ge=0)
     adp: Literal["auto", "linear", "mlp"] = "auto"
     hidden: int = Field(64, ge=4)
-    class_offset: bool = True
-    epochs: int = Field(30, ge=1)
-    lr: float = Field(0.003, gt=0)
+    class_offset: bool = False
+    epochs: int = Field(40, ge=1)
+    lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     holdout: float = Field(0.2, ge=0.0, lt=1.0)
     # guidance: h ← h − s·∇_h L at step indices in [steps[0], steps[1])
-    scale: float = Field(1.0, ge=0.0)
-    tau: float = Field(1.0, gt=0.0)
-    steps: tuple[int, int] = (0, 10)
+    scale: float = Field(1.0e5, ge=0.0)
+    tau: float = Field(5.0, gt=0.0)
+    steps: tuple[int, int] = (5, 25)
     batch_size: int = Field(100, ge=1)
     target: tuple[float, ...] | None = None
-    sweep_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    sweep_scales: tuple[float, ...] = (2.0e3, 6.0e3, 2.0e4)
     sweep_per_class: int = Field(20, ge=1)
 
     @field_validator("steps")

@@ -46,9 +46,9 @@ def recorded(unet, scheduler):
 
 
 def random_adp(recorded, kind="linear", seed=0, scale=1.0) -> ADP:
-    h, timesteps, _ = recorded
+    h, timesteps, shape = recorded
     torch.manual_seed(seed)
-    adp = ADP(kind, h.shape[2], K, h.shape[0], 10, timesteps=timesteps)
+    adp = ADP(kind, shape, K, h.shape[0], 10, timesteps=timesteps)
     with torch.no_grad():
         for p in adp.parameters():
             p.normal_(0, scale / np.sqrt(p.shape[-1]))
@@ -71,6 +71,31 @@ def test_recorder_sees_every_step_and_the_conditional_half_only(unet, scheduler,
     rec = RecordH()
     _run(unet, scheduler, np.repeat(np.arange(10), 2), rec, guidance_scale=2.0)
     assert rec.stacked().shape == h.shape  # the null-class half is not recorded
+
+
+def test_recorder_reads_the_configured_module_pooled(unet, scheduler):
+    rec = RecordH("up_blocks.0", pool=2)
+    _run(unet, scheduler, np.arange(10), rec)
+    c = rec.shape[0]
+    assert len(rec.shape) == 3 and rec.stacked().shape == (STEPS, 10, c * 2 * 2)
+    with pytest.raises(UserError, match="up_blocks.9"):
+        _run(unet, scheduler, np.arange(10), RecordH("up_blocks.9"))
+
+
+def test_pooled_adp_on_full_h_equals_the_adp_on_recorded_features(unet, scheduler):
+    rec = RecordH("up_blocks.1", pool=1)
+    full = RecordH("up_blocks.1")
+    cond = np.repeat(np.arange(10), 2)
+    _run(unet, scheduler, cond, rec)
+    _run(unet, scheduler, cond, full)
+    labels = np.arange(20) % K
+    adp, _ = train_adp(rec.stacked(), labels, cond, kind="linear", shape=rec.shape, num_attr=K, num_classes=10,
+                       timesteps=[0, 1, 2], module="up_blocks.1", pool=1, epochs=2, holdout=0, progress=False)
+    y = torch.as_tensor(cond)
+    with torch.no_grad():
+        torch.testing.assert_close(adp(torch.as_tensor(full.stacked()[1]), 1, y),
+                                   adp(torch.as_tensor(rec.stacked()[1]), 1, y, pooled=True))
+    assert DistributionGuidanceHooks(adp, None, scale=1.0).h_module == "up_blocks.1"
 
 
 # ------------------------------------------------------------------------------------------------ the hook
@@ -180,7 +205,7 @@ def _synthetic(num_steps=3, n=600, dim=20, seed=0, aligned=0.8):
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_adp_learns_separable_synthetic_data(kind):
     h, attr, cond = _synthetic()
-    model, acc = train_adp(h, attr, cond, kind=kind, num_attr=4, num_classes=4, timesteps=[900, 500, 100],
+    model, acc = train_adp(h, attr, cond, kind=kind, shape=(20, 1, 1), num_attr=4, num_classes=4, timesteps=[900, 500, 100],
                            hidden=32, epochs=40, lr=0.01, seed=0, progress=False)
     assert acc["accuracy"].shape == (3,)
     assert acc["accuracy"].min() > 0.95
@@ -189,7 +214,7 @@ def test_adp_learns_separable_synthetic_data(kind):
 
 def test_adp_training_is_seeded():
     h, attr, cond = _synthetic(n=200)
-    kw = dict(kind="linear", num_attr=4, num_classes=4, timesteps=[3, 2, 1], epochs=3, seed=5, progress=False)
+    kw = dict(kind="linear", shape=(20, 1, 1), num_attr=4, num_classes=4, timesteps=[3, 2, 1], epochs=3, seed=5, progress=False)
     a, _ = train_adp(h, attr, cond, **kw)
     b, _ = train_adp(h, attr, cond, **kw)
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
@@ -199,7 +224,7 @@ def test_adp_training_is_seeded():
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_adp_save_load_round_trip(tmp_path, kind):
     h, attr, cond = _synthetic(n=100)
-    model, _ = train_adp(h, attr, cond, kind=kind, num_attr=4, num_classes=4, timesteps=[3, 2, 1], epochs=2,
+    model, _ = train_adp(h, attr, cond, kind=kind, shape=(20, 1, 1), num_attr=4, num_classes=4, timesteps=[3, 2, 1], epochs=2,
                          seed=0, progress=False)
     save_adp(model, tmp_path / "adp.safetensors")
     loaded = load_adp(tmp_path / "adp.safetensors")

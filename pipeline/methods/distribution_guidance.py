@@ -36,10 +36,22 @@ from pipeline.errors import UserError
 from pipeline.sampling import SamplerHooks, StepContext
 
 
-class RecordH(SamplerHooks):
-    """Records h_t (mid-block output, conditional half, flattened) at every sampling step, and the timesteps."""
+def pool_h(h: torch.Tensor, pool: int) -> torch.Tensor:
+    """h [N, C, H, W] → [N, C·pool·pool]: average-pooled to pool×pool per channel (pool 0: flattened as is)."""
+    if not pool:
+        return h.flatten(1)
+    n, c, hh, ww = h.shape
+    if hh % pool or ww % pool:
+        raise UserError(f"distguide.pool: {pool} must divide h's spatial size {hh}x{ww}")
+    return h.reshape(n, c, pool, hh // pool, pool, ww // pool).mean(dim=(3, 5)).flatten(1)
 
-    def __init__(self):
+
+class RecordH(SamplerHooks):
+    """Records h_t (output of `module`, conditional half) at every sampling step as the probe's input features
+    (pool_h), and the timesteps."""
+
+    def __init__(self, module: str = "mid_block", pool: int = 0):
+        self.h_module, self.pool = module, pool
         self.records: dict[int, list[torch.Tensor]] = {}
         self.timesteps: dict[int, int] = {}
         self.shape: tuple[int, ...] | None = None
@@ -48,7 +60,7 @@ class RecordH(SamplerHooks):
         self.shape = tuple(h.shape[1:])
         self.timesteps[ctx.step_index] = ctx.timestep
         self.records.setdefault(ctx.step_index, []).append(
-            h[: len(ctx.sample_ids)].detach().flatten(1).float().cpu().clone())
+            pool_h(h[: len(ctx.sample_ids)].detach().float(), self.pool).cpu().clone())
         return h
 
     def stacked(self) -> np.ndarray:
@@ -59,15 +71,19 @@ class RecordH(SamplerHooks):
 class ADP(nn.Module):
     """Attribute Distribution Predictor over S sampling steps: logits [N, K] = forward(h [N, D], step, y [N])."""
 
-    def __init__(self, kind: str, in_dim: int, num_attr: int, num_steps: int, num_classes: int, *,
-                 hidden: int = 64, class_offset: bool = True, timesteps=()):
+    def __init__(self, kind: str, shape, num_attr: int, num_steps: int, num_classes: int, *,
+                 hidden: int = 64, class_offset: bool = True, pool: int = 0, timesteps=(), module: str = "mid_block"):
         super().__init__()
         if kind not in ("linear", "mlp"):
             raise UserError(f"distguide.adp: unknown kind {kind!r} (expected linear or mlp)")
-        self.config = {"kind": kind, "in_dim": in_dim, "num_attr": num_attr, "num_steps": num_steps,
-                       "num_classes": num_classes, "hidden": hidden, "class_offset": class_offset,
-                       "timesteps": [int(t) for t in timesteps]}
-        self.register_buffer("mean", torch.zeros(num_steps, in_dim))
+        shape = tuple(int(v) for v in shape)  # h's [C, H, W]
+        if pool and (shape[1] % pool or shape[2] % pool):
+            raise UserError(f"distguide.pool: {pool} must divide h's spatial size {shape[1]}x{shape[2]}")
+        in_dim = shape[0] * pool * pool if pool else int(np.prod(shape))
+        self.config = {"kind": kind, "shape": list(shape), "num_attr": num_attr, "num_steps": num_steps,
+                       "num_classes": num_classes, "hidden": hidden, "class_offset": class_offset, "pool": pool,
+                       "timesteps": [int(t) for t in timesteps], "module": module}
+        self.register_buffer("mean", torch.zeros(num_steps, in_dim))  # per-step standardisation of the features
         self.register_buffer("std", torch.ones(num_steps, in_dim))
         if kind == "linear":
             self.weight = nn.Parameter(torch.zeros(num_steps, num_attr, in_dim))
@@ -77,8 +93,12 @@ class ADP(nn.Module):
             self.net = nn.Sequential(nn.Linear(in_dim + 16, hidden), nn.SiLU(), nn.Linear(hidden, num_attr))
         self.offset = nn.Parameter(torch.zeros(num_steps, num_classes, num_attr), requires_grad=class_offset)
 
-    def forward(self, h: torch.Tensor, step: int, y: torch.Tensor) -> torch.Tensor:
-        x = (h - self.mean[step]) / self.std[step]
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """Flattened h [N, C·H·W] → the probe's input: as is, or average-pooled to pool×pool per channel."""
+        return pool_h(h.view(len(h), *self.config["shape"]), self.config["pool"])
+
+    def forward(self, h: torch.Tensor, step: int, y: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        x = ((h if pooled else self.features(h)) - self.mean[step]) / self.std[step]
         if self.config["kind"] == "linear":
             logits = x @ self.weight[step].T + self.bias[step]
         else:
@@ -88,29 +108,31 @@ class ADP(nn.Module):
             logits = logits + self.offset[step][y]
         return logits
 
-    def all_steps(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Logits [S, N, K] for h [S, N, D] recorded at every step."""
-        return torch.stack([self(h[s], s, y) for s in range(len(h))])
+    def all_steps(self, h: torch.Tensor, y: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        """Logits [S, N, K] for h [S, N, C·H·W] recorded at every step (or its `features`, with pooled)."""
+        return torch.stack([self(h[s], s, y, pooled) for s in range(len(h))])
 
 
-def train_adp(h: np.ndarray, attr: np.ndarray, cond: np.ndarray, *, kind: str, num_attr: int, num_classes: int,
-              timesteps, hidden: int = 64, class_offset: bool = True, epochs: int = 200, lr: float = 0.01,
+def train_adp(h: np.ndarray, attr: np.ndarray, cond: np.ndarray, *, kind: str, shape, num_attr: int,
+              num_classes: int, timesteps, module: str = "mid_block", hidden: int = 64, class_offset: bool = True,
+              pool: int = 0, epochs: int = 200, lr: float = 0.01,
               weight_decay: float = 1e-3, batch_size: int = 512, holdout: float = 0.2, seed: int = 0,
               progress: bool = True) -> tuple[ADP, dict]:
     """Fit the ADP by cross-entropy (AdamW, minibatches of samples, every step at once) on a (1 − holdout) split.
 
-    h [S, N, D] recorded at every step, attr [N] the judge's labels, cond [N] the classes. Returns the model and
+    h [S, N, F]: the probe's input features at every step (RecordH with the same `pool`; shape = h's [C, H, W]),
+    attr [N] the judge's labels, cond [N] the classes. Returns the model and
     {accuracy [S], minority_accuracy [S]} on the held-out split; `minority` = samples whose label is not the most
     frequent label of their class (read from the pseudo-labels alone), where a class-prior guess scores 0."""
     attr, cond = np.asarray(attr), np.asarray(cond)
-    num_steps, n, dim = h.shape
+    num_steps, n, _ = h.shape
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
     n_test = round(holdout * n)
     test, train = order[:n_test], order[n_test:]
     torch.manual_seed(seed)
-    model = ADP(kind, dim, num_attr, num_steps, num_classes, hidden=hidden, class_offset=class_offset,
-                timesteps=timesteps)
+    model = ADP(kind, shape, num_attr, num_steps, num_classes, hidden=hidden, class_offset=class_offset, pool=pool,
+                timesteps=timesteps, module=module)
     x = torch.as_tensor(h, dtype=torch.float32)
     a, y = torch.as_tensor(attr, dtype=torch.long), torch.as_tensor(cond, dtype=torch.long)
     model.mean.copy_(x[:, train].mean(1))
@@ -120,7 +142,7 @@ def train_adp(h: np.ndarray, attr: np.ndarray, cond: np.ndarray, *, kind: str, n
     train_t = torch.as_tensor(train)
     for _ in tqdm(range(epochs), desc=f"adp ({kind})", disable=not progress, leave=False):
         for idx in train_t[torch.randperm(len(train_t), generator=gen)].split(batch_size):
-            logits = model.all_steps(x[:, idx], y[idx])
+            logits = model.all_steps(x[:, idx], y[idx], pooled=True)
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), a[idx].repeat(num_steps))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -131,12 +153,12 @@ def train_adp(h: np.ndarray, attr: np.ndarray, cond: np.ndarray, *, kind: str, n
 
 @torch.no_grad()
 def adp_accuracy(model: ADP, h: np.ndarray, attr: np.ndarray, cond: np.ndarray, num_classes: int) -> dict:
-    """Per-step accuracy, and accuracy on the minority samples (label ≠ their class's most frequent label)."""
+    """Per-step accuracy from features h [S, N, F], and accuracy on the minority samples (label ≠ their class's most frequent label)."""
     if len(attr) == 0:
         nan = np.full(len(h), np.nan)
         return {"accuracy": nan, "minority_accuracy": nan}
-    pred = model.all_steps(torch.as_tensor(h, dtype=torch.float32),
-                           torch.as_tensor(cond, dtype=torch.long)).argmax(-1).numpy()
+    pred = model.all_steps(torch.as_tensor(h, dtype=torch.float32), torch.as_tensor(cond, dtype=torch.long),
+                           pooled=True).argmax(-1).numpy()
     majority = np.array([np.bincount(attr[cond == c]).argmax() if (cond == c).any() else -1
                          for c in range(num_classes)])
     minority = attr != majority[cond]
@@ -167,7 +189,7 @@ def load_adp(path: str | Path, device: str | torch.device = "cpu") -> ADP:
         with safe_open(str(path), framework="pt") as f:
             config = dict(json.loads(f.metadata()["adp"])["config"])
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        model = ADP(config.pop("kind"), config.pop("in_dim"), config.pop("num_attr"), config.pop("num_steps"),
+        model = ADP(config.pop("kind"), config.pop("shape"), config.pop("num_attr"), config.pop("num_steps"),
                     config.pop("num_classes"), **config)
         model.load_state_dict(state)
     except Exception as exc:
@@ -199,6 +221,7 @@ class DistributionGuidanceHooks(SamplerHooks):
         self.scale, self.tau = float(scale), float(tau)
         self.start, self.end = steps[0], steps[1]
         self.batch_multiple = int(group_size)
+        self.h_module = adp.config["module"]  # edit h where the ADP read it
 
     def active(self, ctx: StepContext) -> bool:
         end = ctx.num_steps if self.end is None else self.end
