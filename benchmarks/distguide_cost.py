@@ -1,7 +1,7 @@
 """Sampling cost of Distribution Guidance: images/s of the guided sampler against the plain sampler, same model,
 same batch, same seeds; prints the medians of a few repeats and their ratio (guided / plain).
 
-    python benchmarks/distguide_cost.py                       # the trained model and ADP under data/ (dvc repro fit_adp)
+    python benchmarks/distguide_cost.py          # the model and ADP under data/ (dvc repro fit_adp)
     python benchmarks/distguide_cost.py --repeats 5 --batch 200
 
 Uses the params.yaml knobs (sample.*, distguide.*); the guided run applies the hook at distguide.steps.

@@ -1,10 +1,11 @@
-"""fit_adp: Distribution Guidance's fit — record h_t (output of distguide.h_module) at every sampling step while sampling
-the biased model, label each sample by the colour judge on its final image (pseudo-labels), and train the Attribute
-Distribution Predictor ADP_t(h) → colour logits (pipeline/methods/distribution_guidance.py).
+"""fit_adp: Distribution Guidance's fit — record h_t (output of distguide.h_module) at every sampling step while
+sampling the biased model, label each sample by the colour judge on its final image (pseudo-labels), and train the
+Attribute Distribution Predictor ADP_t(h) → colour logits (pipeline/methods/distribution_guidance.py).
 
 distguide.adp: linear (one probe per step) | mlp (one step-conditioned MLP) | auto (fit both, keep the one with the
-higher mean held-out accuracy over the steps on the minority samples — label ≠ the class's most frequent label). Writes data/methods/distguide/{adp.safetensors, adp_accuracy.png,
-summary.json} and the per-step accuracy curve data/metrics/fit_adp.json (a DVC plot).
+higher mean held-out accuracy on the minority samples: label ≠ the class's most frequent label).
+Writes data/methods/distguide/{adp.safetensors, adp_accuracy.png, summary.json} and the per-step accuracy curve
+data/metrics/fit_adp.json (a DVC plot).
 """
 
 from pathlib import Path

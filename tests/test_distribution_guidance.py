@@ -182,7 +182,7 @@ def test_hook_moves_each_class_towards_the_target_and_leaves_the_null_half(recor
 
 
 def test_hook_refuses_an_adp_fitted_on_other_timesteps(recorded):
-    h_all, timesteps, shape = recorded
+    h_all, _, shape = recorded
     hooks = DistributionGuidanceHooks(random_adp(recorded), None, scale=1.0, steps=(0, STEPS), group_size=20)
     h = torch.as_tensor(h_all[0]).view(20, *shape)
     with pytest.raises(UserError, match="re-run fit_adp"):
@@ -205,7 +205,8 @@ def _synthetic(num_steps=3, n=600, dim=20, seed=0, aligned=0.8):
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_adp_learns_separable_synthetic_data(kind):
     h, attr, cond = _synthetic()
-    model, acc = train_adp(h, attr, cond, kind=kind, shape=(20, 1, 1), num_attr=4, num_classes=4, timesteps=[900, 500, 100],
+    _, acc = train_adp(h, attr, cond, kind=kind, shape=(20, 1, 1), num_attr=4, num_classes=4,
+                           timesteps=[900, 500, 100],
                            hidden=32, epochs=40, lr=0.01, seed=0, progress=False)
     assert acc["accuracy"].shape == (3,)
     assert acc["accuracy"].min() > 0.95
@@ -214,7 +215,8 @@ def test_adp_learns_separable_synthetic_data(kind):
 
 def test_adp_training_is_seeded():
     h, attr, cond = _synthetic(n=200)
-    kw = dict(kind="linear", shape=(20, 1, 1), num_attr=4, num_classes=4, timesteps=[3, 2, 1], epochs=3, seed=5, progress=False)
+    kw = dict(kind="linear", shape=(20, 1, 1), num_attr=4, num_classes=4, timesteps=[3, 2, 1], epochs=3, seed=5,
+              progress=False)
     a, _ = train_adp(h, attr, cond, **kw)
     b, _ = train_adp(h, attr, cond, **kw)
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
@@ -224,7 +226,8 @@ def test_adp_training_is_seeded():
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_adp_save_load_round_trip(tmp_path, kind):
     h, attr, cond = _synthetic(n=100)
-    model, _ = train_adp(h, attr, cond, kind=kind, shape=(20, 1, 1), num_attr=4, num_classes=4, timesteps=[3, 2, 1], epochs=2,
+    model, _ = train_adp(h, attr, cond, kind=kind, shape=(20, 1, 1), num_attr=4, num_classes=4, timesteps=[3, 2, 1],
+                         epochs=2,
                          seed=0, progress=False)
     save_adp(model, tmp_path / "adp.safetensors")
     loaded = load_adp(tmp_path / "adp.safetensors")

@@ -153,7 +153,8 @@ def train_adp(h: np.ndarray, attr: np.ndarray, cond: np.ndarray, *, kind: str, s
 
 @torch.no_grad()
 def adp_accuracy(model: ADP, h: np.ndarray, attr: np.ndarray, cond: np.ndarray, num_classes: int) -> dict:
-    """Per-step accuracy from features h [S, N, F], and accuracy on the minority samples (label ≠ their class's most frequent label)."""
+    """Per-step accuracy from features h [S, N, F], and accuracy on the minority samples (label ≠ their class's
+    most frequent label)."""
     if len(attr) == 0:
         nan = np.full(len(h), np.nan)
         return {"accuracy": nan, "minority_accuracy": nan}
