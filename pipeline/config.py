@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
 
@@ -197,6 +197,41 @@ class ReportParams(_Section):
     grid_per_class: int = Field(10, ge=1, le=64)
 
 
+class DistGuideParams(_Section):
+    # fit_adp: h_t recorded while sampling the biased model, pseudo-labelled by the colour judge
+    fit_per_class: int = Field(150, ge=2)
+    h_module: str = "up_blocks.1"
+    pool: int = Field(1, ge=0)
+    adp: Literal["auto", "linear", "mlp"] = "auto"
+    hidden: int = Field(64, ge=4)
+    class_offset: bool = False
+    epochs: int = Field(40, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    holdout: float = Field(0.2, ge=0.0, lt=1.0)
+    # guidance: h ← h − s·∇_h L at step indices in [steps[0], steps[1])
+    scale: float = Field(1.0e5, ge=0.0)
+    tau: float = Field(5.0, gt=0.0)
+    steps: tuple[int, int] = (5, 25)
+    batch_size: int = Field(100, ge=1)
+    target: tuple[float, ...] | None = None
+    sweep_scales: tuple[float, ...] = (2.0e3, 6.0e3, 2.0e4)
+    sweep_per_class: int = Field(20, ge=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _step_range(cls, v):
+        if not 0 <= v[0] < v[1]:
+            raise ValueError("must be [start, end) with 0 <= start < end")
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _distribution(cls, v):
+        if v is not None and (min(v) <= 0 or abs(sum(v) - 1.0) > 1e-6):
+            raise ValueError("must have every entry > 0 and sum to 1")
+        return v
+
 class MlflowParams(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "debias-diffusion"
@@ -211,6 +246,7 @@ class Params(_Section):
     score: ScoreParams = ScoreParams()
     latentdir: LatentDirParams = LatentDirParams()
     invdiff: InvDiffParams = InvDiffParams()
+    distguide: DistGuideParams = DistGuideParams()
     report: ReportParams = ReportParams()
     mlflow: MlflowParams = MlflowParams()
 

@@ -4,6 +4,7 @@ Methods never copy this loop; they subclass `SamplerHooks` (guided-diffusion's c
 override what they need:
     initial_noise(z_T, ctx)          z_T ← f(z_T)            e.g. Latent Directions: z_T + w·d_a
     mid_block(h, ctx)                h ← f(h)                e.g. Distribution Guidance: h − s·∇_h L
+                                     (h: output of the U-Net submodule `h_module`, the mid block by default)
     model_output(out, x_t, ctx)      f_θ ← f(f_θ)            e.g. InvDiff: mix of f_θ and δ
 `model_output` sees the U-Net's raw output in its own parameterisation (ε or v), on the full batch fed
 to the U-Net (conditional and, with guidance, unconditional halves; ctx.labels tells which is which),
@@ -15,6 +16,8 @@ One step, with w the guidance scale and ∅ the null class:
     (3) x_{t−1} = scheduler.step(f̃, t, x_t)        (DDIM with η, or DDPM ancestral)
 Seeding: sample i draws its initial noise and every per-step noise from its own generator seeded with
 seeds[i], so sample i is the same whatever the batch size or position.
+A hook whose edit couples samples (Distribution Guidance: a batch statistic) sets `batch_multiple`; batches are
+then a multiple of it (the batch size is rounded down, to at least one multiple), so no group is ever split.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from pipeline.errors import UserError
 
 
 @dataclass
@@ -41,6 +46,9 @@ class StepContext:
 
 class SamplerHooks:
     """Identity hooks. Subclasses override any subset."""
+
+    batch_multiple: int = 1  # batches hold whole blocks of this many consecutive samples
+    h_module: str = "mid_block"  # the U-Net submodule whose output mid_block() sees and edits (h-space)
 
     def initial_noise(self, z: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return z
@@ -87,8 +95,13 @@ def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inferenc
     state: dict = {}
     handle = None
     if hooks._overrides("mid_block"):
-        handle = unet.mid_block.register_forward_hook(lambda m, i, o: hooks.mid_block(o, state["ctx"]))
+        try:
+            module = unet.get_submodule(hooks.h_module)
+        except AttributeError:
+            raise UserError(f"h_module {hooks.h_module!r}: the U-Net has no such submodule") from None
+        handle = module.register_forward_hook(lambda m, i, o: hooks.mid_block(o, state["ctx"]))
     try:
+        batch_size = max(hooks.batch_multiple, batch_size // hooks.batch_multiple * hooks.batch_multiple)
         batches = range(0, len(cond_t), batch_size)
         total = len(batches) * num_inference_steps
         with tqdm(total=total, desc="sample", disable=not progress, leave=False) as bar:

@@ -46,6 +46,17 @@ def main() -> None:
                 f"Latent Directions: z_T + w·d with w = {p.weight:g}, directions fitted on x_t at step "
                 f"{p.source_step} (SVM on {p.pool}×{p.pool}-pooled latents). Held-out SVM accuracy per step:", "",
                 "![SVM accuracy per step](latentdir_svm_accuracy.png)", ""]
+        adp_png = METHODS / "distguide" / "adp_accuracy.png"
+        if "distguide" in methods and adp_png.is_file():
+            shutil.copy(adp_png, tmp / "distguide_adp_accuracy.png")
+            p, fitted = params.distguide, load_json(METHODS / "distguide" / "summary.json")
+            extras["distguide"] = [
+                f"Distribution Guidance: h ← h − s·∇_h L at steps [{p.steps[0]}, {p.steps[1]}) with s = {p.scale:g}, "
+                f"τ = {p.tau:g}, L = Σ_k (p̂_k − p*_k)² / p*_k over each class's samples in guidance batches of "
+                f"{p.batch_size}; p* {'uniform' if p.target is None else list(p.target)}. ADP: {fitted['chosen']} "
+                f"(mean held-out accuracy {fitted[fitted['chosen'] + '_mean_accuracy']:.3f}), fitted on "
+                "colour-judge pseudo-labels. Held-out accuracy per step:", "",
+                "![ADP accuracy per step](distguide_adp_accuracy.png)", ""]
         grouper = Path("data/metrics/fit_grouper.json")
         if "invdiff" in methods and grouper.is_file():
             shutil.copy(METHODS / "invdiff_groups" / "discovery.png", tmp / "invdiff_discovery.png")

@@ -13,6 +13,7 @@ import pandas as pd
 from pipeline.data import NUM_CLASSES, to_uint8
 from pipeline.diffusion import load_diffusion
 from pipeline.io import atomic_path, save_npz
+from pipeline.methods.distribution_guidance import distribution_guidance_hooks
 from pipeline.methods.invdiff import InvDiffHooks, load_delta
 from pipeline.methods.latent_directions import latent_direction_hooks
 from pipeline.models import null_class
@@ -21,7 +22,7 @@ from stages.common import Params, UserError, device, load_params, mlflow_run, st
 
 MODEL = Path("data/models/diffusion")
 INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
-METHODS = ("baseline", "latentdir", *INVDIFF)
+METHODS = ("baseline", "latentdir", *INVDIFF, "distguide")
 
 
 def hooks_for(method: str, params: Params, cond: np.ndarray, dev="cpu") -> tuple[SamplerHooks, dict]:
@@ -37,6 +38,11 @@ def hooks_for(method: str, params: Params, cond: np.ndarray, dev="cpu") -> tuple
     if method in INVDIFF:
         return InvDiffHooks(load_delta(Path("data/methods") / method / "delta", dev), params.invdiff.strength), {
             "strength": params.invdiff.strength}
+    if method == "distguide":
+        p = params.distguide
+        hooks = distribution_guidance_hooks(Path("data/methods/distguide/adp.safetensors"), scale=p.scale, tau=p.tau,
+                                            steps=p.steps, group_size=p.batch_size, target=p.target, device=dev)
+        return hooks, {"scale": p.scale, "tau": p.tau, "guidance_batch": p.batch_size}
     raise UserError(f"--method {method!r}: unknown method (expected one of: {', '.join(METHODS)})")
 
 

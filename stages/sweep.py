@@ -3,6 +3,7 @@ bias-vs-FID plot. The knob at 0 is always included: the baseline at the same sam
 
   latentdir                                 weight w (× each of sweep_steps)
   invdiff, invdiff_lambda0, invdiff_oracle  strength r of f_θ + r·δ (the variants differ in λ and groups)
+  distguide                                 scale s of h − s·∇_h L
 Rows carry `swept` (the knob's name) and the method's other settings."""
 
 import argparse
@@ -14,6 +15,7 @@ import numpy as np
 from pipeline.data import NUM_CLASSES, to_uint8
 from pipeline.diffusion import load_diffusion
 from pipeline.io import load_json, save_json
+from pipeline.methods.distribution_guidance import distribution_guidance_hooks
 from pipeline.methods.invdiff import InvDiffHooks, load_delta
 from pipeline.methods.latent_directions import latent_direction_hooks
 from pipeline.models import null_class
@@ -40,7 +42,15 @@ def sweep_grid(method: str, params, cond: np.ndarray, dev) -> tuple[str, list[tu
         strengths = sorted({0.0, *params.invdiff.sweep_strengths})
         return "invdiff", [({"swept": "strength", "lam": lam, "strength": r}, InvDiffHooks(delta, r))
                            for r in strengths]
-    raise UserError(f"--method {method!r}: no sweep defined (expected one of: latentdir, {', '.join(INVDIFF)})")
+    if method == "distguide":
+        p = params.distguide
+        return "distguide", [({"swept": "scale", "scale": s},
+                              distribution_guidance_hooks(Path("data/methods/distguide/adp.safetensors"), scale=s,
+                                                          tau=p.tau, steps=p.steps, group_size=p.batch_size,
+                                                          target=p.target, device=dev))
+                             for s in sorted({0.0, *p.sweep_scales})]
+    raise UserError(f"--method {method!r}: no sweep defined (expected one of: latentdir, {', '.join(INVDIFF)}, "
+                    "distguide)")
 
 
 @stage_main
@@ -51,6 +61,7 @@ def main(argv=None) -> None:
     params = load_params()
     ps = params.sample
     per_class = params.invdiff.sweep_per_class if args.method in INVDIFF else params.latentdir.sweep_per_class
+    per_class = params.distguide.sweep_per_class if args.method == "distguide" else per_class
     cond = np.repeat(np.arange(NUM_CLASSES), per_class)
     seeds = sample_seeds(params.seed, len(cond))
     dev = device()

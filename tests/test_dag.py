@@ -65,7 +65,9 @@ def test_dvc_repro_builds_every_output(repro_project):
                  "data/methods/invdiff_groups/discovery.png", "data/metrics/fit_grouper.json",
                  *(f"data/methods/{v}/delta/diffusion_pytorch_model.safetensors" for v in INVDIFF),
                  *(f"data/scores/{v}/metrics.json" for v in INVDIFF), *(f"data/sweeps/{v}.json" for v in INVDIFF),
-                 "data/report/invdiff_discovery.png"]:
+                 "data/report/invdiff_discovery.png", "data/methods/distguide/adp.safetensors",
+                 "data/scores/distguide/metrics.json", "data/sweeps/distguide.json",
+                 "data/report/samples_distguide.png", "data/report/distguide_adp_accuracy.png"]:
         assert (tmp / path).is_file(), path
     metrics = json.loads((tmp / "data/scores/baseline/metrics.json").read_text())
     for key in ["bias_score", "bias_score_normalised", "fd", "aligned_fraction", "fidelity", "fid_indomain",
@@ -77,6 +79,7 @@ def test_dvc_repro_builds_every_output(repro_project):
     assert "| latentdir |" in report and "### Sweeps" in report
     assert "| invdiff |" in report and "| invdiff_oracle (ablation: true groups, uses bias labels) |" in report
     assert "Bias discovery" in report
+    assert "| distguide |" in report and "distguide_adp_accuracy.png" in report
     shown = dvc(tmp, "metrics", "show", "--json")
     assert shown.returncode == 0 and "bias_score" in shown.stdout
 
@@ -98,10 +101,10 @@ def test_stages_logged_to_mlflow(repro_project):
     runs = client.search_runs([exp.experiment_id])
     stages = {r.data.tags["stage"] for r in runs}
     assert {"prepare_data", "train_classifiers", "train_diffusion", "fid_reference", "sample", "score",
-            "fit_directions", "sweep", "report", "fit_grouper", "finetune_guidance"} <= stages
+            "fit_directions", "sweep", "report", "fit_grouper", "finetune_guidance", "fit_adp"} <= stages
     assert all(r.data.tags.get("git_revision") for r in runs)
     report_runs = [r for r in runs if r.data.tags["stage"] == "report"]
-    assert sorted(r.info.run_name for r in report_runs) == sorted(["baseline", "latentdir", *INVDIFF])
+    assert sorted(r.info.run_name for r in report_runs) == sorted(["baseline", "latentdir", *INVDIFF, "distguide"])
     assert "fid_indomain" in report_runs[0].data.metrics
 
 

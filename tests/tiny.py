@@ -18,6 +18,8 @@ SHRINK = {
     "invdiff": {"loss_draws": 2, "loss_batch_size": 200, "min_group_share": 0.1, "grouper_steps": 20,
                 "steps": 4, "batch_size": 8, "checkpoint_every": 2, "sweep_strengths": [2.0], "sweep_per_class": 2,
                 "grid_per_group": 4},
+    "distguide": {"fit_per_class": 6, "hidden": 8, "epochs": 2, "steps": [0, 2], "batch_size": 10,
+                  "sweep_scales": [1.0], "sweep_per_class": 2},
     "report": {"grid_per_class": 2},
 }
 

@@ -1,0 +1,279 @@
+"""Distribution Guidance: the h recorder, the ADP (training, save/load), the guidance loss and the mid-block hook."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import parse_params
+from pipeline.diffusion import make_noise_scheduler
+from pipeline.errors import UserError
+from pipeline.methods.distribution_guidance import (
+    ADP,
+    DistributionGuidanceHooks,
+    RecordH,
+    distribution_guidance_hooks,
+    guidance_loss,
+    load_adp,
+    save_adp,
+    train_adp,
+    validate_target,
+)
+from pipeline.sampling import StepContext, make_scheduler, sample, sample_seeds
+from tests.tiny import tiny_params
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = 3
+K = 10
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    return make_scheduler(make_noise_scheduler(1000, "squaredcos_cap_v2", "v_prediction").config)
+
+
+def _run(unet, scheduler, cond, hooks=None, batch_size=20, **kw):
+    return sample(unet, scheduler, cond, sample_seeds(0, len(cond)), num_inference_steps=STEPS,
+                  batch_size=batch_size, null_class=10, hooks=hooks, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def recorded(unet, scheduler):
+    """(h [S, N, D], timesteps, h's shape [C, H, W]) of the tiny U-Net over a 20-sample run."""
+    rec = RecordH()
+    _run(unet, scheduler, np.repeat(np.arange(10), 2), rec)
+    return rec.stacked(), [rec.timesteps[s] for s in sorted(rec.timesteps)], rec.shape
+
+
+def random_adp(recorded, kind="linear", seed=0, scale=1.0) -> ADP:
+    h, timesteps, shape = recorded
+    torch.manual_seed(seed)
+    adp = ADP(kind, shape, K, h.shape[0], 10, timesteps=timesteps)
+    with torch.no_grad():
+        for p in adp.parameters():
+            p.normal_(0, scale / np.sqrt(p.shape[-1]))
+        adp.mean.copy_(torch.as_tensor(h.mean(1)))
+        adp.std.copy_(torch.as_tensor(h.std(1)).clamp_min(1e-4))
+    return adp.eval()
+
+
+def ctx_for(step, n, labels=None, num_steps=STEPS, timesteps=None, ids=None):
+    labels = torch.zeros(n, dtype=torch.long) if labels is None else labels
+    t = 0 if timesteps is None else timesteps[step]
+    return StepContext(step, num_steps, t, labels, 10, torch.arange(n) if ids is None else ids)
+
+
+# ------------------------------------------------------------------------------------------------ recorder
+
+def test_recorder_sees_every_step_and_the_conditional_half_only(unet, scheduler, recorded):
+    h, timesteps, _ = recorded
+    assert h.shape[:2] == (STEPS, 20) and len(timesteps) == STEPS and timesteps[0] > timesteps[-1]
+    rec = RecordH()
+    _run(unet, scheduler, np.repeat(np.arange(10), 2), rec, guidance_scale=2.0)
+    assert rec.stacked().shape == h.shape  # the null-class half is not recorded
+
+
+def test_recorder_reads_the_configured_module_pooled(unet, scheduler):
+    rec = RecordH("up_blocks.0", pool=2)
+    _run(unet, scheduler, np.arange(10), rec)
+    c = rec.shape[0]
+    assert len(rec.shape) == 3 and rec.stacked().shape == (STEPS, 10, c * 2 * 2)
+    with pytest.raises(UserError, match="up_blocks.9"):
+        _run(unet, scheduler, np.arange(10), RecordH("up_blocks.9"))
+
+
+def test_pooled_adp_on_full_h_equals_the_adp_on_recorded_features(unet, scheduler):
+    rec = RecordH("up_blocks.1", pool=1)
+    full = RecordH("up_blocks.1")
+    cond = np.repeat(np.arange(10), 2)
+    _run(unet, scheduler, cond, rec)
+    _run(unet, scheduler, cond, full)
+    labels = np.arange(20) % K
+    adp, _ = train_adp(rec.stacked(), labels, cond, kind="linear", shape=rec.shape, num_attr=K, num_classes=10,
+                       timesteps=[0, 1, 2], module="up_blocks.1", pool=1, epochs=2, holdout=0, progress=False)
+    y = torch.as_tensor(cond)
+    with torch.no_grad():
+        torch.testing.assert_close(adp(torch.as_tensor(full.stacked()[1]), 1, y),
+                                   adp(torch.as_tensor(rec.stacked()[1]), 1, y, pooled=True))
+    assert DistributionGuidanceHooks(adp, None, scale=1.0).h_module == "up_blocks.1"
+
+
+# ------------------------------------------------------------------------------------------------ the hook
+
+def test_hook_changes_h_only_inside_the_step_range(recorded):
+    h_all, timesteps, shape = recorded
+    adp = random_adp(recorded)
+    hooks = DistributionGuidanceHooks(adp, None, scale=5.0, steps=(1, 2), group_size=20)
+    for step in range(STEPS):
+        h = torch.as_tensor(h_all[step]).view(20, *shape)
+        out = hooks.mid_block(h, ctx_for(step, 20, timesteps=timesteps))
+        if step == 1:
+            assert not torch.equal(out, h)
+        else:
+            assert out is h
+
+
+def test_scale_zero_reproduces_the_baseline_bit_for_bit(unet, scheduler, recorded):
+    cond = np.repeat(np.arange(10), 2)
+    hooks = DistributionGuidanceHooks(random_adp(recorded), None, scale=0.0, steps=(0, STEPS), group_size=20)
+    assert torch.equal(_run(unet, scheduler, cond, hooks), _run(unet, scheduler, cond))
+    assert torch.equal(_run(unet, scheduler, cond, hooks, batch_size=3), _run(unet, scheduler, cond))
+
+
+def test_guided_samples_change_and_do_not_depend_on_the_batch_size(unet, scheduler, recorded):
+    """Batches are rounded to whole guidance blocks, so sample i is the same for any sampler batch size."""
+    cond = np.repeat(np.arange(10), 4)
+    hooks = DistributionGuidanceHooks(random_adp(recorded, scale=3.0), None, scale=50.0, steps=(0, STEPS),
+                                      group_size=10)
+    base = _run(unet, scheduler, cond)
+    a = _run(unet, scheduler, cond, hooks, batch_size=10)
+    b = _run(unet, scheduler, cond, hooks, batch_size=27)  # rounded down to 20
+    c = _run(unet, scheduler, cond, hooks, batch_size=3)  # rounded up to 10
+    assert (a - base).abs().max() > 1e-3
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
+
+
+def test_gradient_is_zero_when_p_hat_equals_the_target_and_a_step_lowers_L():
+    torch.manual_seed(0)
+    logits = torch.randn(12, 4, requires_grad=True)
+    groups = torch.tensor([0] * 6 + [1] * 6)
+    probs = torch.softmax(logits, 1)
+    p_hat = probs[:6].mean(0).detach()
+    # group 1 uses the same rows as group 0 → both groups' p̂ equal the target
+    both = torch.cat([probs[:6], probs[:6]])
+    (g,) = torch.autograd.grad(guidance_loss(both, groups, p_hat), logits)
+    assert torch.count_nonzero(g) == 0
+    target = torch.full((4,), 0.25)
+    loss = guidance_loss(torch.softmax(logits, 1), groups, target)
+    (g,) = torch.autograd.grad(loss, logits)
+    assert g.abs().max() > 0
+    with torch.no_grad():
+        assert guidance_loss(torch.softmax(logits - 0.5 * g, 1), groups, target) < loss
+
+
+def test_guidance_loss_is_the_chi_square_formula_per_group():
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    groups = torch.tensor([7, 7, 3, 3])
+    target = torch.tensor([0.25, 0.75])
+    # group 7: p̂ = (.5, .5) → .0625/.25 + .0625/.75; group 3: p̂ = (1, 0) → .5625/.25 + .5625/.75
+    expected = 0.0625 / 0.25 + 0.0625 / 0.75 + 0.5625 / 0.25 + 0.5625 / 0.75
+    assert guidance_loss(probs, groups, target).item() == pytest.approx(expected)
+
+
+def test_hook_moves_each_class_towards_the_target_and_leaves_the_null_half(recorded):
+    h_all, timesteps, shape = recorded
+    adp = random_adp(recorded, scale=3.0)
+    target = np.array([0.4, 0.3] + [0.3 / 8] * 8)
+    hooks = DistributionGuidanceHooks(adp, target, scale=20.0, steps=(0, STEPS), group_size=20)
+    labels = torch.repeat_interleave(torch.arange(10), 2)
+    h = torch.as_tensor(h_all[0]).view(20, *shape)
+    both = torch.cat([h, h])  # with classifier-free guidance: [conditional; null]
+    ctx = ctx_for(0, 20, labels=torch.cat([labels, torch.full_like(labels, 10)]), timesteps=timesteps)
+    out = hooks.mid_block(both, ctx)
+    assert torch.equal(out[20:], h)
+
+    def loss(x):
+        probs = torch.softmax(adp(x.flatten(1), 0, labels), 1)
+        return guidance_loss(probs, labels, torch.as_tensor(target, dtype=torch.float32)).item()
+
+    with torch.no_grad():
+        assert loss(out[:20]) < loss(h)
+
+
+def test_hook_refuses_an_adp_fitted_on_other_timesteps(recorded):
+    h_all, _, shape = recorded
+    hooks = DistributionGuidanceHooks(random_adp(recorded), None, scale=1.0, steps=(0, STEPS), group_size=20)
+    h = torch.as_tensor(h_all[0]).view(20, *shape)
+    with pytest.raises(UserError, match="re-run fit_adp"):
+        hooks.mid_block(h, ctx_for(0, 20, num_steps=5, timesteps=[1, 2, 3, 4, 5]))
+
+
+# ------------------------------------------------------------------------------------------------ the ADP
+
+def _synthetic(num_steps=3, n=600, dim=20, seed=0, aligned=0.8):
+    """Classes y, attribute a = y with probability `aligned`, else uniform; h = a's centre + noise (per step a
+    different scale, so one model must read the step)."""
+    rng = np.random.default_rng(seed)
+    cond = rng.integers(0, 4, n)
+    attr = np.where(rng.random(n) < aligned, cond, rng.integers(0, 4, n))
+    centres = rng.normal(size=(4, dim)) * 3
+    h = np.stack([(s + 1) * centres[attr] + rng.normal(size=(n, dim)) for s in range(num_steps)]).astype(np.float32)
+    return h, attr, cond
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_adp_learns_separable_synthetic_data(kind):
+    h, attr, cond = _synthetic()
+    _, acc = train_adp(h, attr, cond, kind=kind, shape=(20, 1, 1), num_attr=4, num_classes=4,
+                           timesteps=[900, 500, 100],
+                           hidden=32, epochs=40, lr=0.01, seed=0, progress=False)
+    assert acc["accuracy"].shape == (3,)
+    assert acc["accuracy"].min() > 0.95
+    assert acc["minority_accuracy"].min() > 0.9  # the attribute is read from h, not guessed from the class
+
+
+def test_adp_training_is_seeded():
+    h, attr, cond = _synthetic(n=200)
+    kw = dict(kind="linear", shape=(20, 1, 1), num_attr=4, num_classes=4, timesteps=[3, 2, 1], epochs=3, seed=5,
+              progress=False)
+    a, _ = train_adp(h, attr, cond, **kw)
+    b, _ = train_adp(h, attr, cond, **kw)
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_adp_save_load_round_trip(tmp_path, kind):
+    h, attr, cond = _synthetic(n=100)
+    model, _ = train_adp(h, attr, cond, kind=kind, shape=(20, 1, 1), num_attr=4, num_classes=4, timesteps=[3, 2, 1],
+                         epochs=2,
+                         seed=0, progress=False)
+    save_adp(model, tmp_path / "adp.safetensors")
+    loaded = load_adp(tmp_path / "adp.safetensors")
+    assert loaded.config == model.config
+    x, y = torch.as_tensor(h[1]), torch.as_tensor(cond)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 1, y), model(x, 1, y))
+    data = (tmp_path / "adp.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cut.safetensors"):
+        load_adp(tmp_path / "cut.safetensors")
+    with pytest.raises(UserError, match="fit_adp"):
+        load_adp(tmp_path / "missing.safetensors")
+
+
+def test_hooks_from_file_check_the_step_range(tmp_path, recorded):
+    save_adp(random_adp(recorded), tmp_path / "adp.safetensors")
+    with pytest.raises(UserError, match="distguide.steps"):
+        distribution_guidance_hooks(tmp_path / "adp.safetensors", scale=1, tau=1, steps=(0, 9), group_size=10,
+                                    target=None)
+    hooks = distribution_guidance_hooks(tmp_path / "adp.safetensors", scale=1, tau=1, steps=(0, 2), group_size=10,
+                                        target=None)
+    assert hooks.batch_multiple == 10 and hooks.end == 2
+
+
+# ------------------------------------------------------------------------------------------------ the target
+
+@pytest.mark.parametrize("target,needle", [([0.5] * 10, "sum to 1"), ([0.0, 0.5, 0.5] + [0.0] * 7, "> 0"),
+                                           ([1.2, -0.2] + [0.0] * 8, "> 0")])
+def test_bad_target_in_params_is_a_one_line_error_naming_the_key(target, needle):
+    raw = tiny_params()
+    raw["distguide"]["target"] = target
+    with pytest.raises(UserError) as err:
+        parse_params(raw)
+    msg = str(err.value)
+    assert "\n" not in msg and "distguide.target" in msg and needle in msg
+
+
+def test_target_of_the_wrong_length_is_refused_at_sampling():
+    with pytest.raises(UserError, match="distguide.target"):
+        validate_target([0.5, 0.5], 10)
+    np.testing.assert_allclose(validate_target(None, 4), 0.25)
+
+
+def test_bad_step_range_names_the_key():
+    raw = tiny_params()
+    raw["distguide"]["steps"] = [5, 5]
+    with pytest.raises(UserError, match="distguide.steps"):
+        parse_params(raw)
