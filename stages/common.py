@@ -34,7 +34,9 @@ def stage_main(fn):
 
 
 def device() -> torch.device:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # OMP_NUM_THREADS, when set, wins: two stages sharing a small box each at full width spin against each other.
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, os.cpu_count() or 1))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
