@@ -87,13 +87,16 @@ class DiffusionParams(_Section):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    train_steps: int = Field(1600, ge=1)
+    train_steps: int = Field(1600, ge=0)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(500, ge=1)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # a pre-trained model (pipeline/pretrained.py): a local diffusers directory, fine-tuned for train_steps
+    pretrained: str | None = None
+    prompt_template: str | None = None  # text conditioning: "a photo of a {class}", {class} = the class's name
 
     @model_validator(mode="after")
     def _channels(self):
@@ -101,6 +104,12 @@ class DiffusionParams(_Section):
             raise ValueError("block_out_channels must list 1 to 5 widths, each >= 8")
         if any(c % 8 for c in self.block_out_channels):
             raise ValueError("block_out_channels must be multiples of 8 (GroupNorm groups)")
+        if self.train_steps == 0 and self.pretrained is None:
+            raise ValueError("train_steps 0 (adopt the model as it is) needs pretrained")
+        if self.prompt_template is not None and "{class}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain {{class}} (the class's name), got {self.prompt_template!r}")
+        if self.prompt_template is not None and self.pretrained is None:
+            raise ValueError("prompt_template needs a pretrained latent pipeline (text encoder) in pretrained")
         return self
 
 

@@ -13,7 +13,6 @@ Checkpoints (pipeline/checkpoints.py) hold model.safetensors, ema.safetensors an
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from pipeline.checkpoints import (
     save_checkpoint,
     tensor_digest,
 )
-from pipeline.errors import UserError
+from pipeline.conditioning import Conditioning
 from pipeline.io import atomic_path
 from pipeline.models import build_unet, null_class
 
@@ -63,17 +62,23 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
 class TrainResult:
     steps: int
     resumed_from: int
-    final_loss: float
+    final_loss: float | None
     num_params: int
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 
 def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes: int, cfg: dict, seed: int,
-                    out_dir: Path, ckpt_dir: Path, accelerator=None, log=None) -> TrainResult:
+                    out_dir: Path, ckpt_dir: Path, accelerator=None, log=None, unet=None,
+                    conditioning: Conditioning | None = None, scheduler_config: dict | None = None,
+                    save_extra=None) -> TrainResult:
     """Train and write the EMA model to out_dir/{unet,scheduler} via save_pretrained.
 
-    images: float [N,3,H,W] in [-1,1]; classes: int64 [N]. cfg: the `diffusion` params as a dict.
-    `log(step, {"loss": ...})` is called every 50 steps (the stage forwards it to MLflow).
+    images: float [N,C,H,W] (images in [-1,1], or a VAE's scaled latents); classes: int64 [N].
+    cfg: the `diffusion` params as a dict. `log(step, {"loss": ...})` is called every 50 steps (the stage
+    forwards it to MLflow). Fine-tuning a pre-trained model: `unet` (used instead of a new build_unet; 0 steps
+    adopt it as it is), `scheduler_config` (its training scheduler; None: from cfg), `conditioning` (how class
+    labels reach it: class_labels, or a prompt table whose row num_classes is the empty prompt = the null class of
+    label dropout); `save_extra(dir)` writes whatever else the model directory needs (the VAE, the prompts).
     """
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
@@ -81,18 +86,27 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     accelerator = accelerator or Accelerator(mixed_precision=resolve_mixed_precision(cfg["mixed_precision"]))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    unet = build_unet(resolution=images.shape[-1], num_classes=num_classes,
-                      block_out_channels=cfg["block_out_channels"], layers_per_block=cfg["layers_per_block"],
-                      attention=cfg["attention"])
+    conditioning = conditioning or Conditioning()
+    if unet is None:
+        unet = build_unet(resolution=images.shape[-1], num_classes=num_classes,
+                          block_out_channels=cfg["block_out_channels"], layers_per_block=cfg["layers_per_block"],
+                          attention=cfg["attention"])
     ema = EMAModel(unet.parameters(), decay=cfg["ema_decay"], use_ema_warmup=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
     warmup = max(1, cfg["warmup_steps"])
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    scheduler = make_noise_scheduler(cfg["num_train_timesteps"], cfg["beta_schedule"], cfg["prediction_type"])
-    null = null_class(unet)
+    if scheduler_config is None:
+        scheduler = make_noise_scheduler(cfg["num_train_timesteps"], cfg["beta_schedule"], cfg["prediction_type"])
+    else:
+        from diffusers import DDPMScheduler
 
+        sched = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+        scheduler = DDPMScheduler.from_config(sched)
+    null = num_classes if conditioning.prompt_embeds is not None else null_class(unet)
+
+    extra = {} if conditioning.prompt_embeds is None else {"prompts": tensor_digest(conditioning.prompt_embeds)}
     fingerprint = config_fingerprint({**cfg, "seed": seed, "num_classes": num_classes,
-                                      "data": tensor_digest(images, classes)})
+                                      "data": tensor_digest(images, classes), **extra})
     start = 0
     if accelerator.is_main_process:
         ckpt_dir.mkdir(parents=True, exist_ok=True)  # exists even when no step is checkpointed (a DVC output)
@@ -132,7 +146,7 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
         x_t = scheduler.add_noise(x0, noise, t)
         target = training_target(scheduler, x0, noise, t)
         with accelerator.autocast():
-            pred = unet(x_t, t, class_labels=y).sample
+            pred = unet(x_t, t, **conditioning.with_labels(y).unet_kwargs()).sample
         loss = F.mse_loss(pred.float(), target.float())
         check_finite(loss, "train_diffusion", step, "lower diffusion.lr")
         opt.zero_grad(set_to_none=True)
@@ -164,29 +178,18 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
         with atomic_path(out_dir) as tmp:
             final.save_pretrained(tmp / "unet")
             scheduler.save_pretrained(tmp / "scheduler")
+            if save_extra is not None:
+                save_extra(tmp)
     accelerator.wait_for_everyone()
-    last = losses[-1][1] if losses else float("nan")
+    last = losses[-1][1] if losses else None  # None: 0 steps (a pre-trained model adopted as it is)
     n_params = sum(p.numel() for p in final.parameters())
     return TrainResult(steps=total, resumed_from=start, final_loss=last, num_params=n_params, losses=losses)
 
 
 def load_diffusion(model_dir: str | Path, device: str | torch.device = "cpu"):
-    """(unet in eval mode, scheduler config dict) from a train_diffusion output directory."""
-    from diffusers import UNet2DModel
+    """(unet in eval mode, scheduler config dict) from a train_diffusion output directory
+    (pipeline.pretrained.load_model gives the whole model: VAE and prompts too)."""
+    from pipeline.pretrained import load_model
 
-    model_dir = Path(model_dir)
-    unet_dir, sched_cfg = model_dir / "unet", model_dir / "scheduler" / "scheduler_config.json"
-    if not (unet_dir / "config.json").is_file() or not sched_cfg.is_file():
-        raise UserError(f"{model_dir}: not a trained diffusion model (expected unet/ and scheduler/; "
-                        "run `dvc repro train_diffusion`)")
-    try:
-        config = json.loads(sched_cfg.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{sched_cfg}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True)
-    except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{unet_dir}: cannot load the diffusion model ({msg})") from None
-    return unet.to(device).eval(), config
-
+    model = load_model(model_dir, device)
+    return model.unet, model.scheduler_config

@@ -10,6 +10,13 @@ override what they need:
 to the U-Net (conditional and, with guidance, unconditional halves; ctx.labels tells which is which),
 before the guidance combination.
 
+Conditioning: hooks speak class indices (ctx.labels, ∅ = null_class). `conditioning` (pipeline/conditioning.py)
+turns them into the U-Net's keyword arguments (ctx.unet_kwargs): class_labels=y by default, or the text-encoder
+states of class y's prompt (∅ = the empty prompt) for a text-conditioned U-Net. A module that evaluates a U-Net of
+the same kind (InvDiff's δ) calls it with **ctx.unet_kwargs.
+Latent diffusion: with a `vae`, x_t lives in the VAE's latent space (scaled by vae.config.scaling_factor) and
+every hook sees latents; only the final x_0 is decoded to images, D(x_0 / scaling_factor).
+
 One step, with w the guidance scale and ∅ the null class:
     (1) f = f_θ(x_t, t, [y; ∅])                    (hooks: mid_block inside, model_output after)
     (2) f̃ = f_∅ + w·(f_y − f_∅)                    (skipped when w = 1)
@@ -23,12 +30,13 @@ then a multiple of it (the batch size is rounded down, to at least one multiple)
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.conditioning import Conditioning
 from pipeline.errors import UserError
 
 
@@ -42,6 +50,7 @@ class StepContext:
     labels: torch.Tensor
     null_class: int
     sample_ids: torch.Tensor  # index of each conditional sample in the run
+    unet_kwargs: dict = field(default_factory=dict)  # what the U-Net is called with besides (x_t, t)
 
 
 class SamplerHooks:
@@ -83,9 +92,12 @@ def make_scheduler(train_config: dict, kind: str = "ddim", timestep_spacing: str
 def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inference_steps: int = 25,
            guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 256, null_class: int,
            hooks: SamplerHooks | None = None, device: str | torch.device = "cpu",
-           autocast: bool | None = None, progress: bool = True) -> torch.Tensor:
-    """Generate len(cond) images; returns float32 [N,C,H,W] in [-1, 1] on the CPU."""
+           autocast: bool | None = None, progress: bool = True, conditioning: Conditioning | None = None,
+           vae=None) -> torch.Tensor:
+    """Generate len(cond) images; returns float32 [N,C,H,W] in [-1, 1] on the CPU (decoded by `vae` if given).
+    conditioning: how class indices reach the U-Net (None: class_labels)."""
     hooks = hooks or SamplerHooks()
+    conditioning = conditioning or Conditioning()
     device = torch.device(device)
     autocast = device.type == "cuda" if autocast is None else autocast
     size, channels = unet.config.sample_size, unet.config.in_channels
@@ -108,16 +120,35 @@ def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inferenc
             for start in batches:
                 ids = torch.arange(start, min(start + batch_size, len(cond_t)))
                 gens = [torch.Generator().manual_seed(int(s)) for s in seeds[ids.numpy()]]
-                out.append(_sample_batch(unet, scheduler, cond_t[ids], gens, ids, size, num_inference_steps,
-                                         guidance_scale, eta, null_class, hooks, device, autocast, state, bar))
+                x = _sample_batch(unet, scheduler, cond_t[ids], gens, ids, size, num_inference_steps,
+                                  guidance_scale, eta, null_class, hooks, device, autocast, state, bar, conditioning)
+                out.append(x.clamp(-1, 1).float().cpu() if vae is None else decode_latents(vae, x))
     finally:
         if handle is not None:
             handle.remove()
-    return torch.cat(out) if out else torch.empty(0, channels, *size)
+    if not out:
+        return torch.empty(0, channels if vae is None else 3, *size)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images float32 [N, 3, H, W] in [-1, 1] on the CPU from scaled latents: D(z / scaling_factor)."""
+    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    return vae.decode(z).sample.clamp(-1, 1).float().cpu()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Scaled latents float32 [N, C, h, w] on the CPU of images in [-1, 1]: E(x).mean · scaling_factor (the
+    posterior mean, so a dataset's latents are computed once, deterministically)."""
+    out = [vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
+           for x in images.split(batch_size)]
+    return torch.cat(out) * vae.config.scaling_factor if out else torch.empty(0)
 
 
 def _sample_batch(unet, scheduler, y, gens, ids, size, num_steps, w, eta, null, hooks, device, autocast, state,
-                  bar):
+                  bar, conditioning):
     from diffusers.utils.torch_utils import randn_tensor
 
     n, c = len(y), unet.config.in_channels
@@ -125,18 +156,19 @@ def _sample_batch(unet, scheduler, y, gens, ids, size, num_steps, w, eta, null, 
     guided = w != 1.0
     labels = torch.cat([y, torch.full_like(y, null)]) if guided else y
     labels = labels.to(device)
-    ctx = StepContext(-1, num_steps, int(scheduler.timesteps[0]), labels, null, ids)
+    kwargs = conditioning.with_labels(labels).unet_kwargs()
+    ctx = StepContext(-1, num_steps, int(scheduler.timesteps[0]), labels, null, ids, kwargs)
     # CPU draws keep the noise identical across devices; list of generators = one stream per sample.
     x = randn_tensor((n, c, *size), generator=gens, device=torch.device("cpu")).to(device)
     x = hooks.initial_noise(x * scheduler.init_noise_sigma, ctx)
     step_kwargs = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(scheduler.timesteps):
-        ctx = StepContext(i, num_steps, int(t), labels, null, ids)
+        ctx = StepContext(i, num_steps, int(t), labels, null, ids, kwargs)
         state["ctx"] = ctx
         x_in = torch.cat([x, x]) if guided else x
         x_in = scheduler.scale_model_input(x_in, t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            f = unet(x_in, t.to(device), class_labels=labels).sample.float()
+            f = unet(x_in, t.to(device), **kwargs).sample.float()
         f = hooks.model_output(f, x_in, ctx)
         if guided:  # (2)
             f_cond, f_null = f.chunk(2)
@@ -144,5 +176,5 @@ def _sample_batch(unet, scheduler, y, gens, ids, size, num_steps, w, eta, null, 
         # (3) stochastic steps (DDPM, DDIM with η > 0) draw from the per-sample generators.
         x = scheduler.step(f, t, x, generator=gens, **step_kwargs).prev_sample
         bar.update()
-    return x.clamp(-1, 1).float().cpu()
+    return x
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from pipeline.data import NUM_COLOURS, to_tensor
+from pipeline.data import MNIST_META, DatasetMeta, load_meta, to_tensor
 from pipeline.metrics import (
     aligned_fraction,
     bias_score,
@@ -18,14 +18,15 @@ from pipeline.models import judge_outputs
 
 def score_samples(images: np.ndarray, cond: np.ndarray, colour_judge, digit_judge, ref: dict, *, k: int,
                   seed: int, batch_size: int, inception=None, inception_ref: dict | None = None,
-                  balanced_ref: dict | None = None):
-    """(overall metrics, per-class frame) for uint8 NHWC samples conditioned on `cond`."""
+                  balanced_ref: dict | None = None, meta: DatasetMeta = MNIST_META):
+    """(overall metrics, per-class frame) for uint8 NHWC samples conditioned on `cond`; `meta` gives the number of
+    attribute values and each class's bias-aligned value (Coloured MNIST: ten colours, digit y ↔ colour y)."""
     x = to_tensor(images)
     attr, _ = judge_outputs(colour_judge, x, batch_size)
     pred, feats = judge_outputs(digit_judge, x, batch_size)
-    aligned_attr = np.arange(NUM_COLOURS)  # digit y's bias-aligned colour is colour y
-    bias = bias_score(attr, cond, NUM_COLOURS)
-    fd = fairness_discrepancy(attr, cond, NUM_COLOURS)
+    k, aligned_attr = meta.num_attributes, np.asarray(meta.aligned)  # class y's bias-aligned attribute value
+    bias = bias_score(attr, cond, k)
+    fd = fairness_discrepancy(attr, cond, k)
     al = aligned_fraction(attr, cond, aligned_attr)
     mu, sigma = feature_statistics(feats)
     rng = np.random.default_rng(seed)
@@ -62,6 +63,7 @@ class Scorer:
         from pipeline.models import load_judge
 
         judges_dir, reference_dir = Path(judges_dir), Path(reference_dir)
+        self.meta = load_meta(reference_dir)  # fid_reference copies the prepared data's meta.json, if any
         self.colour = load_judge(judges_dir / "colour.safetensors", device)
         self.digit = load_judge(judges_dir / "digit.safetensors", device)
         self.ref = load_npz(reference_dir / "indomain.npz", "mu", "sigma", "features")
@@ -75,4 +77,4 @@ class Scorer:
     def __call__(self, images: np.ndarray, cond: np.ndarray):
         return score_samples(images, cond, self.colour, self.digit, self.ref, k=self.k, seed=self.seed,
                              batch_size=self.batch_size, inception=self.inception, inception_ref=self.inception_ref,
-                             balanced_ref=self.balanced)
+                             balanced_ref=self.balanced, meta=self.meta)

@@ -3,14 +3,16 @@
 In-domain: the digit judge's penultimate features (mean, covariance, and the features for precision/recall) of
 the reference split (the biased training split by default), and of the colour-balanced test split.
 Inception: FID Inception-v3 pool features, when score.inception_fid is on (or 'auto' with CUDA present).
-Also the bias of the real training split itself, as the reference row of the report.
+Also the bias of the real training split itself, as the reference row of the report, and a copy of the prepared
+data's meta.json (class and attribute names, aligned values) for the scoring stages; Coloured MNIST has none.
 """
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import NUM_COLOURS, load_split, to_tensor
+from pipeline.data import load_meta, load_split, to_tensor
 from pipeline.io import save_json, save_npz
 from pipeline.metrics import InceptionFeatures, aligned_fraction, bias_score, feature_statistics
 from pipeline.models import judge_outputs, load_judge
@@ -44,8 +46,13 @@ def main() -> None:
     mu_b, sigma_b = feature_statistics(feats_bal)
     save_npz(OUT / "balanced.npz", mu=mu_b, sigma=sigma_b)
     train = load_split(PREPARED, "train", with_bias=True)
-    bias = bias_score(train.bias, train.classes, NUM_COLOURS)
-    aligned = aligned_fraction(train.bias, train.classes, np.arange(NUM_COLOURS))
+    meta = load_meta(PREPARED)
+    if (PREPARED / "meta.json").is_file():
+        shutil.copy(PREPARED / "meta.json", OUT / "meta.json")
+    else:
+        (OUT / "meta.json").unlink(missing_ok=True)  # none left over from an earlier dataset
+    bias = bias_score(train.bias, train.classes, meta.num_attributes)
+    aligned = aligned_fraction(train.bias, train.classes, np.asarray(meta.aligned))
     data_bias = {"bias_score": bias["bias_score"], "bias_score_normalised": bias["bias_score_normalised"],
                  "aligned_fraction": aligned["aligned_fraction"]}
     summary = {"n_reference": len(keep), "reference_split": p.reference_split, "train_data_bias": data_bias,

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from pipeline.data import load_split, to_tensor
-from pipeline.diffusion import load_diffusion
 from pipeline.io import atomic_path, load_npz, save_json, save_npz
 from pipeline.methods.invdiff import Conditioning, finetune_guidance, make_delta, oracle_groups
-from pipeline.models import null_class
+from pipeline.pretrained import load_model
 from pipeline.sampling import make_scheduler
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
 
@@ -43,8 +42,8 @@ def main(argv=None) -> None:
     p = params.invdiff
     lam = 0.0 if args.variant == "invdiff_lambda0" else p.lam
     dev = device()
-    base, sched_cfg = load_diffusion(MODEL, dev)
-    scheduler = make_scheduler(sched_cfg, "ddpm")
+    model = load_model(MODEL, dev)
+    base, scheduler = model.unet, make_scheduler(model.scheduler_config, "ddpm")
     train = load_split(DATA, "train", with_bias=False)
     W = groups_for(args.variant)
     if len(W) != len(train.classes):
@@ -58,10 +57,10 @@ def main(argv=None) -> None:
     with mlflow_run("finetune_guidance", params, ("invdiff",), run_name=f"finetune_guidance@{args.variant}",
                     extra_tags={"method": args.variant}) as run, atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        result = finetune_guidance(base, delta, scheduler, to_tensor(train.images),
-                                   Conditioning(class_labels=torch.from_numpy(train.classes)), W, cfg=cfg,
-                                   seed=params.seed, out_dir=tmp / "delta",
-                                   ckpt_dir=Path("data/checkpoints") / args.variant, null_class=null_class(base),
+        cond = Conditioning(class_labels=torch.from_numpy(train.classes), prompt_embeds=model.prompt_embeds)
+        result = finetune_guidance(base, delta, scheduler, model.to_model_space(to_tensor(train.images)), cond, W,
+                                   cfg=cfg, seed=params.seed, out_dir=tmp / "delta",
+                                   ckpt_dir=Path("data/checkpoints") / args.variant, null_class=model.null_class,
                                    log=lambda step, m: run.metrics(m, step=step))
         summary = {"variant": args.variant, "lam": lam, "steps": result.steps, "resumed_from": result.resumed_from,
                    "final_loss": result.final_loss, "delta_params": result.delta_params,

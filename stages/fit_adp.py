@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import NUM_CLASSES, NUM_COLOURS
-from pipeline.diffusion import load_diffusion
 from pipeline.io import atomic_path, save_json
 from pipeline.methods.distribution_guidance import RecordH, save_adp, train_adp
-from pipeline.models import judge_outputs, load_judge, null_class
+from pipeline.models import judge_outputs, load_judge
+from pipeline.pretrained import load_model
 from pipeline.report import line_plot
 from pipeline.sampling import make_scheduler, sample, sample_seeds
 from stages.common import device, load_params, mlflow_run, stage_main
@@ -29,21 +28,23 @@ def main() -> None:
     params = load_params()
     p, ps = params.distguide, params.sample
     dev = device()
-    unet, sched_cfg = load_diffusion(MODEL, dev)
+    model = load_model(MODEL, dev)
     colour = load_judge(JUDGES / "colour.safetensors", dev)
-    cond = np.repeat(np.arange(NUM_CLASSES), p.fit_per_class)
+    num_attr, num_classes = colour.config["num_outputs"], model.num_classes
+    cond = np.repeat(np.arange(num_classes), p.fit_per_class)
     seeds = sample_seeds(params.seed + 2, len(cond))  # a stream of its own, disjoint from the scored samples
     recorder = RecordH(p.h_module, p.pool)
-    images = sample(unet, make_scheduler(sched_cfg, ps.scheduler, ps.timestep_spacing), cond, seeds,
-                    num_inference_steps=ps.num_inference_steps, guidance_scale=ps.guidance_scale, eta=ps.eta,
-                    batch_size=ps.batch_size, null_class=null_class(unet), hooks=recorder, device=dev)
+    images = sample(model.unet, make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing), cond,
+                    seeds, num_inference_steps=ps.num_inference_steps, guidance_scale=ps.guidance_scale, eta=ps.eta,
+                    batch_size=ps.batch_size, null_class=model.null_class, hooks=recorder, device=dev,
+                    conditioning=model.conditioning, vae=model.vae)
     labels, _ = judge_outputs(colour, images.to(dev))
     h = recorder.stacked()
     timesteps = [recorder.timesteps[s] for s in sorted(recorder.timesteps)]
     fits = {}
     for kind in (("linear", "mlp") if p.adp == "auto" else (p.adp,)):
-        fits[kind] = train_adp(h, labels, cond, kind=kind, shape=recorder.shape, num_attr=NUM_COLOURS,
-                               num_classes=NUM_CLASSES, timesteps=timesteps, module=p.h_module, hidden=p.hidden,
+        fits[kind] = train_adp(h, labels, cond, kind=kind, shape=recorder.shape, num_attr=num_attr,
+                               num_classes=num_classes, timesteps=timesteps, module=p.h_module, hidden=p.hidden,
                                class_offset=p.class_offset, pool=p.pool, epochs=p.epochs,
                                lr=p.lr, weight_decay=p.weight_decay, holdout=p.holdout, seed=params.seed)
     # Minority accuracy decides: a class-prior guess already scores ~0.95 plain accuracy on a biased model.
@@ -53,7 +54,7 @@ def main() -> None:
              for s in range(len(timesteps))]
     for row in curve:
         row["accuracy"] = row[f"{chosen}_accuracy"]
-    summary = {"chosen": chosen, "label_counts": np.bincount(labels, minlength=NUM_COLOURS).tolist(),
+    summary = {"chosen": chosen, "label_counts": np.bincount(labels, minlength=num_attr).tolist(),
                **{f"{k}_mean_{m}": float(np.mean(acc[m])) for k, (_, acc) in fits.items() for m in acc}}
     with atomic_path(OUT) as tmp:
         tmp.mkdir(parents=True)

@@ -5,11 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import NUM_CLASSES, NUM_COLOURS
-from pipeline.diffusion import load_diffusion
 from pipeline.io import atomic_path, save_json, save_npz
 from pipeline.methods.latent_directions import RecordLatents, fit_directions, pool_latents, unpool_directions
-from pipeline.models import judge_outputs, load_judge, null_class
+from pipeline.models import judge_outputs, load_judge
+from pipeline.pretrained import load_model
 from pipeline.report import line_plot
 from pipeline.sampling import make_scheduler, sample, sample_seeds
 from stages.common import device, load_params, mlflow_run, stage_main
@@ -22,17 +21,19 @@ def main() -> None:
     params = load_params()
     p, ps = params.latentdir, params.sample
     dev = device()
-    unet, sched_cfg = load_diffusion(MODEL, dev)
+    model = load_model(MODEL, dev)
     colour = load_judge(JUDGES / "colour.safetensors", dev)
-    cond = np.repeat(np.arange(NUM_CLASSES), p.fit_per_class)
+    num_attr = colour.config["num_outputs"]
+    cond = np.repeat(np.arange(model.num_classes), p.fit_per_class)
     seeds = sample_seeds(params.seed + 1, len(cond))  # a stream of its own, disjoint from the scored samples
     recorder = RecordLatents(p.record_steps)
-    images = sample(unet, make_scheduler(sched_cfg, ps.scheduler, ps.timestep_spacing), cond, seeds,
-                    num_inference_steps=ps.num_inference_steps, guidance_scale=ps.guidance_scale, eta=ps.eta,
-                    batch_size=ps.batch_size, null_class=null_class(unet), hooks=recorder, device=dev)
+    images = sample(model.unet, make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing), cond,
+                    seeds, num_inference_steps=ps.num_inference_steps, guidance_scale=ps.guidance_scale, eta=ps.eta,
+                    batch_size=ps.batch_size, null_class=model.null_class, hooks=recorder, device=dev,
+                    conditioning=model.conditioning, vae=model.vae)
     labels, _ = judge_outputs(colour, images.to(dev))
     latents = pool_latents(recorder.stacked(), recorder.shape, p.pool)
-    steps, directions, accuracy, missing = fit_directions(latents, labels, NUM_COLOURS, C=p.svm_c,
+    steps, directions, accuracy, missing = fit_directions(latents, labels, num_attr, C=p.svm_c,
                                                           holdout=p.holdout, seed=params.seed,
                                                           allow_missing=p.allow_missing)
     if missing:

@@ -15,7 +15,6 @@ import pandas as pd
 import torch
 
 from pipeline.data import load_split, to_tensor
-from pipeline.diffusion import load_diffusion
 from pipeline.io import atomic_path, save_json, save_npz
 from pipeline.methods.invdiff import (
     Conditioning,
@@ -26,7 +25,7 @@ from pipeline.methods.invdiff import (
     loss_timesteps,
     normalised_scores,
 )
-from pipeline.models import null_class
+from pipeline.pretrained import load_model
 from pipeline.report import save_png
 from pipeline.sampling import make_scheduler
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
@@ -34,16 +33,18 @@ from stages.common import UserError, device, load_params, mlflow_run, stage_main
 DATA, MODEL, OUT = Path("data/prepared"), Path("data/models/diffusion"), Path("data/methods/invdiff_groups")
 
 
-def infer_groups(train, unet, scheduler, p, seed: int, dev) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def infer_groups(train, model, scheduler, p, seed: int, dev) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """The max step on a dataset view that must not carry the bias attribute. (W, scores, losses [N, D] or with the
     null-class reference [N, D, 2], grouper info)"""
     if hasattr(train, "bias") or hasattr(train, "aligned"):
         raise UserError("fit_grouper: the training view carries the bias attribute; the grouper must infer groups "
                         "without it (load_split(..., with_bias=False))")
     ts = loss_timesteps(*p.loss_timesteps, p.loss_draws)
-    classes = torch.from_numpy(train.classes)
-    reference = Conditioning(class_labels=torch.full_like(classes, null_class(unet))) if p.loss_contrast else None
-    losses, ref = denoising_losses(unet, scheduler, to_tensor(train.images), Conditioning(class_labels=classes), ts,
+    classes, table = torch.from_numpy(train.classes), model.prompt_embeds
+    reference = (Conditioning(class_labels=torch.full_like(classes, model.null_class), prompt_embeds=table)
+                 if p.loss_contrast else None)
+    losses, ref = denoising_losses(model.unet, scheduler, model.to_model_space(to_tensor(train.images)),
+                                   Conditioning(class_labels=classes, prompt_embeds=table), ts,
                                    reference=reference, seed=seed, batch_size=p.loss_batch_size, device=dev)
     scores = normalised_scores(losses, train.classes, ref)
     share = estimate_minority_share(scores) if p.min_group_share == "auto" else p.min_group_share
@@ -78,11 +79,11 @@ def main() -> None:
         raise UserError(f"invdiff.loss_timesteps: t_max must be < diffusion.num_train_timesteps "
                         f"({params.diffusion.num_train_timesteps}), got {p.loss_timesteps[1]}")
     dev = device()
-    unet, sched_cfg = load_diffusion(MODEL, dev)
-    scheduler = make_scheduler(sched_cfg, "ddpm")
+    model = load_model(MODEL, dev)
+    scheduler = make_scheduler(model.scheduler_config, "ddpm")
     train = load_split(DATA, "train", with_bias=False)
     with mlflow_run("fit_grouper", params, ("invdiff",), run_name="fit_grouper") as run:
-        W, scores, losses, info = infer_groups(train, unet, scheduler, p, params.seed, dev)
+        W, scores, losses, info = infer_groups(train, model, scheduler, p, params.seed, dev)
         hidden = load_split(DATA, "train", with_bias=True)  # scoring only, after W is fixed
         quality = {"min_group_share": info["min_group_share"], **grouping_quality(W, ~hidden.aligned, scores)}
         run.metrics(quality)

@@ -7,14 +7,14 @@ method so MLflow's compare view lines the methods up.
 import shutil
 from pathlib import Path
 
-from pipeline.data import NUM_COLOURS
+from pipeline.data import load_meta
 from pipeline.io import atomic_path, load_json, load_npz, load_parquet, save_json
 from pipeline.metrics import uniform_bias_floor
 from pipeline.report import bias_fid_scatter, render_markdown, sample_grid, save_png
 from stages.common import UserError, load_params, mlflow_run, stage_main
 
 SCORES, SAMPLES, OUT = Path("data/scores"), Path("data/samples"), Path("data/report")
-SWEEPS, METHODS = Path("data/sweeps"), Path("data/methods")
+SWEEPS, METHODS, REFERENCE = Path("data/sweeps"), Path("data/methods"), Path("data/reference")
 LABELS = {"invdiff_lambda0": "ablation: λ = 0", "invdiff_oracle": "ablation: true groups, uses bias labels"}
 
 
@@ -75,7 +75,8 @@ def main() -> None:
                 "Rows below: training images most firmly in each group (lowest loss first).", "",
                 "![InvDiff bias discovery](invdiff_discovery.png)", ""]
         context = {**params.data.model_dump(), **params.sample.model_dump(),
-                   "bias_floor": uniform_bias_floor(params.sample.num_per_class, NUM_COLOURS, seed=params.seed)}
+                   "bias_floor": uniform_bias_floor(params.sample.num_per_class, load_meta(REFERENCE).num_attributes,
+                                                 seed=params.seed)}
         md = render_markdown(rows, data_bias=load_json("data/reference/summary.json")["train_data_bias"],
                              judges=load_json("data/metrics/train_classifiers.json"), context=context,
                              grids=grids, scatter="bias_vs_fid.png", sweeps=sweeps, extras=extras, labels=LABELS)

@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.data import NUM_CLASSES, to_uint8
-from pipeline.diffusion import load_diffusion
+from pipeline.data import to_uint8
 from pipeline.io import atomic_path, save_npz
 from pipeline.methods.distribution_guidance import distribution_guidance_hooks
 from pipeline.methods.invdiff import InvDiffHooks, load_delta
 from pipeline.methods.latent_directions import latent_direction_hooks
-from pipeline.models import null_class
+from pipeline.pretrained import load_model
 from pipeline.sampling import SamplerHooks, make_scheduler, sample, sample_seeds
 from stages.common import Params, UserError, device, load_params, mlflow_run, stage_main
 
@@ -53,17 +52,18 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     params = load_params()
     p = params.sample
-    cond = np.repeat(np.arange(NUM_CLASSES), p.num_per_class)
     dev = device()
+    model = load_model(MODEL, dev)
+    cond = np.repeat(np.arange(model.num_classes), p.num_per_class)
     hooks, knobs = hooks_for(args.method, params, cond, dev)
-    unet, sched_cfg = load_diffusion(MODEL, dev)
-    scheduler = make_scheduler(sched_cfg, p.scheduler, p.timestep_spacing)
+    scheduler = make_scheduler(model.scheduler_config, p.scheduler, p.timestep_spacing)
     seeds = sample_seeds(params.seed, len(cond))
     with mlflow_run("sample", params, ("sample",), run_name=f"sample@{args.method}",
                     extra_tags={"method": args.method}) as run:
-        images = sample(unet, scheduler, cond, seeds, num_inference_steps=p.num_inference_steps,
+        images = sample(model.unet, scheduler, cond, seeds, num_inference_steps=p.num_inference_steps,
                         guidance_scale=p.guidance_scale, eta=p.eta, batch_size=p.batch_size,
-                        null_class=null_class(unet), hooks=hooks, device=dev)
+                        null_class=model.null_class, hooks=hooks, device=dev, conditioning=model.conditioning,
+                        vae=model.vae)
         run.metrics({"num_samples": len(cond)})
     table = pd.DataFrame({"index": np.arange(len(cond)), "condition": cond, "seed": seeds, "method": args.method,
                           "scheduler": p.scheduler, "num_inference_steps": p.num_inference_steps,

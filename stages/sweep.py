@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import NUM_CLASSES, to_uint8
-from pipeline.diffusion import load_diffusion
+from pipeline.data import to_uint8
 from pipeline.io import load_json, save_json
 from pipeline.methods.distribution_guidance import distribution_guidance_hooks
 from pipeline.methods.invdiff import InvDiffHooks, load_delta
 from pipeline.methods.latent_directions import latent_direction_hooks
-from pipeline.models import null_class
+from pipeline.pretrained import load_model
 from pipeline.sampling import make_scheduler, sample, sample_seeds
 from pipeline.scoring import Scorer
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
@@ -62,21 +61,22 @@ def main(argv=None) -> None:
     ps = params.sample
     per_class = params.invdiff.sweep_per_class if args.method in INVDIFF else params.latentdir.sweep_per_class
     per_class = params.distguide.sweep_per_class if args.method == "distguide" else per_class
-    cond = np.repeat(np.arange(NUM_CLASSES), per_class)
-    seeds = sample_seeds(params.seed, len(cond))
     dev = device()
+    model = load_model(MODEL, dev)
+    cond = np.repeat(np.arange(model.num_classes), per_class)
+    seeds = sample_seeds(params.seed, len(cond))
     section, grid = sweep_grid(args.method, params, cond, dev)
-    unet, sched_cfg = load_diffusion(MODEL, dev)
-    scheduler = make_scheduler(sched_cfg, ps.scheduler, ps.timestep_spacing)
+    scheduler = make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing)
     scorer = Scorer(JUDGES, REF, device=dev, k=params.score.pr_k, seed=params.seed,
                     batch_size=params.score.batch_size)
     rows = []
     with mlflow_run("sweep", params, (section, "sample", "score"), run_name=f"sweep@{args.method}",
                     extra_tags={"method": args.method}) as run:
         for i, (knobs, hooks) in enumerate(grid):
-            images = sample(unet, scheduler, cond, seeds, num_inference_steps=ps.num_inference_steps,
+            images = sample(model.unet, scheduler, cond, seeds, num_inference_steps=ps.num_inference_steps,
                             guidance_scale=ps.guidance_scale, eta=ps.eta, batch_size=ps.batch_size,
-                            null_class=null_class(unet), hooks=hooks, device=dev, progress=False)
+                            null_class=model.null_class, hooks=hooks, device=dev, progress=False,
+                            conditioning=model.conditioning, vae=model.vae)
             metrics, _ = scorer(to_uint8(images), cond)
             rows.append({"method": args.method, **knobs, **metrics})
             run.metrics(metrics, step=i)

@@ -1,5 +1,8 @@
 """train_diffusion: the biased class-conditional DDPM on the biased training split (accelerate, EMA, resume).
 
+With diffusion.pretrained, the local diffusers model there is adopted instead of a new U-Net and fine-tuned for
+diffusion.train_steps on the biased data (0: adopted as it is); a latent pipeline is trained on the VAE's latents,
+conditioned by diffusion.prompt_template filled with the class names (pipeline/pretrained.py).
 Runs as `python -m stages.train_diffusion` or under `accelerate launch -m stages.train_diffusion`.
 Checkpoints go to data/checkpoints/diffusion (a DVC `persist` output), so a re-run resumes from the latest.
 """
@@ -8,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import NUM_CLASSES, load_split, to_tensor
+from pipeline.data import load_meta, load_split, to_tensor
 from pipeline.diffusion import resolve_mixed_precision, train_diffusion
 from pipeline.io import save_json
 from stages.common import load_params, mlflow_run, stage_main
@@ -25,10 +28,23 @@ def main() -> None:
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg["mixed_precision"]))
     train = load_split(PREPARED, "train", with_bias=False)  # the biased model never sees the colour label
     images, classes = to_tensor(train.images), torch.from_numpy(train.classes)
+    meta = load_meta(PREPARED)
+    adopted = {}
+    if cfg["pretrained"] is not None:
+        from pipeline.pretrained import adopt_pretrained
+        from pipeline.sampling import encode_latents
+
+        model = adopt_pretrained(cfg["pretrained"], class_names=meta.class_names,
+                                 prompt_template=cfg["prompt_template"], resolution=images.shape[-1],
+                                 device=accelerator.device)
+        if model.vae is not None:
+            images = encode_latents(model.vae, images)
+        adopted = {"unet": model.unet, "conditioning": model.conditioning,
+                   "scheduler_config": model.scheduler_config, "save_extra": model.save_extra}
 
     def fit(log=None):
-        return train_diffusion(images, classes, num_classes=NUM_CLASSES, cfg=cfg, seed=params.seed,
-                               out_dir=OUT, ckpt_dir=CKPT, accelerator=accelerator, log=log)
+        return train_diffusion(images, classes, num_classes=meta.num_classes, cfg=cfg, seed=params.seed,
+                               out_dir=OUT, ckpt_dir=CKPT, accelerator=accelerator, log=log, **adopted)
 
     if not accelerator.is_main_process:
         fit()
@@ -41,7 +57,8 @@ def main() -> None:
     save_json("data/metrics/train_diffusion_loss.json",
               [{"step": s, "train_loss": loss} for s, loss in result.losses])
     save_json("data/metrics/train_diffusion.json", summary)
-    print(f"trained {result.steps} steps (resumed from {result.resumed_from}); final loss {result.final_loss:.4f}")
+    shown = "none (adopted as it is)" if result.final_loss is None else f"{result.final_loss:.4f}"
+    print(f"trained {result.steps} steps (resumed from {result.resumed_from}); final loss {shown}")
 
 
 if __name__ == "__main__":

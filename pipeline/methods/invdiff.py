@@ -51,6 +51,7 @@ from pipeline.checkpoints import (
     save_checkpoint,
     tensor_digest,
 )
+from pipeline.conditioning import Conditioning, call_unet
 from pipeline.diffusion import training_target
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
@@ -58,40 +59,6 @@ from pipeline.sampling import SamplerHooks, StepContext
 
 # ----------------------------------------------------------------------------------------------------------------
 # any diffusers U-Net: UNet2DModel (class labels) or UNet2DConditionModel (class labels and/or text embeddings)
-
-
-@dataclass
-class Conditioning:
-    """What a U-Net is conditioned on, per sample: class labels, text-encoder states, or both."""
-
-    class_labels: torch.Tensor | None = None  # int64 [N]
-    encoder_hidden_states: torch.Tensor | None = None  # float [N, seq, dim]
-
-    def __len__(self) -> int:
-        t = self.class_labels if self.class_labels is not None else self.encoder_hidden_states
-        return 0 if t is None else len(t)
-
-    def select(self, idx, device=None) -> Conditioning:
-        def pick(t):
-            return None if t is None else t[idx].to(device) if device is not None else t[idx]
-
-        return Conditioning(pick(self.class_labels), pick(self.encoder_hidden_states))
-
-
-def call_unet(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-    """unet(x, t, ...).sample for either diffusers U-Net class."""
-    kwargs = {}
-    if cond.class_labels is not None:
-        kwargs["class_labels"] = cond.class_labels
-    if _takes_text(unet):
-        kwargs["encoder_hidden_states"] = cond.encoder_hidden_states
-    elif cond.encoder_hidden_states is not None:
-        raise UserError(f"{type(unet).__name__} takes no encoder_hidden_states (text conditioning)")
-    return unet(x, t, **kwargs).sample
-
-
-def _takes_text(unet) -> bool:
-    return type(unet).__name__ == "UNet2DConditionModel"
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -462,5 +429,5 @@ class InvDiffHooks(SamplerHooks):
             return out
         t = torch.full((len(x_t),), ctx.timestep, dtype=torch.long, device=x_t.device)
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=x_t.device.type == "cuda"):
-            d = self.delta(x_t, t, class_labels=ctx.labels).sample.float()
+            d = self.delta(x_t, t, **ctx.unet_kwargs).sample.float()
         return out + self.strength * d
