@@ -86,7 +86,7 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     accelerator = accelerator or Accelerator(mixed_precision=resolve_mixed_precision(cfg["mixed_precision"]))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    conditioning = conditioning or Conditioning()
+    conditioning = Conditioning() if conditioning is None else conditioning
     if unet is None:
         unet = build_unet(resolution=images.shape[-1], num_classes=num_classes,
                           block_out_channels=cfg["block_out_channels"], layers_per_block=cfg["layers_per_block"],

@@ -97,7 +97,7 @@ def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inferenc
     """Generate len(cond) images; returns float32 [N,C,H,W] in [-1, 1] on the CPU (decoded by `vae` if given).
     conditioning: how class indices reach the U-Net (None: class_labels)."""
     hooks = hooks or SamplerHooks()
-    conditioning = conditioning or Conditioning()
+    conditioning = Conditioning() if conditioning is None else conditioning
     device = torch.device(device)
     autocast = device.type == "cuda" if autocast is None else autocast
     size, channels = unet.config.sample_size, unet.config.in_channels
