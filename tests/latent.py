@@ -61,3 +61,26 @@ def save_tiny_pipeline(path: Path, resolution: int = 16, seed: int = 0) -> Path:
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(path))
     return path
+
+
+def write_red_sign_judge(path: Path) -> Path:
+    """A user-supplied attribute judge (the README's judge format) for a 16×16 image whose label is the sign of the
+    red channel averaged around one spot (rows 4–7, columns 0–3). A judge trained on the fixture's flat colours sees
+    only noise in what an untrained pipeline decodes and labels it all alike; this one splits such samples about
+    evenly (measured on the tiny pipeline: the spot's mean is ≈ 0, its spread across samples ≈ 0.1), so the methods
+    that fit on judge labels (an SVM needs two values) have two to fit."""
+    from pipeline.models import Judge, save_judge
+
+    judge = Judge(num_outputs=2, width=4)
+    with torch.no_grad():
+        for p in judge.parameters():
+            p.zero_()
+        conv1, conv2, conv3, linear = judge.body[0], judge.body[2], judge.body[4], judge.body[8]
+        conv1.weight[0, 0, 1, 1], conv1.weight[1, 0, 1, 1] = 1.0, -1.0  # relu(R), relu(−R)
+        for conv in (conv2, conv3):  # 3×3 box averages, stride 2, of both channels
+            conv.weight[0, 0], conv.weight[1, 1] = 1 / 9, 1 / 9
+        cell = 1 * 4 + 0  # pooled 4×4 map, row 1, column 0
+        linear.weight[0, 0 * 16 + cell], linear.weight[1, 1 * 16 + cell] = 1.0, 1.0
+        judge.head.weight[1, 0], judge.head.weight[1, 1] = 1.0, -1.0  # logit 1 = mean R there; logit 0 = 0
+    save_judge(judge, path, labels=["red below 0", "red above 0"])
+    return path

@@ -16,7 +16,7 @@ from pipeline.conditioning import Conditioning, call_unet, encode_prompts, fill_
 from pipeline.errors import UserError
 from pipeline.pretrained import adopt_pretrained, load_model, load_pretrained
 from pipeline.sampling import SamplerHooks, decode_latents, encode_latents, make_scheduler, sample, sample_seeds
-from tests.latent import MAX_LENGTH, save_tiny_pipeline
+from tests.latent import MAX_LENGTH, save_tiny_pipeline, write_red_sign_judge
 from tests.realdata import folder_rows, write_folder
 from tests.test_dag import dvc, make_project
 
@@ -215,8 +215,8 @@ LATENT_PARAMS = {
 
 @pytest.fixture(scope="module")
 def latent_project(tmp_path_factory, pipe_dir):
-    """A project copy on a 2-class / 2-attribute image folder with the tiny latent pipeline as diffusion.pretrained;
-    `dvc repro sample` trains (2 steps) and runs every method's fit and sample stages."""
+    """A project copy on a 2-class / 2-attribute image folder with the tiny latent pipeline as diffusion.pretrained
+    (fine-tuned 2 steps) and a user-supplied attribute judge (tests/latent.py)."""
     tmp = make_project(tmp_path_factory.mktemp("latent"))
     write_folder(tmp / "ds", folder_rows(48))
     raw = yaml.safe_load((tmp / "params.yaml").read_text())
@@ -224,14 +224,19 @@ def latent_project(tmp_path_factory, pipe_dir):
         raw[section].update(values)
     raw["data"]["source"] = str(tmp / "ds")
     raw["diffusion"]["pretrained"] = str(pipe_dir)
+    raw["classifiers"]["attribute_judge"] = str(write_red_sign_judge(tmp / "red_sign.safetensors"))
     (tmp / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    proc = dvc(tmp, "repro", "sample", "score@baseline")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp
 
 
-def test_dvc_repro_with_a_latent_pretrained_pipeline(latent_project):
+def repro(tmp, *targets):
+    proc = dvc(tmp, "repro", *targets)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_dvc_repro_trains_samples_and_scores_a_latent_pretrained_pipeline(latent_project):
     tmp = latent_project
+    repro(tmp, "score@baseline")
     model_dir = tmp / "data/models/diffusion"
     assert sorted(p.name for p in model_dir.iterdir()) == ["prompts.safetensors", "scheduler", "unet", "vae"]
     assert json.loads((model_dir / "unet/config.json").read_text())["_class_name"] == "UNet2DConditionModel"
@@ -239,11 +244,25 @@ def test_dvc_repro_with_a_latent_pretrained_pipeline(latent_project):
     model = load_model(model_dir)
     assert model.prompts == ("a photo of a cat", "a photo of a dog") and model.null_class == 2
     assert json.loads((tmp / "data/metrics/train_diffusion.json").read_text())["steps"] == 2
+    images = np.load(tmp / "data/samples/baseline/images.npz")["images"]
+    assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8
+    metrics = json.loads((tmp / "data/scores/baseline/metrics.json").read_text())
+    assert metrics["num_samples"] == 8 and 0 <= metrics["aligned_fraction"] <= 1
+    assert 0 <= metrics["bias_score_normalised"] <= 1  # two attribute values: normalised by 2/K = 1
+    assert (tmp / "data/reference/meta.json").is_file()
+
+
+@pytest.mark.slow
+def test_dvc_repro_every_method_on_a_latent_pretrained_pipeline(latent_project):
+    """Every method's fit and sample stages, then scores and the report (about 4 min on 2 busy cores)."""
+    tmp = latent_project
+    repro(tmp, "sample")
     for method in ("baseline", "latentdir", "invdiff", "invdiff_lambda0", "invdiff_oracle", "distguide"):
         images = np.load(tmp / f"data/samples/{method}/images.npz")["images"]
         assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8, method
     directions = np.load(tmp / "data/methods/latentdir/directions.npz")["directions"]
     assert directions.shape[1:] == (2, 4 * 8 * 8)  # two attribute values, in latent space
-    metrics = json.loads((tmp / "data/scores/baseline/metrics.json").read_text())
-    assert metrics["num_samples"] == 8 and 0 <= metrics["aligned_fraction"] <= 1
-    assert (tmp / "data/reference/meta.json").is_file()
+    delta = json.loads((tmp / "data/methods/invdiff/delta/config.json").read_text())
+    assert delta["_class_name"] == "UNet2DConditionModel" and delta["cross_attention_dim"] == 32
+    repro(tmp, "report")
+    assert "| distguide |" in (tmp / "data/report/report.md").read_text()
