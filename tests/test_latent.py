@@ -266,3 +266,40 @@ def test_dvc_repro_every_method_on_a_latent_pretrained_pipeline(latent_project):
     assert delta["_class_name"] == "UNet2DConditionModel" and delta["cross_attention_dim"] == 32
     repro(tmp, "report")
     assert "| distguide |" in (tmp / "data/report/report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ adopt, params
+
+def test_zero_steps_adopts_the_latent_pipeline_as_it_is(pipe_dir, tmp_path):
+    from pipeline.config import DiffusionParams
+    from pipeline.diffusion import train_diffusion
+
+    model = adopt_pretrained(pipe_dir, class_names=CLASSES, prompt_template=TEMPLATE, resolution=16)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    latents = encode_latents(model.vae, images)
+    cfg = DiffusionParams(pretrained=str(pipe_dir), prompt_template=TEMPLATE, train_steps=0).model_dump()
+    result = train_diffusion(latents, torch.tensor([0, 1] * 3), num_classes=2, cfg=cfg, seed=0,
+                             out_dir=tmp_path / "model", ckpt_dir=tmp_path / "ckpt", unet=model.unet,
+                             conditioning=model.conditioning, scheduler_config=model.scheduler_config,
+                             save_extra=model.save_extra)
+    assert result.steps == 0 and result.final_loss is None
+    loaded = load_model(tmp_path / "model")
+    assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(loaded.prompt_embeds, model.conditioning.prompt_embeds) and loaded.null_class == 2
+    assert loaded.scheduler_config["beta_schedule"] == "scaled_linear"  # the pipeline's own schedule
+    assert loaded.scheduler_config["prediction_type"] == "epsilon"
+    assert torch.equal(loaded.to_model_space(images), latents)
+
+
+@pytest.mark.parametrize(("diffusion", "needle"), [
+    ({"train_steps": 0}, "train_steps 0"),
+    ({"pretrained": "x", "prompt_template": "a photo"}, "{class}"),
+    ({"prompt_template": "a photo of a {class}"}, "needs a pretrained"),
+])
+def test_pretrained_params_are_checked(diffusion, needle):
+    from pipeline.config import parse_params
+
+    with pytest.raises(UserError) as exc:
+        parse_params({"diffusion": diffusion})
+    one_line(exc, "diffusion", needle)
