@@ -105,7 +105,9 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     null = num_classes if conditioning.prompt_embeds is not None else null_class(unet)
 
     extra = {} if conditioning.prompt_embeds is None else {"prompts": tensor_digest(conditioning.prompt_embeds)}
-    fingerprint = config_fingerprint({**cfg, "seed": seed, "num_classes": num_classes,
+    # unset pre-training knobs are left out, so checkpoints made before they existed still resume
+    cfg_fp = {k: v for k, v in cfg.items() if not (k in ("pretrained", "prompt_template") and v is None)}
+    fingerprint = config_fingerprint({**cfg_fp, "seed": seed, "num_classes": num_classes,
                                       "data": tensor_digest(images, classes), **extra})
     start = 0
     if accelerator.is_main_process:
