@@ -24,13 +24,15 @@ INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
 METHODS = ("baseline", "latentdir", *INVDIFF, "distguide")
 
 
-def hooks_for(method: str, params: Params, cond: np.ndarray, dev="cpu") -> tuple[SamplerHooks, dict]:
-    """(the method's sampler hooks, its knobs for the samples table). The baseline changes nothing."""
+def hooks_for(method: str, params: Params, conditions, dev="cpu") -> tuple[SamplerHooks, dict]:
+    """(the method's sampler hooks, its knobs for the samples table). The baseline changes nothing.
+    conditions(): the run's class conditions (asked for only by the methods that need them, after the method's own
+    files are found, so a missing fit is what a user is told about first)."""
     if method == "baseline":
         return SamplerHooks(), {}
     if method == "latentdir":
         p = params.latentdir
-        hooks = latent_direction_hooks(Path("data/methods/latentdir/directions.npz"), cond, step=p.source_step,
+        hooks = latent_direction_hooks(Path("data/methods/latentdir/directions.npz"), conditions(), step=p.source_step,
                                        weight=p.weight, target=p.target, seed=params.seed,
                                        renormalise=p.renormalise)
         return hooks, {"source_step": p.source_step, "weight": p.weight}
@@ -53,9 +55,15 @@ def main(argv=None) -> None:
     params = load_params()
     p = params.sample
     dev = device()
-    model = load_model(MODEL, dev)
-    cond = np.repeat(np.arange(model.num_classes), p.num_per_class)
-    hooks, knobs = hooks_for(args.method, params, cond, dev)
+    loaded = {}
+
+    def conditions() -> np.ndarray:  # num_per_class of each of the model's classes
+        if "model" not in loaded:
+            loaded["model"] = load_model(MODEL, dev)
+        return np.repeat(np.arange(loaded["model"].num_classes), p.num_per_class)
+
+    hooks, knobs = hooks_for(args.method, params, conditions, dev)
+    cond, model = conditions(), loaded["model"]
     scheduler = make_scheduler(model.scheduler_config, p.scheduler, p.timestep_spacing)
     seeds = sample_seeds(params.seed, len(cond))
     with mlflow_run("sample", params, ("sample",), run_name=f"sample@{args.method}",
