@@ -303,3 +303,26 @@ def test_pretrained_params_are_checked(diffusion, needle):
     with pytest.raises(UserError) as exc:
         parse_params({"diffusion": diffusion})
     one_line(exc, "diffusion", needle)
+
+
+def test_a_pixel_unet_is_fine_tuned_from_where_it_was(unet, tmp_path):
+    from pipeline.config import DiffusionParams
+    from pipeline.diffusion import train_diffusion
+
+    unet.save_pretrained(tmp_path / "pixel" / "unet")
+    model = adopt_pretrained(tmp_path / "pixel", class_names=[str(d) for d in range(10)], prompt_template=None,
+                             resolution=16)
+    cfg = DiffusionParams(pretrained=str(tmp_path / "pixel"), train_steps=1, batch_size=4,
+                          warmup_steps=0).model_dump()
+    result = train_diffusion(torch.rand(8, 3, 16, 16) * 2 - 1, torch.arange(8), num_classes=10, cfg=cfg, seed=0,
+                             out_dir=tmp_path / "model", ckpt_dir=tmp_path / "ckpt", unet=model.unet,
+                             conditioning=model.conditioning, scheduler_config=model.scheduler_config,
+                             save_extra=model.save_extra)
+    assert result.steps == 1 and result.final_loss > 0
+    loaded = load_model(tmp_path / "model")
+    assert loaded.vae is None and loaded.prompt_embeds is None and loaded.null_class == 10
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["scheduler", "unet"]
+    # one step from the saved weights, not from a fresh initialisation: the weights moved only a little
+    original = dict(unet.state_dict())
+    drift = max((loaded.unet.state_dict()[k] - v).abs().max().item() for k, v in original.items())
+    assert 0 < drift < 0.05
