@@ -211,6 +211,7 @@ class DistGuideParams(_Section):
     fit_per_class: int = Field(150, ge=2)
     h_module: str = "up_blocks.1"
     pool: int = Field(1, ge=0)
+    pool_weights: Literal["activity", "uniform"] = "activity"
     adp: Literal["auto", "linear", "mlp"] = "auto"
     hidden: int = Field(64, ge=4)
     class_offset: bool = False

@@ -33,7 +33,7 @@ def main() -> None:
     num_attr, num_classes = colour.config["num_outputs"], model.num_classes
     cond = np.repeat(np.arange(num_classes), p.fit_per_class)
     seeds = sample_seeds(params.seed + 2, len(cond))  # a stream of its own, disjoint from the scored samples
-    recorder = RecordH(p.h_module, p.pool)
+    recorder = RecordH(p.h_module, p.pool, p.pool_weights)
     images = sample(model.unet, make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing), cond,
                     seeds, num_inference_steps=ps.num_inference_steps, guidance_scale=ps.guidance_scale, eta=ps.eta,
                     batch_size=ps.batch_size, null_class=model.null_class, hooks=recorder, device=dev,
@@ -45,7 +45,8 @@ def main() -> None:
     for kind in (("linear", "mlp") if p.adp == "auto" else (p.adp,)):
         fits[kind] = train_adp(h, labels, cond, kind=kind, shape=recorder.shape, num_attr=num_attr,
                                num_classes=num_classes, timesteps=timesteps, module=p.h_module, hidden=p.hidden,
-                               class_offset=p.class_offset, pool=p.pool, epochs=p.epochs,
+                               class_offset=p.class_offset, pool=p.pool, pool_weights=p.pool_weights,
+                               epochs=p.epochs,
                                lr=p.lr, weight_decay=p.weight_decay, holdout=p.holdout, seed=params.seed)
     # Minority accuracy decides: a class-prior guess already scores ~0.95 plain accuracy on a biased model.
     chosen = max(fits, key=lambda k: (float(np.nan_to_num(np.mean(fits[k][1]["minority_accuracy"]))),

@@ -14,6 +14,7 @@ from pipeline.methods.distribution_guidance import (
     distribution_guidance_hooks,
     guidance_loss,
     load_adp,
+    pool_h,
     save_adp,
     train_adp,
     validate_target,
@@ -277,3 +278,24 @@ def test_bad_step_range_names_the_key():
     raw["distguide"]["steps"] = [5, 5]
     with pytest.raises(UserError, match="distguide.steps"):
         parse_params(raw)
+
+
+def test_activity_pooling_is_the_norm_weighted_mean_and_its_gradient_follows_the_weights():
+    h = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    m = h.norm(dim=1)  # [N, H, W]
+    f = pool_h(h, 1, "activity")
+    ref = (h * m[:, None]).sum(dim=(2, 3)) / m.sum(dim=(1, 2))[:, None]
+    assert torch.allclose(f, ref)
+    # 2×2 cells: each cell's own weighted mean
+    cell = h[:, :, :2, 2:]
+    mc = cell.norm(dim=1)
+    ref01 = (cell * mc[:, None]).sum(dim=(2, 3)) / mc.sum(dim=(1, 2))[:, None]
+    assert torch.allclose(pool_h(h, 2, "activity").view(3, 4, 2, 2)[:, :, 0, 1], ref01)
+    # the weights are held constant: ∂f_c/∂h_cxy = m_xy / Σ m
+    x = h.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(pool_h(x, 1, "activity")[:, 0].sum(), x)
+    assert torch.allclose(g[:, 0], m / m.sum(dim=(1, 2), keepdim=True))
+    assert torch.count_nonzero(g[:, 1:]) == 0
+    assert torch.allclose(pool_h(h, 1, "uniform"), h.mean(dim=(2, 3)))
+    with pytest.raises(UserError, match="pool_weights"):
+        pool_h(h, 1, "median")

@@ -36,22 +36,34 @@ from pipeline.errors import UserError
 from pipeline.sampling import SamplerHooks, StepContext
 
 
-def pool_h(h: torch.Tensor, pool: int) -> torch.Tensor:
-    """h [N, C, H, W] → [N, C·pool·pool]: average-pooled to pool×pool per channel (pool 0: flattened as is)."""
+def pool_h(h: torch.Tensor, pool: int, weights: str = "uniform") -> torch.Tensor:
+    """h [N, C, H, W] → [N, C·pool·pool]: pooled to pool×pool cells per channel (pool 0: flattened as is).
+
+    uniform:   f_{c,cell} = mean_{xy ∈ cell} h_{cxy}
+    activity:  f_{c,cell} = Σ_{xy ∈ cell} m_{xy} h_{cxy} / Σ_{xy ∈ cell} m_{xy},  m_{xy} = ‖h_{:xy}‖₂ (held constant)
+    With `activity` the guidance gradient ∂f/∂h_{cxy} ∝ m_{xy} lands where the features are active (the stroke,
+    here) rather than spread evenly over the background too — measured: less background noise per unit of colour
+    change (README, Distribution Guidance)."""
+    if weights not in ("uniform", "activity"):
+        raise UserError(f"distguide.pool_weights: unknown {weights!r} (expected uniform or activity)")
     if not pool:
         return h.flatten(1)
     n, c, hh, ww = h.shape
     if hh % pool or ww % pool:
         raise UserError(f"distguide.pool: {pool} must divide h's spatial size {hh}x{ww}")
-    return h.reshape(n, c, pool, hh // pool, pool, ww // pool).mean(dim=(3, 5)).flatten(1)
+    cells = (n, c, pool, hh // pool, pool, ww // pool)
+    if weights == "uniform":
+        return h.reshape(cells).mean(dim=(3, 5)).flatten(1)
+    m = h.detach().norm(dim=1, keepdim=True).reshape(n, 1, *cells[2:])
+    return ((h.reshape(cells) * m).sum(dim=(3, 5)) / m.sum(dim=(3, 5)).clamp_min(1e-12)).flatten(1)
 
 
 class RecordH(SamplerHooks):
     """Records h_t (output of `module`, conditional half) at every sampling step as the probe's input features
     (pool_h), and the timesteps."""
 
-    def __init__(self, module: str = "mid_block", pool: int = 0):
-        self.h_module, self.pool = module, pool
+    def __init__(self, module: str = "mid_block", pool: int = 0, pool_weights: str = "uniform"):
+        self.h_module, self.pool, self.pool_weights = module, pool, pool_weights
         self.records: dict[int, list[torch.Tensor]] = {}
         self.timesteps: dict[int, int] = {}
         self.shape: tuple[int, ...] | None = None
@@ -60,7 +72,7 @@ class RecordH(SamplerHooks):
         self.shape = tuple(h.shape[1:])
         self.timesteps[ctx.step_index] = ctx.timestep
         self.records.setdefault(ctx.step_index, []).append(
-            pool_h(h[: len(ctx.sample_ids)].detach().float(), self.pool).cpu().clone())
+            pool_h(h[: len(ctx.sample_ids)].detach().float(), self.pool, self.pool_weights).cpu().clone())
         return h
 
     def stacked(self) -> np.ndarray:
@@ -72,7 +84,8 @@ class ADP(nn.Module):
     """Attribute Distribution Predictor over S sampling steps: logits [N, K] = forward(h [N, D], step, y [N])."""
 
     def __init__(self, kind: str, shape, num_attr: int, num_steps: int, num_classes: int, *,
-                 hidden: int = 64, class_offset: bool = True, pool: int = 0, timesteps=(), module: str = "mid_block"):
+                 hidden: int = 64, class_offset: bool = True, pool: int = 0, pool_weights: str = "uniform",
+                 timesteps=(), module: str = "mid_block"):
         super().__init__()
         if kind not in ("linear", "mlp"):
             raise UserError(f"distguide.adp: unknown kind {kind!r} (expected linear or mlp)")
@@ -82,6 +95,7 @@ class ADP(nn.Module):
         in_dim = shape[0] * pool * pool if pool else int(np.prod(shape))
         self.config = {"kind": kind, "shape": list(shape), "num_attr": num_attr, "num_steps": num_steps,
                        "num_classes": num_classes, "hidden": hidden, "class_offset": class_offset, "pool": pool,
+                       "pool_weights": pool_weights,
                        "timesteps": [int(t) for t in timesteps], "module": module}
         self.register_buffer("mean", torch.zeros(num_steps, in_dim))  # per-step standardisation of the features
         self.register_buffer("std", torch.ones(num_steps, in_dim))
@@ -94,8 +108,8 @@ class ADP(nn.Module):
         self.offset = nn.Parameter(torch.zeros(num_steps, num_classes, num_attr), requires_grad=class_offset)
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
-        """Flattened h [N, C·H·W] → the probe's input: as is, or average-pooled to pool×pool per channel."""
-        return pool_h(h.view(len(h), *self.config["shape"]), self.config["pool"])
+        """Flattened h [N, C·H·W] → the probe's input: as is, or pooled to pool×pool per channel (pool_h)."""
+        return pool_h(h.view(len(h), *self.config["shape"]), self.config["pool"], self.config["pool_weights"])
 
     def forward(self, h: torch.Tensor, step: int, y: torch.Tensor, pooled: bool = False) -> torch.Tensor:
         x = ((h if pooled else self.features(h)) - self.mean[step]) / self.std[step]
@@ -115,7 +129,7 @@ class ADP(nn.Module):
 
 def train_adp(h: np.ndarray, attr: np.ndarray, cond: np.ndarray, *, kind: str, shape, num_attr: int,
               num_classes: int, timesteps, module: str = "mid_block", hidden: int = 64, class_offset: bool = True,
-              pool: int = 0, epochs: int = 200, lr: float = 0.01,
+              pool: int = 0, pool_weights: str = "uniform", epochs: int = 200, lr: float = 0.01,
               weight_decay: float = 1e-3, batch_size: int = 512, holdout: float = 0.2, seed: int = 0,
               progress: bool = True) -> tuple[ADP, dict]:
     """Fit the ADP by cross-entropy (AdamW, minibatches of samples, every step at once) on a (1 − holdout) split.
@@ -132,7 +146,7 @@ def train_adp(h: np.ndarray, attr: np.ndarray, cond: np.ndarray, *, kind: str, s
     test, train = order[:n_test], order[n_test:]
     torch.manual_seed(seed)
     model = ADP(kind, shape, num_attr, num_steps, num_classes, hidden=hidden, class_offset=class_offset, pool=pool,
-                timesteps=timesteps, module=module)
+                pool_weights=pool_weights, timesteps=timesteps, module=module)
     x = torch.as_tensor(h, dtype=torch.float32)
     a, y = torch.as_tensor(attr, dtype=torch.long), torch.as_tensor(cond, dtype=torch.long)
     model.mean.copy_(x[:, train].mean(1))
