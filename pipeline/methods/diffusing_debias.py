@@ -3,7 +3,8 @@
 Pipeline (DESIGN.md §4):
     1. sample many images per class from the biased diffusion model at a high guidance scale w: they are
        bias-aligned far more often than the real data (the model's bias, amplified by guidance);
-    2. the bias amplifier (BA) f_BA is trained on those synthetic images only, label = generating class;
+    2. the bias amplifier (BA) f_BA is trained on those synthetic images only, label = generating class, with
+       GCE (below) by default, as LfF trains its bias model;
        it never sees a real training image (`SyntheticImages` is the only input `train_bias_amplifier` takes);
     3. the target classifier f_D (LfF's Coloured-MNIST MLP, Adam) is trained on the real training set with
        one of two recipes that read f_BA:
@@ -13,7 +14,8 @@ Recipe I (pseudo-labels → GroupDRO, Sagawa et al. 2020). b̂_i = pseudo bias o
     pseudo_bias = predicted: b̂_i = argmax f_BA(x_i)               groups g = (y, b̂), K·K groups
   per batch, L_g = mean CE over the batch's samples of group g (groups absent from the batch: L_g = 0),
     q_g ← q_g · exp(η · L_g),   q ← q / Σ_g q_g,   loss = Σ_g q_g L_g
-  with group-balanced sampling (each sample drawn ∝ 1/n_g, Sagawa et al.'s `reweight_groups`) by default.
+  with group-balanced sampling (each sample drawn ∝ 1/n_g, Sagawa et al.'s `reweight_groups`) by default and
+  Adam weight decay `dro_weight_decay` (Sagawa et al.: GroupDRO generalises only with strong ℓ2 regularisation).
 
 Recipe II (frozen f_BA, LfF-style weights, Nam et al. 2020):
     ℓ^BA_i = EMA_α of CE(f_BA(x_i), y_i)          (constant: f_BA is frozen)
@@ -218,7 +220,9 @@ class TrainConfig:
     ema: float = 0.7
     gce_q: float = 0.7
     dro_eta: float = 0.01
+    dro_weight_decay: float = 3e-3  # Recipe I's Adam weight decay (Sagawa et al.: GroupDRO needs strong ℓ2)
     group_sampling: str = "balanced"  # Recipe I: balanced (∝ 1/n_g) | uniform
+    loss: str = "ce"  # fit_classifier: ce | gce (the bias amplifiers: GCE, q = gce_q, as LfF's bias model)
     seed: int = 0
 
 
@@ -228,9 +232,10 @@ def _batches(n: int, cfg: TrainConfig, gen: torch.Generator, weights: torch.Tens
     return idx.split(cfg.batch_size)
 
 
-def _model(in_dim: int, num_classes: int, cfg: TrainConfig) -> tuple[MLP, torch.optim.Optimizer]:
+def _model(in_dim: int, num_classes: int, cfg: TrainConfig, weight_decay: float | None = None):
     m = MLP(in_dim, num_classes, cfg.hidden, cfg.depth)
-    return m, torch.optim.Adam(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    wd = cfg.weight_decay if weight_decay is None else weight_decay
+    return m, torch.optim.Adam(m.parameters(), lr=cfg.lr, weight_decay=wd)
 
 
 def _check(loss: torch.Tensor, what: str, step: int) -> None:
@@ -240,7 +245,8 @@ def _check(loss: torch.Tensor, what: str, step: int) -> None:
 
 def fit_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *, what: str = "ERM",
                    log=None) -> MLP:
-    """Plain cross-entropy (ERM): the target baseline, and how the bias amplifiers are trained."""
+    """ERM with cross-entropy (cfg.loss = ce: the target baseline) or GCE (cfg.loss = gce: the bias amplifiers,
+    which GCE pushes further onto the easy, biased feature)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model, opt = _model(x.shape[1], num_classes, cfg)
@@ -248,7 +254,9 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: Trai
     for epoch in range(cfg.epochs):
         model.train()
         for idx in _batches(len(x), cfg, gen):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            logits = model(x[idx])
+            loss = (gce_loss(logits, y[idx], cfg.gce_q).mean() if cfg.loss == "gce"
+                    else F.cross_entropy(logits, y[idx]))
             _check(loss, what, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -271,7 +279,7 @@ def fit_groupdro(x, y, groups: np.ndarray, num_classes: int, cfg: TrainConfig, l
     """Recipe I: GroupDRO over the given groups; returns (model, {"q": final group weights, "group_counts"})."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model, opt = _model(x.shape[1], num_classes, cfg)
+    model, opt = _model(x.shape[1], num_classes, cfg, cfg.dro_weight_decay)
     g = torch.as_tensor(groups, dtype=torch.long)
     counts = torch.bincount(g).float()
     weights = (1.0 / counts)[g] if cfg.group_sampling == "balanced" else None
