@@ -72,7 +72,9 @@ def run(w: Path, args: list[str], timings: dict, label: str) -> None:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     timings[label] = {"wall_s": time.perf_counter() - start, "cpu_s": _children_cpu() - cpu}
     lines = [ln for ln in proc.stdout.splitlines() if "it/s]" not in ln and "s/it]" not in ln]
-    print(f"  [{timings[label]['wall_s']:6.0f} s wall, {timings[label]['cpu_s']:6.0f} s CPU] {label}: " + (lines[-1] if lines else ""), flush=True)
+    t = timings[label]
+    print(f"  [{t['wall_s']:6.0f} s wall, {t['cpu_s']:6.0f} s CPU] {label}: " + (lines[-1] if lines else ""),
+          flush=True)
     if proc.returncode:
         raise SystemExit(f"{label} failed in {w}:\n" + "\n".join(lines[-20:]))
 

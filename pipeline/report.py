@@ -165,12 +165,13 @@ def ddb_section(rows: list[dict], *, synthetic: dict | None, amplifiers: dict[st
                   + (f" ![synthetic samples]({grid})" if grid else ""), ""]
     for name, s in amplifiers.items():
         lines.append(f"Bias amplifier ({name}, {s['num_train']} training images): test accuracy on bias-aligned "
-                     f"images {s['test_aligned_accuracy']:.3f}, on bias-conflicting {s['test_conflicting_accuracy']:.3f}.")
+                     f"images {s['test_aligned_accuracy']:.3f}, on bias-conflicting "
+                     f"{s['test_conflicting_accuracy']:.3f}.")
     lines += ["", "| method | " + " | ".join(h for _, h in DDB_COLUMNS) + " |", "|---|" + "---|" * len(DDB_COLUMNS)]
     for r in rows:
         name = f"{r['method']} ({labels[r['method']]})" if r["method"] in labels else r["method"]
         lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k, _ in DDB_COLUMNS) + " |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def line_plot(rows: list[dict], x: str, y: str, path: str | Path, title: str = "") -> None:

@@ -1,5 +1,7 @@
 """Diffusing DeBias: GroupDRO, the Recipe II weight, LfF's GCE and EMA, the amplifier's data, metrics, params."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -37,7 +39,7 @@ def test_groupdro_weights_move_toward_the_worst_group():
     q = dro.q
     assert torch.isclose(q.sum(), torch.tensor(1.0))
     assert q[2] > q[1] > q[0]
-    assert all(b[2] > a[2] for a, b in zip(history, history[1:], strict=False))  # monotone toward the worst
+    assert all(b[2] > a[2] for a, b in itertools.pairwise(history))  # monotone toward the worst
     # loss = Σ q_g L_g, with each L_g the group's mean loss
     assert torch.isclose(loss, (q * torch.tensor([0.1, 0.5, 2.0])).sum())
 
