@@ -242,6 +242,31 @@ class DistGuideParams(_Section):
             raise ValueError("must have every entry > 0 and sum to 1")
         return v
 
+class DdbParams(_Section):
+    # sample_bias_aligned: synthetic, bias-amplified samples from the biased model
+    seed: int = Field(0, ge=0, lt=2**31)
+    num_per_class: int = Field(200, ge=1)
+    guidance_scale: float = Field(1.0, ge=0.0, le=50.0)
+    num_inference_steps: int = Field(20, ge=1, le=1000)
+    sample_batch_size: int = Field(250, ge=1)
+    # classifiers: the bias amplifiers and the target MLP (LfF's Coloured-MNIST protocol)
+    hidden: int = Field(100, ge=1)
+    depth: int = Field(3, ge=1, le=8)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=2)
+    epochs: int = Field(30, ge=1)
+    amplifier_epochs: int = Field(100, ge=1)
+    amplifier_loss: Literal["gce", "ce"] = "gce"
+    # the recipes
+    ema: float = Field(0.7, ge=0.0, lt=1.0)
+    gce_q: float = Field(0.7, gt=0.0, le=1.0)
+    dro_eta: float = Field(0.01, gt=0.0)
+    dro_weight_decay: float = Field(3e-3, ge=0)
+    pseudo_bias: Literal["aligned", "predicted"] = "predicted"
+    group_sampling: Literal["balanced", "uniform"] = "balanced"
+
+
 class MlflowParams(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "debias-diffusion"
@@ -257,6 +282,7 @@ class Params(_Section):
     latentdir: LatentDirParams = LatentDirParams()
     invdiff: InvDiffParams = InvDiffParams()
     distguide: DistGuideParams = DistGuideParams()
+    ddb: DdbParams = DdbParams()
     report: ReportParams = ReportParams()
     mlflow: MlflowParams = MlflowParams()
 

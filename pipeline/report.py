@@ -96,7 +96,7 @@ def _fmt(v) -> str:
 
 def render_markdown(rows: list[dict], *, data_bias: dict, judges: dict, context: dict, grids: dict[str, str],
                     scatter: str, sweeps: list[dict] = (), extras: dict[str, list[str]] | None = None,
-                    labels: dict[str, str] | None = None) -> str:
+                    labels: dict[str, str] | None = None, sections: list[str] = ()) -> str:
     """The report page: methods table, the training data's own bias, judges, grids, scatter, next steps."""
     cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
     lines = ["# Bias report", "",
@@ -136,6 +136,7 @@ def render_markdown(rows: list[dict], *, data_bias: dict, judges: dict, context:
         lines += [f"| {r['method']} | {sweep_label(r)} | " + " | ".join(_fmt(r.get(k)) for k, _ in sweep_cols) + " |"
                   for r in sweeps]
         lines.append("")
+    lines += [*sections]
     lines += [
               "## Where to look next", "",
               "- `dvc metrics show` — every stage's metrics; `dvc plots show` — loss curve and bias-vs-FID plot.",
@@ -144,6 +145,33 @@ def render_markdown(rows: list[dict], *, data_bias: dict, judges: dict, context:
               "- `prefect server start --host 127.0.0.1` then `python -m flows.serve` — trigger and watch the "
               "pipeline from the Prefect UI.", ""]
     return "\n".join(lines)
+
+
+DDB_COLUMNS = [("unbiased_accuracy", "unbiased acc. ↑"), ("worst_group_accuracy", "worst-group acc. ↑"),
+               ("conflicting_accuracy", "bias-conflicting acc. ↑"), ("aligned_accuracy", "bias-aligned acc. ↑")]
+
+
+def ddb_section(rows: list[dict], *, synthetic: dict | None, amplifiers: dict[str, dict], labels: dict[str, str],
+                grid: str | None) -> list[str]:
+    """Diffusing DeBias: a debiased *classifier*, so its own table (accuracies on the colour-uniform test split)."""
+    lines = ["## Diffusing DeBias (a debiased classifier)", "",
+             "LfF's Coloured-MNIST MLP trained on the real biased training set and scored on the colour-uniform test "
+             "split; cells = class × colour. Unbiased accuracy is the mean of the cell accuracies, worst-group the "
+             "lowest cell.", ""]
+    if synthetic:
+        lines += [f"Synthetic set: {synthetic['num_samples']} images at guidance scale w = "
+                  f"{synthetic['guidance_scale']:g}, aligned fraction {synthetic['aligned_fraction']:.3f} by the "
+                  "colour judge (the real training data: ρ = " f"{synthetic['bias_ratio']})."
+                  + (f" ![synthetic samples]({grid})" if grid else ""), ""]
+    for name, s in amplifiers.items():
+        lines.append(f"Bias amplifier ({name}, {s['num_train']} training images): test accuracy on bias-aligned "
+                     f"images {s['test_aligned_accuracy']:.3f}, on bias-conflicting "
+                     f"{s['test_conflicting_accuracy']:.3f}.")
+    lines += ["", "| method | " + " | ".join(h for _, h in DDB_COLUMNS) + " |", "|---|" + "---|" * len(DDB_COLUMNS)]
+    for r in rows:
+        name = f"{r['method']} ({labels[r['method']]})" if r["method"] in labels else r["method"]
+        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(k)) for k, _ in DDB_COLUMNS) + " |")
+    return [*lines, ""]
 
 
 def line_plot(rows: list[dict], x: str, y: str, path: str | Path, title: str = "") -> None:

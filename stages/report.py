@@ -10,12 +10,36 @@ from pathlib import Path
 from pipeline.data import load_meta
 from pipeline.io import atomic_path, load_json, load_npz, load_parquet, save_json
 from pipeline.metrics import uniform_bias_floor
-from pipeline.report import bias_fid_scatter, render_markdown, sample_grid, save_png
+from pipeline.report import bias_fid_scatter, ddb_section, render_markdown, sample_grid, save_png
 from stages.common import UserError, load_params, mlflow_run, stage_main
 
 SCORES, SAMPLES, OUT = Path("data/scores"), Path("data/samples"), Path("data/report")
 SWEEPS, METHODS, REFERENCE = Path("data/sweeps"), Path("data/methods"), Path("data/reference")
 LABELS = {"invdiff_lambda0": "ablation: λ = 0", "invdiff_oracle": "ablation: true groups, uses bias labels"}
+DDB_METHODS = ("erm", "lff", "recipe1", "recipe2", "recipe1_real", "recipe2_real")
+DDB_LABELS = {"erm": "baseline", "lff": "baseline: LfF, GCE bias model on real data",
+              "recipe1": "GroupDRO on the synthetic amplifier's pseudo-groups",
+              "recipe2": "LfF-style weights from the synthetic amplifier",
+              "recipe1_real": "ablation: amplifier trained on real data",
+              "recipe2_real": "ablation: amplifier trained on real data"}
+
+
+def diffusing_debias_lines(out: Path) -> list[str]:
+    """The Diffusing DeBias section when its classifiers have run (copies the synthetic grid into `out`)."""
+    rows = [load_json(METHODS / f"ddb_{m}" / "metrics.json") for m in DDB_METHODS
+            if (METHODS / f"ddb_{m}" / "metrics.json").is_file()]
+    if not rows:
+        return []
+    synthetic, grid = None, None
+    if Path("data/metrics/sample_bias_aligned.json").is_file():
+        synthetic = load_json("data/metrics/sample_bias_aligned.json")
+    if (METHODS / "ddb_synthetic" / "grid.png").is_file():
+        shutil.copy(METHODS / "ddb_synthetic" / "grid.png", out / "ddb_synthetic.png")
+        grid = "ddb_synthetic.png"
+    amplifiers = {name: load_json(METHODS / d / "summary.json") for name, d in
+                  (("synthetic", "ddb_amplifier"), ("real-data ablation", "ddb_amplifier_real"))
+                  if (METHODS / d / "summary.json").is_file()}
+    return ddb_section(rows, synthetic=synthetic, amplifiers=amplifiers, labels=DDB_LABELS, grid=grid)
 
 
 @stage_main
@@ -79,7 +103,8 @@ def main() -> None:
                                                  seed=params.seed)}
         md = render_markdown(rows, data_bias=load_json("data/reference/summary.json")["train_data_bias"],
                              judges=load_json("data/metrics/train_classifiers.json"), context=context,
-                             grids=grids, scatter="bias_vs_fid.png", sweeps=sweeps, extras=extras, labels=LABELS)
+                             grids=grids, scatter="bias_vs_fid.png", sweeps=sweeps, extras=extras, labels=LABELS,
+                             sections=diffusing_debias_lines(tmp))
         (tmp / "report.md").write_text(md)
     save_json("data/metrics/report_methods.json", rows)
     for row in rows:

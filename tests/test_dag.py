@@ -13,6 +13,7 @@ import yaml
 from tests.tiny import ROOT, tiny_params
 
 INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
+DDB = ("erm", "lff", "recipe1", "recipe2", "recipe1_real", "recipe2_real")
 
 PROJECT_FILES = ["pipeline", "stages", "flows", "dvc.yaml", "pyproject.toml", ".dvcignore"]
 
@@ -67,7 +68,11 @@ def test_dvc_repro_builds_every_output(repro_project):
                  *(f"data/scores/{v}/metrics.json" for v in INVDIFF), *(f"data/sweeps/{v}.json" for v in INVDIFF),
                  "data/report/invdiff_discovery.png", "data/methods/distguide/adp.safetensors",
                  "data/scores/distguide/metrics.json", "data/sweeps/distguide.json",
-                 "data/report/samples_distguide.png", "data/report/distguide_adp_accuracy.png"]:
+                 "data/report/samples_distguide.png", "data/report/distguide_adp_accuracy.png",
+                 "data/methods/ddb_synthetic/images.npz", "data/methods/ddb_amplifier/model.safetensors",
+                 "data/methods/ddb_amplifier_real/model.safetensors", "data/report/ddb_synthetic.png",
+                 *(f"data/methods/ddb_{m}/model.safetensors" for m in DDB),
+                 *(f"data/metrics/debias_classifier_{m}.json" for m in DDB)]:
         assert (tmp / path).is_file(), path
     metrics = json.loads((tmp / "data/scores/baseline/metrics.json").read_text())
     for key in ["bias_score", "bias_score_normalised", "fd", "aligned_fraction", "fidelity", "fid_indomain",
@@ -80,6 +85,9 @@ def test_dvc_repro_builds_every_output(repro_project):
     assert "| invdiff |" in report and "| invdiff_oracle (ablation: true groups, uses bias labels) |" in report
     assert "Bias discovery" in report
     assert "| distguide |" in report and "distguide_adp_accuracy.png" in report
+    assert "## Diffusing DeBias" in report and "| recipe1_real (ablation: amplifier trained on real data) |" in report
+    ddb_metrics = json.loads((tmp / "data/metrics/debias_classifier_recipe2.json").read_text())
+    assert 0.0 <= ddb_metrics["worst_group_accuracy"] <= ddb_metrics["unbiased_accuracy"] <= 1.0
     shown = dvc(tmp, "metrics", "show", "--json")
     assert shown.returncode == 0 and "bias_score" in shown.stdout
 
@@ -101,7 +109,10 @@ def test_stages_logged_to_mlflow(repro_project):
     runs = client.search_runs([exp.experiment_id])
     stages = {r.data.tags["stage"] for r in runs}
     assert {"prepare_data", "train_classifiers", "train_diffusion", "fid_reference", "sample", "score",
-            "fit_directions", "sweep", "report", "fit_grouper", "finetune_guidance", "fit_adp"} <= stages
+            "fit_directions", "sweep", "report", "fit_grouper", "finetune_guidance", "fit_adp", "sample_bias_aligned",
+            "train_bias_amplifier", "train_bias_amplifier_real", "debias_classifier"} <= stages
+    ddb_runs = {r.info.run_name for r in runs if r.data.tags["stage"] == "debias_classifier"}
+    assert ddb_runs == {f"debias_classifier@{m}" for m in DDB}
     assert all(r.data.tags.get("git_revision") for r in runs)
     report_runs = [r for r in runs if r.data.tags["stage"] == "report"]
     assert sorted(r.info.run_name for r in report_runs) == sorted(["baseline", "latentdir", *INVDIFF, "distguide"])
@@ -137,6 +148,7 @@ def test_prefect_flow_matches_dvc_repro(repro_project, tmp_path_factory):
     # Same seed, same CPU: the metrics of the two independent runs are identical, byte for byte.
     for metrics in ["data/scores/baseline/metrics.json", "data/scores/latentdir/metrics.json",
                     "data/scores/invdiff/metrics.json", "data/metrics/fit_grouper.json",
+                    "data/metrics/debias_classifier_recipe1.json", "data/metrics/sample_bias_aligned.json",
                     "data/metrics/train_classifiers.json", "data/metrics/train_diffusion.json"]:
         assert (tmp / metrics).read_bytes() == (repro_project / metrics).read_bytes(), metrics
 

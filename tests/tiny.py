@@ -21,6 +21,8 @@ SHRINK = {
     "distguide": {"fit_per_class": 6, "hidden": 8, "epochs": 2, "steps": [0, 2], "batch_size": 10,
                   "sweep_scales": [1.0], "sweep_per_class": 2},
     "report": {"grid_per_class": 2},
+    "ddb": {"num_per_class": 3, "num_inference_steps": 2, "sample_batch_size": 30, "hidden": 8, "batch_size": 64,
+            "epochs": 1, "amplifier_epochs": 1},
 }
 
 
