@@ -19,6 +19,7 @@ import torch
 from pipeline.data import NUM_CLASSES, load_split
 from pipeline.io import atomic_path, save_json
 from pipeline.methods.diffusing_debias import (
+    TrainConfig,
     evaluate,
     fit_classifier,
     fit_groupdro,
@@ -30,7 +31,6 @@ from pipeline.methods.diffusing_debias import (
     save_classifier,
 )
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
-from stages.train_bias_amplifier import train_config
 
 PREPARED = Path("data/prepared")
 METHODS = ("erm", "recipe1", "recipe2", "lff", "recipe1_real", "recipe2_real")
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     params = load_params()
     p = params.ddb
     device()  # thread count
-    cfg = train_config(p, p.epochs)
+    cfg = TrainConfig.from_params(p, p.epochs)
     train = load_split(PREPARED, "train", with_bias=False)  # no bias labels for any recipe
     x, y = flatten_images(train.images), torch.from_numpy(train.classes)
     amplifier = None

@@ -32,12 +32,6 @@ from stages.common import device, load_params, mlflow_run, stage_main
 PREPARED, SYNTHETIC = Path("data/prepared"), Path("data/methods/ddb_synthetic/images.npz")
 
 
-def train_config(p, epochs: int, loss: str = "ce") -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, hidden=p.hidden,
-                       depth=p.depth, ema=p.ema, gce_q=p.gce_q, dro_eta=p.dro_eta,
-                       dro_weight_decay=p.dro_weight_decay, group_sampling=p.group_sampling, loss=loss, seed=p.seed)
-
-
 @stage_main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -46,7 +40,7 @@ def main(argv=None) -> None:
     params = load_params()
     p = params.ddb
     device()  # thread count
-    cfg = train_config(p, p.amplifier_epochs, p.amplifier_loss)
+    cfg = TrainConfig.from_params(p, p.amplifier_epochs, p.amplifier_loss)
     name = "train_bias_amplifier" + ("_real" if args.source == "real" else "")
     with mlflow_run(name, params, ("ddb",), extra_tags={"bias_ratio": str(params.data.bias_ratio),
                                                         "ddb_seed": str(p.seed)}) as run:

@@ -225,6 +225,13 @@ class TrainConfig:
     loss: str = "ce"  # fit_classifier: ce | gce (the bias amplifiers: GCE, q = gce_q, as LfF's bias model)
     seed: int = 0
 
+    @classmethod
+    def from_params(cls, p, epochs: int, loss: str = "ce") -> TrainConfig:
+        """From the `ddb` params section (any object with these attributes) and the stage's epoch count."""
+        return cls(epochs=epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, hidden=p.hidden,
+                   depth=p.depth, ema=p.ema, gce_q=p.gce_q, dro_eta=p.dro_eta, dro_weight_decay=p.dro_weight_decay,
+                   group_sampling=p.group_sampling, loss=loss, seed=p.seed)
+
 
 def _batches(n: int, cfg: TrainConfig, gen: torch.Generator, weights: torch.Tensor | None = None):
     """One epoch of index batches: a permutation, or n draws ∝ weights (with replacement)."""
