@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import NUM_CLASSES, load_split
+from pipeline.data import load_meta, load_split
 from pipeline.io import atomic_path, save_json
 from pipeline.methods.diffusing_debias import (
     TrainConfig,
@@ -45,6 +45,7 @@ def main(argv=None) -> None:
     if method not in METHODS:
         raise UserError(f"--method {method!r}: unknown method (expected one of: {', '.join(METHODS)})")
     params = load_params()
+    meta = load_meta(PREPARED)  # class count and each class's bias-aligned attribute value
     p = params.ddb
     device()  # thread count
     cfg = TrainConfig.from_params(p, p.epochs)
@@ -61,20 +62,20 @@ def main(argv=None) -> None:
         log = lambda epoch, m: run.metrics(m, step=epoch)  # noqa: E731
         start = time.perf_counter()
         if method == "erm":
-            model = fit_classifier(x, y, NUM_CLASSES, cfg, log=log)
+            model = fit_classifier(x, y, meta.num_classes, cfg, log=log)
         elif method.startswith("recipe1"):
             ba_pred, _ = predict(amplifier, x)
-            groups = pseudo_groups(ba_pred, train.classes, NUM_CLASSES, p.pseudo_bias)
-            model, info = fit_groupdro(x, y, groups, NUM_CLASSES, cfg, log=log)
+            groups = pseudo_groups(ba_pred, train.classes, meta.num_classes, p.pseudo_bias)
+            model, info = fit_groupdro(x, y, groups, meta.num_classes, cfg, log=log)
             extra = {"pseudo_conflicting_share": float(np.mean(ba_pred != train.classes)),
                      "num_groups_nonempty": int(np.sum(np.array(info["group_counts"]) > 0)),
                      "q_max": float(max(info["q"]))}
         else:  # recipe2, recipe2_real, lff
-            model, info = fit_reweighted(x, y, NUM_CLASSES, cfg, amplifier=amplifier, log=log)
+            model, info = fit_reweighted(x, y, meta.num_classes, cfg, amplifier=amplifier, log=log)
             extra = {"weight_mean": info["weight_mean"]}
         seconds = time.perf_counter() - start
         test = load_split(PREPARED, "test", with_bias=True)
-        metrics = {**evaluate(model, test.images, test.classes, test.bias, np.arange(NUM_CLASSES)), **extra,
+        metrics = {**evaluate(model, test.images, test.classes, test.bias, np.asarray(meta.aligned)), **extra,
                    "bias_ratio": params.data.bias_ratio, "seed": p.seed}
         run.metrics({**metrics, "train_seconds": seconds})  # the time is not written to the outputs (reproducible)
     with atomic_path(Path("data/methods") / f"ddb_{method}") as tmp:

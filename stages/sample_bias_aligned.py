@@ -10,16 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import NUM_CLASSES, to_uint8
-from pipeline.diffusion import load_diffusion
+from pipeline.data import load_meta, to_uint8
 from pipeline.io import atomic_path, save_json, save_npz
 from pipeline.metrics import aligned_fraction
-from pipeline.models import judge_outputs, load_judge, null_class
+from pipeline.models import judge_outputs, load_judge
+from pipeline.pretrained import load_model
 from pipeline.report import sample_grid, save_png
 from pipeline.sampling import make_scheduler, sample, sample_seeds
 from stages.common import device, load_params, mlflow_run, stage_main
 
-MODEL, JUDGES, OUT = Path("data/models/diffusion"), Path("data/judges"), Path("data/methods/ddb_synthetic")
+MODEL, JUDGES, PREPARED = Path("data/models/diffusion"), Path("data/judges"), Path("data/prepared")
+OUT = Path("data/methods/ddb_synthetic")
 
 
 @stage_main
@@ -27,16 +28,19 @@ def main() -> None:
     params = load_params()
     p, ps = params.ddb, params.sample
     dev = device()
-    unet, sched_cfg = load_diffusion(MODEL, dev)
-    cond = np.repeat(np.arange(NUM_CLASSES), p.num_per_class)
+    model = load_model(MODEL, dev)  # pixel or latent (then sampled in latent space and decoded)
+    aligned = np.asarray(load_meta(PREPARED).aligned)  # class y's bias-aligned attribute value
+    cond = np.repeat(np.arange(model.num_classes), p.num_per_class)
     seeds = sample_seeds(1000 + p.seed, len(cond))  # a stream of its own, disjoint from the scored samples
     with mlflow_run("sample_bias_aligned", params, ("ddb",), extra_tags={"bias_ratio": str(params.data.bias_ratio),
                                                                          "ddb_seed": str(p.seed)}) as run:
-        images = sample(unet, make_scheduler(sched_cfg, ps.scheduler, ps.timestep_spacing), cond, seeds,
+        scheduler = make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing)
+        images = sample(model.unet, scheduler, cond, seeds,
                         num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, eta=ps.eta,
-                        batch_size=p.sample_batch_size, null_class=null_class(unet), device=dev)
+                        batch_size=p.sample_batch_size, null_class=model.null_class, device=dev,
+                        conditioning=model.conditioning, vae=model.vae)
         colour, _ = judge_outputs(load_judge(JUDGES / "colour.safetensors", dev), images.to(dev))
-        al = aligned_fraction(colour, cond, np.arange(NUM_CLASSES))
+        al = aligned_fraction(colour, cond, aligned)
         summary = {"aligned_fraction": al["aligned_fraction"], "guidance_scale": p.guidance_scale,
                    "num_samples": len(cond), "bias_ratio": params.data.bias_ratio,
                    **{f"aligned_fraction_class{y}": v for y, v in al["per_class"].items()}}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import NUM_CLASSES, load_split
+from pipeline.data import load_meta, load_split
 from pipeline.io import atomic_path, save_json
 from pipeline.methods.diffusing_debias import (
     TrainConfig,
@@ -38,6 +38,7 @@ def main(argv=None) -> None:
     ap.add_argument("--source", choices=("synthetic", "real"), default="synthetic")
     args = ap.parse_args(argv)
     params = load_params()
+    meta = load_meta(PREPARED)  # class count and each class's bias-aligned attribute value
     p = params.ddb
     device()  # thread count
     cfg = TrainConfig.from_params(p, p.amplifier_epochs, p.amplifier_loss)
@@ -48,16 +49,16 @@ def main(argv=None) -> None:
         if args.source == "synthetic":
             synthetic = load_synthetic(SYNTHETIC)
             assert_no_real_images(synthetic.images, load_split(PREPARED, "train", with_bias=False).images)
-            model = train_bias_amplifier(synthetic, NUM_CLASSES, cfg, log=log)
+            model = train_bias_amplifier(synthetic, meta.num_classes, cfg, log=log)
             n = len(synthetic.classes)
         else:
             train = load_split(PREPARED, "train", with_bias=False)
-            model = fit_classifier(flatten_images(train.images), torch.from_numpy(train.classes), NUM_CLASSES, cfg,
+            model = fit_classifier(flatten_images(train.images), torch.from_numpy(train.classes), meta.num_classes, cfg,
                                    what="bias amplifier (real)", log=log)
             n = len(train.classes)
         test = load_split(PREPARED, "test", with_bias=True)
         summary = {f"test_{k}": v for k, v in
-                   evaluate(model, test.images, test.classes, test.bias, np.arange(NUM_CLASSES)).items()}
+                   evaluate(model, test.images, test.classes, test.bias, np.asarray(meta.aligned)).items()}
         summary.update(source=args.source, num_train=n)
         run.metrics({k: v for k, v in summary.items() if k != "source"})
     out = Path("data/methods") / ("ddb_amplifier" + ("_real" if args.source == "real" else ""))
