@@ -136,7 +136,7 @@ def main() -> None:
     rows = [r for r in done if r["bias_ratio"] in args.ratios and r["seed"] in args.seeds]
     table = summarise(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "summary": table, "timings": timings_all},
+    Path(f"{args.out}.json").write_text(json.dumps({"rows": rows, "summary": table, "timings": timings_all},
                                                         indent=2) + "\n")
     md = ["| ρ | method | unbiased acc. | worst-group acc. | conflicting acc. | aligned acc. | seeds |",
           "|---|---|---|---|---|---|---|"]
@@ -145,7 +145,7 @@ def main() -> None:
                  ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy")]
         md.append(f"| {r['bias_ratio']} | {LABELS.get(r['method'], r['method'])} | " + " | ".join(cells)
                   + f" | {r['n_seeds']} |")
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    Path(f"{args.out}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
