@@ -1,5 +1,5 @@
 """House rules checked on the source: no pickle in product code, torch.load only with weights_only=True,
-pipeline/ free of orchestration imports (flows → stages → pipeline)."""
+pipeline/ free of orchestration imports (flows → stages → pipeline), no DVC output tracked by git."""
 
 import re
 
@@ -29,3 +29,21 @@ def test_stages_never_import_each_other():
     for path in (ROOT / "stages").glob("*.py"):
         for mod in re.findall(r"^\s*from\s+stages\.(\w+)\s+import", path.read_text(), re.M):
             assert mod == "common", f"{path} imports stages.{mod}"
+
+
+def test_no_dvc_output_is_tracked_by_git():
+    """A stage output committed to git makes a fresh clone's `dvc repro` stop at that stage ("already tracked by
+    SCM"); only the .gitignore files DVC writes may live under the outputs' folders."""
+    import subprocess
+
+    import pytest
+    from dvc.repo import Repo
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "data"], cwd=ROOT, capture_output=True, text=True, check=True)
+    tracked = [line for line in tracked.stdout.splitlines() if not line.endswith(".gitignore")]
+    with Repo(str(ROOT)) as repo:
+        outs = [out.def_path for stage in repo.index.stages for out in stage.outs]
+    clash = [f for f in tracked for out in outs if f == out or f.startswith(out.rstrip("/") + "/")]
+    assert not clash, f"DVC outputs tracked by git: {clash}"
