@@ -35,9 +35,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.methods.diffusing_debias import CLASSIFIER_METHODS as METHODS  # noqa: E402
 from pipeline.methods.diffusing_debias import summarise  # noqa: E402
 
-METHODS = ("erm", "lff", "recipe1", "recipe2", "recipe1_real", "recipe2_real")
 LABELS = {"recipe1_real": "recipe1 (ablation: real-data amplifier)",
           "recipe2_real": "recipe2 (ablation: real-data amplifier)"}
 

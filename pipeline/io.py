@@ -69,6 +69,28 @@ def load_npz(path: str | Path, *keys: str) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: not a readable npz file ({type(exc).__name__}: {exc})") from None
 
 
+def save_state(path: str | Path, state: dict, key: str, header: dict) -> None:
+    """A module's tensors in one safetensors file, its config as JSON under the single metadata entry `key`
+    (safetensors writes its metadata map in hash order, so more keys would change the bytes, and DVC's hash,
+    from run to run)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={key: json.dumps(header, sort_keys=True)})
+
+
+def read_state(path: str | Path, key: str) -> tuple[dict, dict]:
+    """(header, tensors) of a file written by `save_state`; raises what safetensors/json raise, for the caller
+    to turn into its own one-line error."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads((f.metadata() or {})[key])
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    return header, state
+
+
 def save_parquet(path: str | Path, frame: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)

@@ -6,7 +6,6 @@ in-domain FID and precision/recall. A judge file is one safetensors file whose m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -43,33 +42,23 @@ class Judge(nn.Module):
 
 def save_judge(judge: Judge, path: str | Path, extra: dict | None = None, labels: list[str] | None = None) -> None:
     """One safetensors file; metadata "judge" = {"config", "extra"[, "labels"]} (format: pipeline/judges.py)."""
-    from safetensors.torch import save_file
+    from pipeline.io import save_state
 
-    from pipeline.io import atomic_path
-
-    # One metadata key: safetensors writes its metadata map in hash order, so several keys would make the
-    # file's bytes (and DVC's hash of it) differ from run to run.
     header = {"config": judge.config, "extra": extra or {}, **({"labels": list(labels)} if labels else {})}
-    meta = {"judge": json.dumps(header, sort_keys=True)}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(tmp), metadata=meta)
+    save_state(path, judge.state_dict(), "judge", header)
 
 
 def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
     """Load a judge (any architecture of pipeline.judges, with its declared input convention, if any);
     a missing, truncated or foreign file raises UserError naming the path."""
-    from safetensors import safe_open
-
+    from pipeline.io import read_state
     from pipeline.judges import judge_from_header
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: judge checkpoint not found (run `dvc repro train_classifiers`)")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {})["judge"])
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        judge = judge_from_header(header, state)
+        judge = judge_from_header(*read_state(path, "judge"))
     except Exception as exc:
         msg = " ".join(str(exc).split())
         raise UserError(f"{path}: not a valid judge checkpoint ({type(exc).__name__}: {msg})") from None

@@ -19,6 +19,7 @@ import torch
 from pipeline.data import load_meta, load_split
 from pipeline.io import atomic_path, save_json
 from pipeline.methods.diffusing_debias import (
+    CLASSIFIER_METHODS,
     TrainConfig,
     evaluate,
     fit_classifier,
@@ -33,7 +34,6 @@ from pipeline.methods.diffusing_debias import (
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
 
 PREPARED = Path("data/prepared")
-METHODS = ("erm", "recipe1", "recipe2", "lff", "recipe1_real", "recipe2_real")
 
 
 @stage_main
@@ -42,8 +42,8 @@ def main(argv=None) -> None:
     ap.add_argument("--method", required=True)
     args = ap.parse_args(argv)
     method = args.method
-    if method not in METHODS:
-        raise UserError(f"--method {method!r}: unknown method (expected one of: {', '.join(METHODS)})")
+    if method not in CLASSIFIER_METHODS:
+        raise UserError(f"--method {method!r}: unknown method (expected one of: {', '.join(CLASSIFIER_METHODS)})")
     params = load_params()
     meta = load_meta(PREPARED)  # class count and each class's bias-aligned attribute value
     p = params.ddb

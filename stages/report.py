@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline.data import load_meta
 from pipeline.io import atomic_path, load_json, load_npz, load_parquet, save_json
+from pipeline.methods.diffusing_debias import CLASSIFIER_METHODS
 from pipeline.metrics import uniform_bias_floor
 from pipeline.report import bias_fid_scatter, ddb_section, render_markdown, sample_grid, save_png
 from stages.common import UserError, load_params, mlflow_run, stage_main
@@ -16,7 +17,6 @@ from stages.common import UserError, load_params, mlflow_run, stage_main
 SCORES, SAMPLES, OUT = Path("data/scores"), Path("data/samples"), Path("data/report")
 SWEEPS, METHODS, REFERENCE = Path("data/sweeps"), Path("data/methods"), Path("data/reference")
 LABELS = {"invdiff_lambda0": "ablation: λ = 0", "invdiff_oracle": "ablation: true groups, uses bias labels"}
-DDB_METHODS = ("erm", "lff", "recipe1", "recipe2", "recipe1_real", "recipe2_real")
 DDB_LABELS = {"erm": "baseline", "lff": "baseline: LfF, GCE bias model on real data",
               "recipe1": "GroupDRO on the synthetic amplifier's pseudo-groups",
               "recipe2": "LfF-style weights from the synthetic amplifier",
@@ -26,7 +26,7 @@ DDB_LABELS = {"erm": "baseline", "lff": "baseline: LfF, GCE bias model on real d
 
 def diffusing_debias_lines(out: Path) -> list[str]:
     """The Diffusing DeBias section when its classifiers have run (copies the synthetic grid into `out`)."""
-    rows = [load_json(METHODS / f"ddb_{m}" / "metrics.json") for m in DDB_METHODS
+    rows = [load_json(METHODS / f"ddb_{m}" / "metrics.json") for m in CLASSIFIER_METHODS
             if (METHODS / f"ddb_{m}" / "metrics.json").is_file()]
     if not rows:
         return []

@@ -37,7 +37,6 @@ This module never imports prefect, mlflow or dvc.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +47,8 @@ from torch import nn
 
 from pipeline.errors import UserError
 
-RECIPES = ("erm", "recipe1", "recipe2", "lff")
+# debias_classifier@<method>: the baselines, the two recipes, and the recipes with the real-data amplifier (ablation)
+CLASSIFIER_METHODS = ("erm", "lff", "recipe1", "recipe2", "recipe1_real", "recipe2_real")
 
 
 # ---------------------------------------------------------------- data
@@ -111,25 +111,19 @@ class MLP(nn.Module):
 
 
 def save_classifier(model: MLP, path: str | Path, extra: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from pipeline.io import save_state
 
-    from pipeline.io import atomic_path
-
-    meta = {"mlp": json.dumps({"config": model.config, "extra": extra or {}}, sort_keys=True)}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    save_state(path, model.state_dict(), "mlp", {"config": model.config, "extra": extra or {}})
 
 
 def load_classifier(path: str | Path) -> MLP:
-    from safetensors import safe_open
+    from pipeline.io import read_state
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: classifier not found (run the stage that trains it first)")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {})["mlp"])
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        header, state = read_state(path, "mlp")
         model = MLP(**header["config"])
         model.load_state_dict(state)
     except Exception as exc:
@@ -245,9 +239,13 @@ def _model(in_dim: int, num_classes: int, cfg: TrainConfig, weight_decay: float 
     return m, torch.optim.Adam(m.parameters(), lr=cfg.lr, weight_decay=wd)
 
 
-def _check(loss: torch.Tensor, what: str, step: int) -> None:
+def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor, what: str, step: int) -> None:
+    """One optimiser step on `loss`; a non-finite loss is a one-line error instead."""
     if not torch.isfinite(loss):
         raise UserError(f"{what}: non-finite loss at step {step}; lower ddb.lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 def fit_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *, what: str = "ERM",
@@ -264,10 +262,7 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: Trai
             logits = model(x[idx])
             loss = (gce_loss(logits, y[idx], cfg.gce_q).mean() if cfg.loss == "gce"
                     else F.cross_entropy(logits, y[idx]))
-            _check(loss, what, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _descend(opt, loss, what, step)
             step += 1
         if log:
             log(epoch, {"train_loss": float(loss)})
@@ -275,7 +270,7 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: Trai
 
 
 def train_bias_amplifier(synthetic: SyntheticImages, num_classes: int, cfg: TrainConfig, log=None) -> MLP:
-    """The BA: cross-entropy on synthetic images only, labelled by their generating class."""
+    """The BA: fit_classifier (GCE or CE, cfg.loss) on synthetic images only, labelled by their generating class."""
     if not isinstance(synthetic, SyntheticImages):
         raise TypeError(f"the bias amplifier trains on SyntheticImages only, got {type(synthetic).__name__}")
     return fit_classifier(flatten_images(synthetic.images), torch.from_numpy(synthetic.classes), num_classes, cfg,
@@ -296,10 +291,7 @@ def fit_groupdro(x, y, groups: np.ndarray, num_classes: int, cfg: TrainConfig, l
         model.train()
         for idx in _batches(len(x), cfg, gen, weights):
             loss = dro.loss(F.cross_entropy(model(x[idx]), y[idx], reduction="none"), g[idx])
-            _check(loss, "recipe1", step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _descend(opt, loss, "recipe1", step)
             step += 1
         if log:
             log(epoch, {"train_loss": float(loss), "q_max": float(dro.q.max())})
@@ -339,15 +331,8 @@ def fit_reweighted(x, y, num_classes: int, cfg: TrainConfig, *, amplifier: MLP |
             w = recipe2_weight(ema_b.normalised(idx), ema_d.normalised(idx))
             loss = (ce_d * w).mean()
             if fixed_ba is None:
-                loss_b = gce_loss(logit_b, yb, cfg.gce_q).mean()
-                _check(loss_b, "lff bias model", step)
-                bias_opt.zero_grad(set_to_none=True)
-                loss_b.backward()
-                bias_opt.step()
-            _check(loss, "recipe2" if fixed_ba is not None else "lff", step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                _descend(bias_opt, gce_loss(logit_b, yb, cfg.gce_q).mean(), "lff bias model", step)
+            _descend(opt, loss, "recipe2" if fixed_ba is not None else "lff", step)
             step += 1
         if log:
             log(epoch, {"train_loss": float(loss), "weight_mean": float(w.mean())})

@@ -24,7 +24,6 @@ conditional h), so the edit reaches the output scaled by the guidance scale w.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -184,26 +183,21 @@ def adp_accuracy(model: ADP, h: np.ndarray, attr: np.ndarray, cond: np.ndarray, 
 
 def save_adp(model: ADP, path: str | Path, extra: dict | None = None) -> None:
     """One safetensors file; its metadata (one key, so the bytes are deterministic) holds the config."""
-    from safetensors.torch import save_file
+    from pipeline.io import save_state
 
-    from pipeline.io import atomic_path
-
-    meta = {"adp": json.dumps({"config": model.config, "extra": extra or {}}, sort_keys=True)}
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
+    save_state(path, model.state_dict(), "adp", {"config": model.config, "extra": extra or {}})
 
 
 def load_adp(path: str | Path, device: str | torch.device = "cpu") -> ADP:
     """Load an ADP; a missing, truncated or foreign file raises UserError naming the path."""
-    from safetensors import safe_open
+    from pipeline.io import read_state
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: ADP not found (run `dvc repro fit_adp`)")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            config = dict(json.loads(f.metadata()["adp"])["config"])
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        header, state = read_state(path, "adp")
+        config = dict(header["config"])
         model = ADP(config.pop("kind"), config.pop("shape"), config.pop("num_attr"), config.pop("num_steps"),
                     config.pop("num_classes"), **config)
         model.load_state_dict(state)
