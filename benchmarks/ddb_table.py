@@ -2,6 +2,11 @@
 
     python benchmarks/ddb_table.py --ratios 0.99 --seeds 0 1 2            # what README's table measured
     python benchmarks/ddb_table.py --ratios 0.95 0.98 0.99 0.995 --seeds 0 1 2
+    python benchmarks/ddb_table.py --ratios 0.99 --seeds 0 1 2 --grid ddb.dro_weight_decay=0.001,0.003,0.01
+
+Hyperparameters are chosen on validation data only (docs/protocol.md): with --grid, every point runs for every
+seed, and per (ρ, method) the point with the best mean `--select-by` metric (a `val_…` metric: the validation split,
+never the test split) is the one the table reports, on the test split.
 
 Each ρ gets a work directory (<workdir>/rho_<ρ>: a copy of pipeline/, stages/ and params.yaml with
 data.bias_ratio = ρ) where the stages run as plain `python -m stages.<name>`, in the DAG's order:
@@ -36,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.methods.diffusing_debias import CLASSIFIER_METHODS as METHODS  # noqa: E402
-from pipeline.methods.diffusing_debias import summarise  # noqa: E402
+from pipeline.methods.diffusing_debias import select_by_validation, summarise  # noqa: E402
 
 LABELS = {"recipe1_real": "recipe1 (ablation: real-data amplifier)",
           "recipe2_real": "recipe2 (ablation: real-data amplifier)"}
@@ -59,6 +64,20 @@ def set_params(w: Path, rho: float, seed: int, overrides: dict) -> None:
         section, leaf = key.split(".", 1)
         raw[section][leaf] = value
     (w / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def grid_points(grid: list[str]) -> dict[str, dict]:
+    """{label: overrides} for the product of `SECTION.KEY=V1,V2,...` specs; no grid: one point, label ''."""
+    import itertools
+
+    axes = [(k, [yaml.safe_load(v) for v in vs.split(",")]) for k, vs in (s.split("=", 1) for s in grid)]
+    if any(not k.startswith("ddb.") for k, _ in axes):  # the biased model is trained once per ρ, not per point
+        raise SystemExit(f"--grid: only ddb.* keys may vary, got {[k for k, _ in axes]}")
+    points = {}
+    for values in itertools.product(*(vs for _, vs in axes)):
+        over = {k: v for (k, _), v in zip(axes, values, strict=True)}
+        points[",".join(f"{k}={v}" for k, v in over.items())] = over
+    return points
 
 
 def _children_cpu() -> float:
@@ -87,8 +106,12 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ddb_table"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ddb_table")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="extra params overrides")
+    ap.add_argument("--grid", nargs="*", default=[], metavar="SECTION.KEY=V1,V2,...",
+                    help="hyperparameter grid; the point reported is chosen by --select-by")
+    ap.add_argument("--select-by", default="val_unbiased_accuracy", help="validation metric that chooses the point")
     args = ap.parse_args()
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    base = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    points = grid_points(args.grid)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.workdir.resolve()}/mlflow.db")
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_path = args.workdir / "rows.jsonl"
@@ -97,7 +120,7 @@ def main() -> None:
     for rho in args.ratios:
         w = workdir_for(args.workdir, rho)
         print(f"ρ = {rho}: {w}", flush=True)
-        set_params(w, rho, args.seeds[0], overrides)
+        set_params(w, rho, args.seeds[0], base)
         timings = timings_all.setdefault(str(rho), {})
         marker = w / "data" / "bias_ratio.txt"
         if not marker.is_file() or marker.read_text() != str(rho):
@@ -106,12 +129,13 @@ def main() -> None:
             marker.write_text(str(rho))
         elif not (w / "data/judges/colour.safetensors").is_file():
             run(w, ["stages.train_classifiers"], timings, "train_classifiers")
-        for seed in args.seeds:
-            todo = [m for m in args.methods
-                    if not any(r["bias_ratio"] == rho and r["seed"] == seed and r["method"] == m for r in done)]
+        for (point, grid), seed in ((pt, s) for pt in points.items() for s in args.seeds):
+            todo = [m for m in args.methods if not any(r["bias_ratio"] == rho and r["seed"] == seed and
+                                                       r["method"] == m and r.get("point", "") == point for r in done)]
             if not todo:
                 continue
-            set_params(w, rho, seed, overrides)
+            print(f"  point {point or '(params.yaml)'}, seed {seed}", flush=True)
+            set_params(w, rho, seed, {**base, **grid})
             if any(m.startswith("recipe") and not m.endswith("_real") for m in todo):
                 run(w, ["stages.sample_bias_aligned"], timings, f"sample_bias_aligned seed {seed}")
                 run(w, ["stages.train_bias_amplifier", "--source", "synthetic"], timings,
@@ -122,7 +146,7 @@ def main() -> None:
             for m in todo:
                 run(w, ["stages.debias_classifier", "--method", m], timings, f"debias_classifier@{m} seed {seed}")
                 row = json.loads((w / "data/metrics" / f"debias_classifier_{m}.json").read_text())
-                row.update(method=m, bias_ratio=rho, seed=seed)
+                row.update(method=m, bias_ratio=rho, seed=seed, point=point)
                 for stage in ("sample_bias_aligned", "train_bias_amplifier", "train_bias_amplifier_real"):
                     f = w / "data/metrics" / f"{stage}.json"
                     if f.is_file():
@@ -133,18 +157,26 @@ def main() -> None:
                 done.append(row)
                 with results_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-    rows = [r for r in done if r["bias_ratio"] in args.ratios and r["seed"] in args.seeds]
-    table = summarise(rows)
+    rows = [r for r in done if r["bias_ratio"] in args.ratios and r["seed"] in args.seeds
+            and r.get("point", "") in points and r["method"] in args.methods]
+    chosen = select_by_validation(rows, args.select_by) if len(points) > 1 else {}
+    reported = [r for r in rows if chosen.get((r["bias_ratio"], r["method"]), r.get("point", "")) ==
+                r.get("point", "")]
+    table = summarise(reported)
+    for r in table:
+        r["point"] = chosen.get((r["bias_ratio"], r["method"]), next(iter(points)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps({"rows": rows, "summary": table, "timings": timings_all},
-                                                        indent=2) + "\n")
-    md = ["| ρ | method | unbiased acc. | worst-group acc. | conflicting acc. | aligned acc. | seeds |",
-          "|---|---|---|---|---|---|---|"]
+    Path(f"{args.out}.json").write_text(json.dumps({"rows": rows, "summary": table, "timings": timings_all,
+                                                    "selected_by": args.select_by if chosen else None},
+                                                   indent=2) + "\n")
+    md = ["| ρ | method | unbiased acc. | worst-group acc. | conflicting acc. | aligned acc. | seeds |"
+          + (f" chosen by {args.select_by} |" if chosen else ""),
+          "|---|---|---|---|---|---|---|" + ("---|" if chosen else "")]
     for r in table:
         cells = [f"{100 * r[k]:.1f} ± {100 * r[k + '_std']:.1f}" for k in
                  ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy")]
         md.append(f"| {r['bias_ratio']} | {LABELS.get(r['method'], r['method'])} | " + " | ".join(cells)
-                  + f" | {r['n_seeds']} |")
+                  + f" | {r['n_seeds']} |" + (f" {r['point']} |" if chosen else ""))
     Path(f"{args.out}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

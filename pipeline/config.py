@@ -242,6 +242,15 @@ class DistGuideParams(_Section):
             raise ValueError("must have every entry > 0 and sum to 1")
         return v
 
+    @model_validator(mode="after")
+    def _auto_needs_holdout(self):
+        # auto chooses on the fitting samples' held-out share (docs/protocol.md); with none it would pick blindly
+        if self.adp == "auto" and self.holdout == 0:
+            raise ValueError("adp 'auto' chooses on the fitting samples' held-out share: set holdout > 0 "
+                             "(or adp linear | mlp)")
+        return self
+
+
 class DdbParams(_Section):
     # sample_bias_aligned: synthetic, bias-amplified samples from the biased model
     seed: int = Field(0, ge=0, lt=2**31)

@@ -3,8 +3,10 @@
 Methods (pipeline/methods/diffusing_debias.py): erm (cross-entropy), recipe1 (GroupDRO on class × pseudo-bias from
 the bias amplifier), recipe2 (LfF-style weights W = ℓ^BA / (ℓ^BA + ℓ^D) from the frozen amplifier), lff (LfF proper:
 a GCE bias model trained jointly on real data); recipe1_real / recipe2_real are the ablation with the amplifier
-trained on the real training set (train_bias_amplifier_real). The training set is read without its bias labels;
-the colour-uniform test split (with them) scores the result.
+trained on the real training set (train_bias_amplifier_real). The training set is read without its bias labels.
+After training, the validation split (the judge split, with bias labels) gives the `val_…` metrics that choose
+hyperparameters (benchmarks/ddb_table.py --grid), and the colour-uniform test split scores the result; neither
+reaches a fitting function (docs/protocol.md).
 Writes data/methods/ddb_<method>/{model.safetensors, metrics.json} and data/metrics/debias_classifier_<method>.json;
 one MLflow run per method × ρ × seed (tags method, bias_ratio, ddb_seed).
 """
@@ -20,6 +22,7 @@ from pipeline.data import load_meta, load_split
 from pipeline.io import atomic_path, save_json
 from pipeline.methods.diffusing_debias import (
     CLASSIFIER_METHODS,
+    VALIDATION_SPLIT,
     TrainConfig,
     evaluate,
     fit_classifier,
@@ -74,8 +77,11 @@ def main(argv=None) -> None:
             model, info = fit_reweighted(x, y, meta.num_classes, cfg, amplifier=amplifier, log=log)
             extra = {"weight_mean": info["weight_mean"]}
         seconds = time.perf_counter() - start
-        test = load_split(PREPARED, "test", with_bias=True)
-        metrics = {**evaluate(model, test.images, test.classes, test.bias, np.asarray(meta.aligned)), **extra,
+        aligned = np.asarray(meta.aligned)
+        val = load_split(PREPARED, VALIDATION_SPLIT, with_bias=True)  # model selection reads these only
+        chosen_by = {f"val_{k}": v for k, v in evaluate(model, val.images, val.classes, val.bias, aligned).items()}
+        test = load_split(PREPARED, "test", with_bias=True)  # final scoring
+        metrics = {**evaluate(model, test.images, test.classes, test.bias, aligned), **chosen_by, **extra,
                    "bias_ratio": params.data.bias_ratio, "seed": p.seed}
         run.metrics({**metrics, "train_seconds": seconds})  # the time is not written to the outputs (reproducible)
     with atomic_path(Path("data/methods") / f"ddb_{method}") as tmp:

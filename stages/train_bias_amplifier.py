@@ -5,8 +5,9 @@ byte-identical to a real training image.
 
 `--source real` is the paper's ablation (stage train_bias_amplifier_real): the same training on the real, biased
 training set. Writes data/methods/ddb_amplifier[_real]/{model.safetensors, summary.json} and
-data/metrics/train_bias_amplifier[_real].json; the summary holds the BA's accuracy on the colour-uniform test set
-(bias-aligned vs bias-conflicting: an amplifier is good at the first and bad at the second).
+data/metrics/train_bias_amplifier[_real].json; the summary holds the BA's accuracy on the validation split (`val_…`,
+what a choice of amplifier settings may read) and, as a final score of the frozen amplifier, on the colour-uniform
+test set (bias-aligned vs bias-conflicting: an amplifier is good at the first and bad at the second).
 """
 
 import argparse
@@ -18,6 +19,7 @@ import torch
 from pipeline.data import load_meta, load_split
 from pipeline.io import atomic_path, save_json
 from pipeline.methods.diffusing_debias import (
+    VALIDATION_SPLIT,
     TrainConfig,
     assert_no_real_images,
     evaluate,
@@ -56,9 +58,11 @@ def main(argv=None) -> None:
             model = fit_classifier(flatten_images(train.images), torch.from_numpy(train.classes), meta.num_classes, cfg,
                                    what="bias amplifier (real)", log=log)
             n = len(train.classes)
-        test = load_split(PREPARED, "test", with_bias=True)
-        summary = {f"test_{k}": v for k, v in
-                   evaluate(model, test.images, test.classes, test.bias, np.asarray(meta.aligned)).items()}
+        summary = {}
+        for prefix, split in (("val", VALIDATION_SPLIT), ("test", "test")):  # read after training only
+            s = load_split(PREPARED, split, with_bias=True)
+            summary.update({f"{prefix}_{k}": v for k, v in
+                            evaluate(model, s.images, s.classes, s.bias, np.asarray(meta.aligned)).items()})
         summary.update(source=args.source, num_train=n)
         run.metrics({k: v for k, v in summary.items() if k != "source"})
     out = Path("data/methods") / ("ddb_amplifier" + ("_real" if args.source == "real" else ""))

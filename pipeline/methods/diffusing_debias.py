@@ -382,3 +382,24 @@ def summarise(rows: list[dict], keys=("unbiased_accuracy", "worst_group_accuracy
             row[k + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
         table.append(row)
     return table
+
+
+# ---------------------------------------------------------------- model selection (docs/protocol.md)
+
+VALIDATION_SPLIT = "judge"  # the dataset's validation split (Coloured MNIST: class × colour balanced, held out of
+#                             training); the test split scores the chosen setting only
+
+
+def select_by_validation(rows: list[dict], metric: str = "val_unbiased_accuracy",
+                         group=("bias_ratio", "method"), point: str = "point") -> dict[tuple, str]:
+    """Per group (ρ, method): the hyperparameter point with the highest mean `metric` over its seed rows,
+    argmax_p mean_s metric(p, s) (ties → the first point listed). Only validation metrics may decide: a `test_…`
+    metric or one of the test split's plain names (`unbiased_accuracy`, …) is refused."""
+    if not metric.startswith("val_"):
+        raise ValueError(f"select_by_validation: {metric!r} is not a validation metric (val_…); the test split "
+                         "only scores the chosen setting (docs/protocol.md)")
+    scores: dict[tuple, dict[str, list[float]]] = {}
+    for r in rows:
+        key = tuple(r[g] for g in group)
+        scores.setdefault(key, {}).setdefault(r[point], []).append(float(r[metric]))
+    return {key: max(points, key=lambda p: np.mean(points[p])) for key, points in scores.items()}

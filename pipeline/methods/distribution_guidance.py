@@ -141,8 +141,8 @@ def train_adp(h: np.ndarray, attr: np.ndarray, cond: np.ndarray, *, kind: str, s
     num_steps, n, _ = h.shape
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
-    n_test = round(holdout * n)
-    test, train = order[:n_test], order[n_test:]
+    n_held = round(holdout * n)
+    held, train = order[:n_held], order[n_held:]
     torch.manual_seed(seed)
     model = ADP(kind, shape, num_attr, num_steps, num_classes, hidden=hidden, class_offset=class_offset, pool=pool,
                 pool_weights=pool_weights, timesteps=timesteps, module=module)
@@ -161,7 +161,7 @@ def train_adp(h: np.ndarray, attr: np.ndarray, cond: np.ndarray, *, kind: str, s
             loss.backward()
             opt.step()
     model.eval()
-    return model, adp_accuracy(model, h[:, test], attr[test], cond[test], num_classes)
+    return model, adp_accuracy(model, h[:, held], attr[held], cond[held], num_classes)
 
 
 @torch.no_grad()

@@ -61,8 +61,8 @@ def fit_directions(latents: dict[int, np.ndarray], labels: np.ndarray, num_attr:
                         f"{sorted(set(labels.tolist()))}; an SVM needs two")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
-    n_test = round(holdout * len(labels))
-    test, train = order[:n_test], order[n_test:]
+    n_held = round(holdout * len(labels))
+    held, train = order[:n_held], order[n_held:]
     steps = sorted(latents)
     dirs, accs = [], []
     for s in steps:
@@ -72,7 +72,7 @@ def fit_directions(latents: dict[int, np.ndarray], labels: np.ndarray, num_attr:
         w = np.zeros((num_attr, x.shape[1]))
         w[svm.classes_] = coef / np.linalg.norm(coef, axis=1, keepdims=True)
         dirs.append(w)
-        accs.append(float(svm.score(x[test], labels[test])) if n_test else float("nan"))
+        accs.append(float(svm.score(x[held], labels[held])) if n_held else float("nan"))
     return np.array(steps), np.stack(dirs).astype(np.float32), np.array(accs), missing
 
 
