@@ -228,29 +228,30 @@ def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> l
     return [float(ci.low), float(ci.high)]
 
 
-def bootstrap_interval(samples: tuple[np.ndarray, ...], statistic, *, n_resamples: int, seed, method: str = "BCa",
+def bootstrap_interval(samples: tuple[np.ndarray, ...], statistic, *, n_resamples: int, seed,
                        confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
-    """Bootstrap interval by scipy.stats.bootstrap: each sample of `samples` is resampled with replacement
-    independently of the others (paired=False), so passing one sample per class is a bootstrap stratified by class.
-    `statistic(*samples)` takes arrays whose last axis holds the observations and returns [...] or [M, ...]
-    (M outputs); `seed` seeds the numpy Generator. method 'BCa' (scipy's default: corrects the median bias of
-    plug-in estimates such as the bias score, which resampling inflates) or 'percentile'. Where BCa is
-    undefined (every resample on one side of the estimate, or all equal), that output gets the percentile
-    interval [q_2.5, q_97.5] of the same resamples. Returns (low, high)."""
+    """Centred percentile bootstrap interval of the estimate θ̂ = statistic(*samples) at this sample size:
+        [θ̂ + q_{2.5}(θ̂*) − mean(θ̂*),  θ̂ + q_{97.5}(θ̂*) − mean(θ̂*)]
+    with θ̂* the statistic on resamples drawn by scipy.stats.bootstrap: each sample of `samples` resampled with
+    replacement independently of the others (paired=False), so one sample per class is a bootstrap stratified by
+    class. Centring removes the shift that resampling itself adds (duplicates make a resample look more biased
+    and farther from a reference); docs/metrics.md says why this, not BCa. `statistic(*samples)` takes arrays
+    whose last axis holds the observations and returns [...] or [M, ...] (M outputs); `seed` seeds the numpy
+    Generator. Returns (low, high)."""
     from scipy.stats import bootstrap
 
     if any(len(s) < 2 for s in samples):
         raise ValueError("a bootstrap interval needs at least 2 observations in every sample (class)")
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        warnings.simplefilter("ignore")  # scipy's DegenerateDataWarning: handled by the fallback below
-        res = bootstrap(samples, lambda *s, axis=-1: statistic(*s), n_resamples=n_resamples, method=method,
+        warnings.simplefilter("ignore")  # scipy warns when every resample gives the same value (a 0-width interval)
+        res = bootstrap(samples, lambda *s, axis=-1: statistic(*s), n_resamples=n_resamples, method="percentile",
                         paired=False, vectorized=True, axis=-1, confidence_level=confidence,
                         rng=np.random.default_rng(seed))
+        dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
         alpha = 100 * (1 - confidence) / 2
-        lo_p, hi_p = np.nanpercentile(res.bootstrap_distribution, [alpha, 100 - alpha], axis=-1)
-    lo, hi = np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
-    bad = ~(np.isfinite(lo) & np.isfinite(hi))
-    return np.where(bad, lo_p, lo), np.where(bad, hi_p, hi)
+        q_lo, q_hi = np.nanpercentile(dist, [alpha, 100 - alpha], axis=-1)
+        shift = np.asarray(statistic(*samples), dtype=np.float64) - np.nanmean(dist, axis=-1)
+    return q_lo + shift, q_hi + shift
 
 
 def attribute_samples(counts: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -356,7 +357,7 @@ def bias_removed(counts_base: np.ndarray, counts_method: np.ndarray, floor: floa
                  seed) -> tuple[float, list[float]]:
     """Share of the baseline's bias a method removes, on the normalised bias score B:
         bias_removed = (B_base − B_m) / (B_base − B_floor)
-    (1 = as fair as n samples can show, 0 = no change, < 0 = more biased), with a BCa bootstrap interval
+    (1 = as fair as n samples can show, 0 = no change, < 0 = more biased), with a centred bootstrap interval
     resampling both sample sets (each class of each) independently. Returns (value, [low, high])."""
     base, meth = np.asarray(counts_base), np.asarray(counts_method)
     K, Y = base.shape[1], len(base)
@@ -392,8 +393,8 @@ def frechet_to_reference(features: np.ndarray, mu_ref: np.ndarray, sqrt_sigma_re
 
 def frechet_interval(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, *, n_resamples: int,
                      seed) -> list[float]:
-    """Percentile bootstrap interval of the Fréchet distance of `features` to a fixed reference (μ, Σ),
-    resampling the generated samples (scipy.stats.bootstrap over their indices)."""
+    """Centred bootstrap interval (bootstrap_interval) of the Fréchet distance of `features` to a fixed reference
+    (μ, Σ), resampling the generated samples (scipy.stats.bootstrap over their indices)."""
     features = np.asarray(features, np.float64)
     s, tr = _psd_sqrt(sigma_ref), float(np.trace(sigma_ref))
     mu_ref = np.asarray(mu_ref, np.float64)
@@ -404,7 +405,5 @@ def frechet_interval(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.nda
         out = np.array([frechet_to_reference(features[i], mu_ref, s, tr) for i in flat])
         return out.reshape(idx.shape[:-1])
 
-    # percentile, not BCa: BCa's jackknife would cost one eigendecomposition per sample
-    lo, hi = bootstrap_interval((np.arange(len(features)),), stat, n_resamples=n_resamples, seed=seed,
-                                method="percentile")
+    lo, hi = bootstrap_interval((np.arange(len(features)),), stat, n_resamples=n_resamples, seed=seed)
     return [float(lo), float(hi)]

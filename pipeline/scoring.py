@@ -39,7 +39,7 @@ def _class_counts(attr: np.ndarray, cond: np.ndarray, num_attr: int, num_classes
 
 def bias_measures(counts: np.ndarray, aligned_attr: np.ndarray, confusion: np.ndarray | None, *,
                   n_resamples: int, seed: int) -> tuple[dict, dict]:
-    """(overall {name: value}, per-class {name: [Y] values}) of count_statistics, and BCa bootstrap
+    """(overall {name: value}, per-class {name: [Y] values}) of count_statistics, and centred bootstrap
     intervals as '<name>_ci95' = [lo, hi] (overall) / '<name>_lo', '<name>_hi' (per class), resampling each
     class's samples (scipy.stats.bootstrap over the per-class attribute predictions)."""
     K, Y = counts.shape[1], len(counts)
