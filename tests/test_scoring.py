@@ -275,3 +275,22 @@ def test_count_statistics_with_identity_confusion_equal_raw():
     assert s["bias_score_normalised_corrected"] == pytest.approx(s["bias_score_normalised"])
     assert s["aligned_fraction_corrected"] == pytest.approx(s["aligned_fraction"])
     assert MNIST_META.num_attributes == 10
+
+
+def test_report_marks_overlaps_and_adds_bias_removed():
+    from pipeline.report import add_bias_removed, render_markdown
+
+    rng = np.random.default_rng(0)
+    base_counts = np.stack([rng.multinomial(50, np.where(np.arange(10) == y, 0.9, 0.1 / 9)) for y in range(10)])
+    rows = [{"method": "baseline", "fid_balanced": 5.0, "fid_balanced_ci95": [4.0, 6.0]},
+            {"method": "close", "fid_balanced": 5.5, "fid_balanced_ci95": [5.2, 5.9]},
+            {"method": "far", "fid_balanced": 9.0, "fid_balanced_ci95": [8.0, 10.0]}]
+    add_bias_removed(rows, {"baseline": base_counts, "close": base_counts,
+                            "far": rng.multinomial(50, np.full(10, 0.1), 10)}, seed=0, n_resamples=200)
+    assert "bias_removed" not in rows[0] and rows[1]["bias_removed"] == 0.0 and rows[2]["bias_removed"] > 0.8
+    md = render_markdown(rows, data_bias={}, judges={}, grids={}, scatter="s.png",
+                         context={"resolution": 16, "bias_ratio": 0.95, "num_per_class": 50, "scheduler": "ddim",
+                                  "num_inference_steps": 5, "guidance_scale": 1.0, "fid_real_splits": 12.5})
+    lines = {line.split(" |")[0]: line for line in md.splitlines() if line.startswith("| ")}
+    assert "5.500 [5.200, 5.900] ≈" in lines["| close"] and "9.000 [8.000, 10.000] |" in lines["| far"]
+    assert "5.000 [4.000, 6.000] |" in lines["| baseline"] and "12.500" in md
