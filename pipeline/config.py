@@ -126,6 +126,8 @@ class SampleParams(_Section):
 class ScoreParams(_Section):
     inception_fid: Literal[True, False, "auto"] = "auto"
     pr_k: int = Field(3, ge=1)
+    bootstrap: int = Field(1000, ge=20)      # resamples of the bias measures' percentile intervals
+    bootstrap_fid: int = Field(100, ge=20)   # resamples of the FID intervals (one eigendecomposition each)
     max_reference: int = Field(10000, ge=10)
     reference_split: Literal["train", "test", "judge"] = "train"
     batch_size: int = Field(500, ge=1)

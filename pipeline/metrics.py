@@ -136,18 +136,19 @@ def _knn_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
                       for i in range(0, len(x), chunk)])
 
 
-def _coverage(query: torch.Tensor, ref: torch.Tensor, ref_radii: torch.Tensor, chunk: int) -> float:
-    """Fraction of query points inside at least one reference ball: mean_i [∃j: ‖q_i − r_j‖ ≤ radius_j]."""
+def _coverage(query: torch.Tensor, ref: torch.Tensor, ref_radii: torch.Tensor, chunk: int) -> np.ndarray:
+    """Per query point, whether it lies inside at least one reference ball: [∃j: ‖q_i − r_j‖ ≤ radius_j]."""
     inside = [(torch.cdist(query[i:i + chunk], ref) <= ref_radii[None]).any(1) for i in range(0, len(query), chunk)]
-    return torch.cat(inside).double().mean().item()
+    return torch.cat(inside).numpy()
 
 
-def precision_recall(real_features, fake_features, k=3, *, chunk=1024) -> dict:
+def precision_recall(real_features, fake_features, k=3, *, chunk=1024, indicators: bool = False) -> dict:
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN manifolds:
         precision = (1/M) Σ_i [∃j: ‖fake_i − real_j‖ ≤ r_real_j]   (fake samples on the real manifold)
         recall    = (1/N) Σ_j [∃i: ‖real_j − fake_i‖ ≤ r_fake_i]   (real samples on the fake manifold)
     r_j is the distance to the k-th nearest neighbour within the same set. Distances are computed `chunk`
-    rows at a time so 10k×10k sets never hold the full matrix."""
+    rows at a time so 10k×10k sets never hold the full matrix. With `indicators`, also the per-point bracketed
+    terms as 'precision_indicators' [M] and 'recall_indicators' [N] (bool)."""
     real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64)
     fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
@@ -155,7 +156,9 @@ def precision_recall(real_features, fake_features, k=3, *, chunk=1024) -> dict:
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision_recall with k={k} needs more than {k} samples per set")
     r_real, r_fake = _knn_radii(real, k, chunk), _knn_radii(fake, k, chunk)
-    return {"precision": _coverage(fake, real, r_real, chunk), "recall": _coverage(real, fake, r_fake, chunk)}
+    p, r = _coverage(fake, real, r_real, chunk), _coverage(real, fake, r_fake, chunk)
+    out = {"precision": float(p.mean()), "recall": float(r.mean())}
+    return {**out, "precision_indicators": p, "recall_indicators": r} if indicators else out
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -206,3 +209,201 @@ class InceptionFeatures:
                 b = F.interpolate(b, size=(299, 299), mode="bilinear", align_corners=False, antialias=False)
             out.append(self.model((b - 128) / 128).double().cpu().numpy())
         return np.concatenate(out)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# 95% intervals, the unbiased fairness discrepancy and the judge-error correction (docs/metrics.md)
+
+CONFIDENCE = 0.95
+
+
+def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> list[float]:
+    """Wilson score interval of a fraction successes/n (scipy.stats.binomtest(...).proportion_ci, 'wilson'):
+        (p̂ + z²/2n ± z √(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n),  z = Φ⁻¹((1 + confidence)/2)."""
+    from scipy.stats import binomtest
+
+    if n < 1:
+        raise ValueError("wilson_interval needs n >= 1")
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def bootstrap_interval(samples: tuple[np.ndarray, ...], statistic, *, n_resamples: int, seed,
+                       confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """Centred percentile bootstrap interval of the estimate θ̂ = statistic(*samples) at this sample size:
+        [θ̂ + q_{2.5}(θ̂*) − mean(θ̂*),  θ̂ + q_{97.5}(θ̂*) − mean(θ̂*)]
+    with θ̂* the statistic on resamples drawn by scipy.stats.bootstrap: each sample of `samples` resampled with
+    replacement independently of the others (paired=False), so one sample per class is a bootstrap stratified by
+    class. Centring removes the shift that resampling itself adds (duplicates make a resample look more biased
+    and farther from a reference); docs/metrics.md says why this, not BCa. `statistic(*samples)` takes arrays
+    whose last axis holds the observations and returns [...] or [M, ...] (M outputs); `seed` seeds the numpy
+    Generator. Returns (low, high)."""
+    from scipy.stats import bootstrap
+
+    if any(len(s) < 2 for s in samples):
+        raise ValueError("a bootstrap interval needs at least 2 observations in every sample (class)")
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore")  # scipy warns when every resample gives the same value (a 0-width interval)
+        res = bootstrap(samples, lambda *s, axis=-1: statistic(*s), n_resamples=n_resamples, method="percentile",
+                        paired=False, vectorized=True, axis=-1, confidence_level=confidence,
+                        rng=np.random.default_rng(seed))
+        dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
+        alpha = 100 * (1 - confidence) / 2
+        q_lo, q_hi = np.nanpercentile(dist, [alpha, 100 - alpha], axis=-1)
+        shift = np.asarray(statistic(*samples), dtype=np.float64) - np.nanmean(dist, axis=-1)
+    return q_lo + shift, q_hi + shift
+
+
+def attribute_samples(counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One array of attribute values per row of counts [Y, K] (row y: counts[y, a] copies of a). Every count-table
+    statistic ignores the order, so these stand for the class's samples in a bootstrap."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return tuple(np.repeat(np.arange(counts.shape[1]), row) for row in counts)
+
+
+def counts_of(samples, num_attr: int) -> np.ndarray:
+    """counts [..., Y, K] from per-class attribute arrays [..., n_y] (the inverse of attribute_samples)."""
+    return np.stack([(np.asarray(s)[..., None] == np.arange(num_attr)).sum(-2) for s in samples], axis=-2)
+
+
+def bias_rows(c: np.ndarray) -> np.ndarray:
+    """bias_y of `_bias_per_row` for counts (or probabilities) [..., Y, K] → [..., Y]."""
+    c = np.asarray(c, dtype=np.float64)
+    return _bias_per_row(c.reshape(-1, c.shape[-1])).reshape(c.shape[:-1])
+
+
+def fd_unbiased_squared(c: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
+    """Per row of counts c [..., Y, K] with n = Σ_a c_a and p̂ = c/n, the unbiased estimate of ‖p − p*‖²:
+        FD² − (1 − Σ_a p̂_a²)/(n − 1)
+    (E‖p̂ − p*‖² = ‖p − p*‖² + (1 − Σ p_a²)/n, and (1 − Σ p̂²)/(n − 1) is unbiased for the second term).
+    Not clipped: a fair sampler scores ≈ 0 on average, sometimes below."""
+    c = np.asarray(c, dtype=np.float64)
+    n = c.sum(-1)
+    if (n < 2).any():
+        raise ValueError("fd_unbiased needs at least 2 samples per condition")
+    p = c / n[..., None]
+    target = np.full(c.shape[-1], 1.0 / c.shape[-1]) if target is None else np.asarray(target, np.float64)
+    return ((p - target) ** 2).sum(-1) - (1 - (p**2).sum(-1)) / (n - 1)
+
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_labels: int) -> np.ndarray:
+    """counts[i, j] = #{n : true_n = i, pred_n = j}, int64 [K, K]."""
+    true, pred = np.asarray(true, np.int64).ravel(), np.asarray(pred, np.int64).ravel()
+    if true.shape != pred.shape:
+        raise ValueError(f"true has {true.size} entries but pred has {pred.size}")
+    return np.bincount(true * num_labels + pred, minlength=num_labels**2).reshape(num_labels, num_labels)
+
+
+def confusion_rates(counts: np.ndarray) -> np.ndarray:
+    """C[i, j] = P(judge says j | true attribute i), rows of counts normalised; a row with no held-out sample
+    carries no information about the judge, so it is taken as correct (C[i] = e_i)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(1, keepdims=True)
+    return np.where(total > 0, counts / np.maximum(total, 1), np.eye(len(counts)))
+
+
+def correct_distribution(p_hat: np.ndarray, confusion: np.ndarray) -> np.ndarray:
+    """The attribute distribution q on the simplex that the judge's confusion C turns into the observed p̂:
+        q = argmin_{q ≥ 0, Σq = 1} ‖Cᵀ q − p̂‖²
+    (E[p̂] = Cᵀ q), solved per row of p̂ [..., K] by scipy.optimize.nnls with the sum-to-one constraint as a
+    heavily weighted extra row. C = I gives q = p̂."""
+    from scipy.optimize import nnls
+
+    p_hat = np.asarray(p_hat, dtype=np.float64)
+    K = p_hat.shape[-1]
+    w = 1e3  # weight of the Σq = 1 row: the constraint holds to ~1e-6, then is made exact by renormalising
+    a = np.vstack([np.asarray(confusion, np.float64).T, np.full((1, K), w)])
+    rows = p_hat.reshape(-1, K)
+    q = np.stack([nnls(a, np.append(r, w))[0] for r in rows]) if len(rows) else rows.copy()
+    q /= np.maximum(q.sum(1, keepdims=True), 1e-12)
+    return q.reshape(p_hat.shape)
+
+
+def count_statistics(c: np.ndarray, aligned_attr: np.ndarray, confusion: np.ndarray | None = None) -> dict:
+    """Every bias measure of a count table c [..., Y, K] (class y's predicted attribute counts), per class
+    ([..., Y]) and overall ([...]):
+        bias_score, bias_score_normalised (÷ 2/K), fd = mean_y ‖p̂_y − u‖, fd_unbiased = √max(0, mean_y D_y)
+        with D_y = fd_unbiased_squared, aligned_fraction = Σ_y c_y[aligned_y] / Σ c;
+    with `confusion` (C of the attribute judge) also the same on the corrected q_y = correct_distribution:
+        bias_score_normalised_corrected, aligned_fraction_corrected = Σ_y n_y q_y[aligned_y] / Σ_y n_y."""
+    c, aligned_attr = np.asarray(c, dtype=np.float64), np.asarray(aligned_attr)
+    K = c.shape[-1]
+    n = c.sum(-1)
+    per = {"bias_score": bias_rows(c), "fd": np.linalg.norm(c / n[..., None] - 1.0 / K, axis=-1),
+           "fd_unbiased_squared": fd_unbiased_squared(c),
+           "aligned_fraction": c[..., np.arange(c.shape[-2]), aligned_attr] / n}
+    out = {"bias_score": per["bias_score"].mean(-1), "fd": per["fd"].mean(-1),
+           "fd_unbiased": np.sqrt(np.maximum(per["fd_unbiased_squared"].mean(-1), 0.0)),
+           "aligned_fraction": (per["aligned_fraction"] * n).sum(-1) / n.sum(-1)}
+    out["bias_score_normalised"] = out["bias_score"] / (2 / K)
+    if confusion is not None:
+        q = correct_distribution(c / n[..., None], confusion)
+        per["bias_score_corrected"] = bias_rows(q)
+        per["aligned_fraction_corrected"] = q[..., np.arange(c.shape[-2]), aligned_attr]
+        out["bias_score_normalised_corrected"] = per["bias_score_corrected"].mean(-1) / (2 / K)
+        out["aligned_fraction_corrected"] = (per["aligned_fraction_corrected"] * n).sum(-1) / n.sum(-1)
+    return {"overall": out, "per_class": per}
+
+
+def bias_floor(n_per_class, num_attr: int, *, seed: int = 0) -> float:
+    """The normalised bias a perfectly uniform sampler scores on average with these per-class sample counts:
+    mean_y of uniform_bias_floor(n_y, K)."""
+    ns, reps = np.unique(np.asarray(n_per_class, dtype=np.int64), return_counts=True)
+    return float(sum(r * uniform_bias_floor(int(m), num_attr, seed=seed) for m, r in zip(ns, reps, strict=True))
+                 / reps.sum())
+
+
+def bias_removed(counts_base: np.ndarray, counts_method: np.ndarray, floor: float, *, n_resamples: int,
+                 seed) -> tuple[float, list[float]]:
+    """Share of the baseline's bias a method removes, on the normalised bias score B:
+        bias_removed = (B_base − B_m) / (B_base − B_floor)
+    (1 = as fair as n samples can show, 0 = no change, < 0 = more biased), with a centred bootstrap interval
+    resampling both sample sets (each class of each) independently. Returns (value, [low, high])."""
+    base, meth = np.asarray(counts_base), np.asarray(counts_method)
+    K, Y = base.shape[1], len(base)
+
+    def stat(*samples):
+        b = bias_rows(counts_of(samples[:Y], K)).mean(-1) / (2 / K)
+        m = bias_rows(counts_of(samples[Y:], K)).mean(-1) / (2 / K)
+        return (b - m) / (b - floor)
+
+    value = float(stat(*attribute_samples(base), *attribute_samples(meth)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lo, hi = bootstrap_interval((*attribute_samples(base), *attribute_samples(meth)), stat,
+                                    n_resamples=n_resamples, seed=seed)
+    return value, [float(lo), float(hi)]
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a PSD matrix via eigh (negative round-off eigenvalues set to 0)."""
+    w, v = np.linalg.eigh(np.asarray(sigma, np.float64))
+    return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
+
+
+def frechet_to_reference(features: np.ndarray, mu_ref: np.ndarray, sqrt_sigma_ref: np.ndarray,
+                         trace_ref: float) -> float:
+    """Fréchet distance of features' (μ, Σ) to a fixed reference, with Tr (Σ Σ_ref)^{1/2} computed as
+    Σ_i √λ_i(S Σ S), S = Σ_ref^{1/2} (ΣΣ_ref and SΣS share their eigenvalues; SΣS is symmetric PSD, so eigvalsh
+    applies): the same number as frechet_distance without a general sqrtm, cheap enough to bootstrap."""
+    mu, sigma = feature_statistics(features)
+    lam = np.linalg.eigvalsh(sqrt_sigma_ref @ sigma @ sqrt_sigma_ref)
+    diff = mu - mu_ref
+    return float(diff @ diff + np.trace(sigma) + trace_ref - 2 * np.sqrt(np.maximum(lam, 0.0)).sum())
+
+
+def frechet_interval(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, *, n_resamples: int,
+                     seed) -> list[float]:
+    """Centred bootstrap interval (bootstrap_interval) of the Fréchet distance of `features` to a fixed reference
+    (μ, Σ), resampling the generated samples (scipy.stats.bootstrap over their indices)."""
+    features = np.asarray(features, np.float64)
+    s, tr = _psd_sqrt(sigma_ref), float(np.trace(sigma_ref))
+    mu_ref = np.asarray(mu_ref, np.float64)
+
+    def stat(idx):
+        idx = np.asarray(idx)
+        flat = idx.reshape(-1, idx.shape[-1])
+        out = np.array([frechet_to_reference(features[i], mu_ref, s, tr) for i in flat])
+        return out.reshape(idx.shape[:-1])
+
+    lo, hi = bootstrap_interval((np.arange(len(features)),), stat, n_resamples=n_resamples, seed=seed)
+    return [float(lo), float(hi)]

@@ -10,8 +10,9 @@ from pathlib import Path
 from pipeline.data import load_meta
 from pipeline.io import atomic_path, load_json, load_npz, load_parquet, save_json
 from pipeline.methods.diffusing_debias import CLASSIFIER_METHODS
-from pipeline.metrics import uniform_bias_floor
-from pipeline.report import bias_fid_scatter, ddb_section, render_markdown, sample_grid, save_png
+from pipeline.metrics import frechet_distance, uniform_bias_floor
+from pipeline.report import add_bias_removed, bias_fid_scatter, ddb_section, render_markdown, sample_grid, save_png
+from pipeline.scoring import per_class_counts
 from stages.common import UserError, load_params, mlflow_run, stage_main
 
 SCORES, SAMPLES, OUT = Path("data/scores"), Path("data/samples"), Path("data/report")
@@ -51,6 +52,9 @@ def main() -> None:
     # The baseline first, then the methods alphabetically.
     methods.sort(key=lambda m: (m != "baseline", m))
     rows = [{"method": m, **load_json(SCORES / m / "metrics.json")} for m in methods]
+    add_bias_removed(rows, {m: per_class_counts(load_parquet(SCORES / m / "per_class.parquet")) for m in methods},
+                     seed=params.seed)
+    biased, balanced = (load_npz(REFERENCE / f"{s}.npz", "mu", "sigma") for s in ("indomain", "balanced"))
     with atomic_path(OUT) as tmp:
         tmp.mkdir(parents=True)
         grids = {}
@@ -100,7 +104,9 @@ def main() -> None:
                 "![InvDiff bias discovery](invdiff_discovery.png)", ""]
         context = {**params.data.model_dump(), **params.sample.model_dump(),
                    "bias_floor": uniform_bias_floor(params.sample.num_per_class, load_meta(REFERENCE).num_attributes,
-                                                 seed=params.seed)}
+                                                 seed=params.seed),
+                   "fid_real_splits": frechet_distance(biased["mu"], biased["sigma"], balanced["mu"],
+                                                       balanced["sigma"])}
         md = render_markdown(rows, data_bias=load_json("data/reference/summary.json")["train_data_bias"],
                              judges=load_json("data/metrics/train_classifiers.json"), context=context,
                              grids=grids, scatter="bias_vs_fid.png", sweeps=sweeps, extras=extras, labels=LABELS,

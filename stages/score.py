@@ -1,5 +1,6 @@
 """score@<method>: bias (InvDiff score, normalised, FD, aligned fraction), in-domain FID, fidelity,
-precision/recall, and Inception FID when on — per class and overall (DESIGN.md §5)."""
+precision/recall, and Inception FID when on — per class and overall, each with a 95% interval, and the bias
+corrected for the colour judge's confusion (docs/metrics.md)."""
 
 import argparse
 from pathlib import Path
@@ -24,7 +25,8 @@ def main(argv=None) -> None:
     table = load_parquet(sample_dir / "samples.parquet", ["condition"])
     if len(table) != len(images):
         raise UserError(f"{sample_dir}: images.npz has {len(images)} images, samples.parquet {len(table)} rows")
-    scorer = Scorer(JUDGES, REF, device=dev, k=p.pr_k, seed=params.seed, batch_size=p.batch_size)
+    scorer = Scorer(JUDGES, REF, device=dev, k=p.pr_k, seed=params.seed, batch_size=p.batch_size,
+                    bootstrap=p.bootstrap, bootstrap_fid=p.bootstrap_fid)
     metrics, per_class = scorer(images, table["condition"].to_numpy())
     out = Path("data/scores") / args.method
     with atomic_path(out) as tmp:
@@ -34,7 +36,7 @@ def main(argv=None) -> None:
     with mlflow_run("score", params, ("score",), run_name=f"score@{args.method}",
                     extra_tags={"method": args.method}) as run:
         run.metrics(metrics)
-    print(f"score@{args.method}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    print(f"score@{args.method}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if not isinstance(v, list)))
 
 
 if __name__ == "__main__":

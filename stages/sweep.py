@@ -68,7 +68,8 @@ def main(argv=None) -> None:
     section, grid = sweep_grid(args.method, params, cond, dev)
     scheduler = make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing)
     scorer = Scorer(JUDGES, REF, device=dev, k=params.score.pr_k, seed=params.seed,
-                    batch_size=params.score.batch_size)
+                    batch_size=params.score.batch_size, bootstrap=params.score.bootstrap,
+                    bootstrap_fid=params.score.bootstrap_fid)
     rows = []
     with mlflow_run("sweep", params, (section, "sample", "score"), run_name=f"sweep@{args.method}",
                     extra_tags={"method": args.method}) as run:
@@ -83,7 +84,7 @@ def main(argv=None) -> None:
             shown = " ".join(f"{k} {v:g}" for k, v in knobs.items() if k != "swept")
             print(f"{shown}: normalised bias {metrics['bias_score_normalised']:.3f}, "
                   f"aligned {metrics['aligned_fraction']:.3f}, fidelity {metrics['fidelity']:.3f}, "
-                  f"FID {metrics['fid_indomain']:.2f}", flush=True)
+                  f"FID vs balanced {metrics['fid_balanced']:.2f}", flush=True)
     save_json(Path("data/sweeps") / f"{args.method}.json", rows)
 
 

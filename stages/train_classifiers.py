@@ -1,5 +1,7 @@
 """train_classifiers: the judges — the bias-attribute judge (colour.safetensors) and the target judge
-(digit.safetensors) — trained on the judge split, or user-supplied files (classifiers.*_judge) adopted."""
+(digit.safetensors) — trained on the judge split, or user-supplied files (classifiers.*_judge) adopted.
+Also data/judges/confusion.json: each judge's confusion counts [true, predicted] on the held-out test split, with
+which scoring corrects the bias estimates for the attribute judge's errors (docs/metrics.md)."""
 
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import torch
 from pipeline.data import load_meta, load_split, to_tensor
 from pipeline.io import save_json
 from pipeline.judges import adopt_judge
+from pipeline.metrics import confusion_matrix
 from pipeline.models import judge_outputs, save_judge, train_judge
 from stages.common import device, load_params, mlflow_run, stage_main
 
@@ -27,7 +30,7 @@ def main() -> None:
     train = load_split(PREPARED, "judge", with_bias=True)
     test = load_split(PREPARED, "test", with_bias=True)
     x_train, x_test = to_tensor(train.images), to_tensor(test.images)
-    metrics = {}
+    metrics, confusion = {}, {"split": "test"}
     with mlflow_run("train_classifiers", params, ("classifiers",)) as run:
         for offset, (name, (field, user_key)) in enumerate(JUDGES.items()):
             k, dest, user = len(names[field]), OUT / f"{name}.safetensors", getattr(p, user_key)
@@ -40,10 +43,12 @@ def main() -> None:
                                     arch=p.arch, blocks=p.blocks)
             pred, _ = judge_outputs(judge, x_test)
             metrics[f"{name}_test_accuracy"] = float(np.mean(pred == getattr(test, field)))
+            confusion[name] = confusion_matrix(getattr(test, field), pred, k).tolist()
             if not user:
                 labels = None if meta.format == "mnist" else names[field]
                 save_judge(judge.cpu(), dest, {"attribute": name}, labels=labels)
         run.metrics(metrics)
+    save_json(OUT / "confusion.json", confusion)
     save_json("data/metrics/train_classifiers.json", metrics)
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
