@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+
+from pipeline.errors import UserError
 
 # Column order and headings of the methods table; "↓"/"↑" say which way is better. FID vs the colour-balanced split
 # is the headline quality figure; in-domain FID (vs the biased training split) rises as bias falls (docs/metrics.md).
@@ -19,6 +22,15 @@ COLUMNS = [
 
 
 SHORT = {"weight": "w", "source_step": "s", "strength": "r", "lam": "λ"}  # knob names in sweep labels
+
+
+
+def per_class_counts(per_class: pd.DataFrame) -> np.ndarray:
+    """The attribute count table [Y, K] stored in a per-class frame (columns count_attr_0 … count_attr_{K−1})."""
+    cols = sorted((c for c in per_class.columns if c.startswith("count_attr_")), key=lambda c: int(c.rsplit("_", 1)[1]))
+    if not cols:
+        raise UserError("per_class.parquet has no count_attr_* columns (re-run `dvc repro score`)")
+    return per_class[cols].to_numpy(np.int64)
 
 
 def sample_grid(images: np.ndarray, cond: np.ndarray, per_class: int, scale: int = 3, pad: int = 1) -> np.ndarray:

@@ -125,14 +125,6 @@ def score_samples(images: np.ndarray, cond: np.ndarray, colour_judge, digit_judg
     return metrics, pd.DataFrame(table)
 
 
-def per_class_counts(per_class: pd.DataFrame) -> np.ndarray:
-    """The attribute count table [Y, K] stored in a per-class frame (columns count_attr_0 … count_attr_{K−1})."""
-    cols = sorted((c for c in per_class.columns if c.startswith("count_attr_")), key=lambda c: int(c.rsplit("_", 1)[1]))
-    if not cols:
-        raise UserError("per_class.parquet has no count_attr_* columns (re-run `dvc repro score`)")
-    return per_class[cols].to_numpy(np.int64)
-
-
 class Scorer:
     """The judges and reference statistics loaded once; `scorer(images, cond)` → (metrics, per-class frame)."""
 

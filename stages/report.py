@@ -11,8 +11,15 @@ from pipeline.data import load_meta
 from pipeline.io import atomic_path, load_json, load_npz, load_parquet, save_json
 from pipeline.methods.diffusing_debias import CLASSIFIER_METHODS
 from pipeline.metrics import frechet_distance, uniform_bias_floor
-from pipeline.report import add_bias_removed, bias_fid_scatter, ddb_section, render_markdown, sample_grid, save_png
-from pipeline.scoring import per_class_counts
+from pipeline.report import (
+    add_bias_removed,
+    bias_fid_scatter,
+    ddb_section,
+    per_class_counts,
+    render_markdown,
+    sample_grid,
+    save_png,
+)
 from stages.common import UserError, load_params, mlflow_run, stage_main
 
 SCORES, SAMPLES, OUT = Path("data/scores"), Path("data/samples"), Path("data/report")

@@ -10,7 +10,8 @@ from torch import nn
 
 from pipeline import metrics
 from pipeline.data import MNIST_META, DatasetMeta
-from pipeline.scoring import Scorer, per_class_counts, score_samples
+from pipeline.report import per_class_counts
+from pipeline.scoring import Scorer, score_samples
 from tests.test_metrics import brute_precision_recall
 
 
