@@ -99,8 +99,8 @@ def test_train_writes_model_and_checkpoint(run_a):
     assert (root / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (root / "model" / "scheduler" / "scheduler_config.json").is_file()
     ckpt = root / "ckpt" / "step-0000003"
-    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "ema.safetensors", "state.safetensors", "state.json",
-                                                "meta.json"}  # no pickle (docs/checkpoints.md)
+    files = {"model.safetensors", "ema.safetensors", "state.safetensors", "state.json", "meta.json"}  # no pickle
+    assert {p.name for p in ckpt.iterdir()} == files
     assert sorted(p.name for p in (root / "ckpt").iterdir()) == ["step-0000003"]  # none at the final step
     assert result.steps == 6 and result.resumed_from == 0 and result.num_params > 0
     assert math.isfinite(result.final_loss) and result.losses == [(6, result.final_loss)]
