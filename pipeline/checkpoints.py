@@ -1,7 +1,8 @@
 """Training checkpoints shared by every long stage: a directory `step-XXXXXXX/` holding
-<name>.safetensors for each weight set, state.pt (optimizer, schedules, RNG states — tensors and numbers only,
-read back with torch.load(weights_only=True)) and meta.json (step, config fingerprint). Written to a temp
-name and renamed, so a killed writer never leaves a checkpoint that looks complete."""
+<name>.safetensors for each weight set, the training state (optimizer, schedules, RNG states) as
+state.safetensors (its tensors) + state.json (everything else, tensors replaced by references), and meta.json
+(step, config fingerprint); no pickle anywhere (docs/checkpoints.md). Written to a temp name and renamed, so a
+killed writer never leaves a checkpoint that looks complete."""
 
 from __future__ import annotations
 
@@ -46,6 +47,61 @@ def latest_checkpoint(ckpt_dir: Path, fingerprint: str, max_step: int | None = N
     return None
 
 
+def _encode(obj, tensors: dict[str, torch.Tensor]):
+    """A state_dict → JSON: tensors move to `tensors` and leave {"__tensor__": key}; tuples and dicts with
+    non-string keys (an optimizer's parameter indices) are tagged so that `_decode` gives back the same types."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: _encode(v, tensors) for k, v in obj.items()}}
+        if not all(isinstance(k, int) for k in obj):
+            raise TypeError(f"checkpoint state: dict keys must be str or int, got {sorted(map(type, obj))}")
+        return {"__intdict__": [[k, _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_encode(v, tensors) for v in obj]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint state: cannot store {type(obj).__name__} (tensors, numbers, strings only)")
+
+
+def _decode(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    (tag, value), = obj.items()
+    if tag == "__tensor__":
+        return tensors[value]
+    if tag == "__dict__":
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    if tag == "__intdict__":
+        return {int(k): _decode(v, tensors) for k, v in value}
+    if tag == "__tuple__":
+        return tuple(_decode(v, tensors) for v in value)
+    raise ValueError(f"unknown tag {tag!r} in state.json")
+
+
+def save_state_files(directory: Path, state: dict) -> None:
+    """state → directory/state.safetensors + state.json (floats written by repr, so they read back exactly)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(state, tensors)
+    save_file(tensors, str(directory / "state.safetensors"))
+    (directory / "state.json").write_text(json.dumps(tree))
+
+
+def load_state_files(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / "state.safetensors"))
+    return _decode(json.loads((directory / "state.json").read_text()), tensors)
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, fingerprint: str, weights: dict[str, dict[str, torch.Tensor]],
                     state: dict, keep: int = 2) -> Path:
     from safetensors.torch import save_file
@@ -55,7 +111,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, fingerprint: str, weights: dict[s
         tmp.mkdir(parents=True)
         for name, tensors in weights.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
-        torch.save(state, tmp / "state.pt")
+        save_state_files(tmp, state)
         (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint}))
     for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old)
@@ -68,7 +124,7 @@ def load_checkpoint(path: Path, names: tuple[str, ...]) -> tuple[dict[str, dict[
 
     try:
         weights = {name: load_file(str(path / f"{name}.safetensors")) for name in names}
-        state = torch.load(path / "state.pt", weights_only=True)
+        state = load_state_files(path)
         step = int(json.loads((path / "meta.json").read_text())["step"])
     except Exception as exc:
         raise UserError(f"{path}: checkpoint is incomplete or corrupt ({type(exc).__name__}: {exc}); "
