@@ -19,7 +19,7 @@ test: setup
 	python -m pytest -q
 
 test-all: setup
-	python -m pytest -q -m "slow or not slow"
+	python -m pytest -q -m "not gpu"
 
 flow: setup
 	python -m flows.pipeline

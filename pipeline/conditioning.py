@@ -57,8 +57,9 @@ class Conditioning:
 
 
 def takes_text(unet) -> bool:
-    """Whether the U-Net's forward needs encoder_hidden_states (UNet2DConditionModel and its kin)."""
-    return "cross_attention_dim" in unet.config
+    """Whether the U-Net's forward needs encoder_hidden_states (UNet2DConditionModel and its kin); a U-Net
+    wrapped for several processes (DistributedDataParallel) is read through its .module."""
+    return "cross_attention_dim" in getattr(unet, "module", unet).config
 
 
 def call_unet(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

