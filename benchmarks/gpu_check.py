@@ -10,7 +10,7 @@ The stages run in this one process, each exactly as `python -m stages.<name> [ar
 work directory holding params.yaml = params_gpu.yaml merged with OVERRIDES (--dry: then tests/tiny.py's SHRINK):
 one Python start-up instead of seventeen. Tracking is off (DEBIAS_TRACKING=off, stages/common.py). The base
 model's length is calibrated so the run fits its budget: a short run measures steps/s, then
-train_steps = clamp(steps/s · train_budget_s, min, max); δ gets delta_share of it. A SIGALRM at the budget
+train_steps = clamp(steps/s · train_share · budget, min, max); δ gets delta_share of it. A SIGALRM at the budget
 ends the stage in flight; later stages are marked skipped.
 """
 
@@ -53,11 +53,12 @@ OVERRIDES = {
 }
 # --dry: tests/tiny.py's SHRINK, then these (a 4-step model's tiny fitting set can show a single colour).
 DRY = {"latentdir": {"fit_per_class": 20}}
-# Training lengths: calibration steps, the base model's time budget (s), its step range, δ's share and range.
+# Training lengths: calibration steps, the base model's share of --budget (100 s of the default 450 s), its step
+# range, δ's share of the base model's steps and its range.
 TRAINING = {
-    "gpu": {"calibrate": 200, "train_budget_s": 100, "steps": (500, 3000), "delta_share": 0.25,
+    "gpu": {"calibrate": 200, "train_share": 0.22, "steps": (500, 3000), "delta_share": 0.25,
             "delta_steps": (200, 1000)},
-    "dry": {"calibrate": 2, "train_budget_s": 0, "steps": (4, 4), "delta_share": 0.25, "delta_steps": (4, 4)},
+    "dry": {"calibrate": 2, "train_share": 0.0, "steps": (4, 4), "delta_share": 0.25, "delta_steps": (4, 4)},
 }
 STEP_TIMED = ("train_diffusion", "finetune_guidance")
 METHODS = ("baseline", "latentdir", "distguide", "invdiff")
@@ -276,6 +277,8 @@ class Check:
         import stages.common as common
 
         torch = self.torch
+        if self.deadline - time.perf_counter() < 1:  # the alarm has gone off (or is about to): start nothing
+            return {"stage": label, "status": "skipped", "error": "time budget spent"}
         original, original_sample = common.mlflow_run, sampling.sample
         # Steps/s only from the training loops' step log (other stages tag metrics by denoising step or epoch).
         common.mlflow_run = self.clock.wrap(original) if module in STEP_TIMED else original
@@ -318,17 +321,17 @@ class Check:
     def calibrate(self) -> None:
         """A short training run: steps/s → the base model's and δ's step counts."""
         t = TRAINING[self.mode]
-        real = self.params["diffusion"]["train_steps"]
         self.params["diffusion"]["train_steps"] = t["calibrate"]
         self.write_params()
         row = self.stage("train_diffusion (calibration)", "train_diffusion", [])
         self.result["stages"].append(row)
-        rate = row["steps_per_s"] or t["calibrate"] / row["wall_s"]
-        steps = clamp_round(rate * t["train_budget_s"], *t["steps"]) if row["status"] == "ok" else real
+        ok = row["status"] == "ok"
+        rate = (row["steps_per_s"] or t["calibrate"] / row["wall_s"]) if ok else None
+        steps = clamp_round(rate * t["train_share"] * self.args.budget, *t["steps"]) if ok else t["steps"][0]
         self.params["diffusion"]["train_steps"] = steps
         self.params["invdiff"]["steps"] = clamp_round(steps * t["delta_share"], *t["delta_steps"])
         self.write_params()
-        print(f"[gpu_check] calibration: {rate:.2f} steps/s → train_steps {steps}, "
+        print(f"[gpu_check] calibration: {fmt(rate)} steps/s → train_steps {steps}, "
               f"invdiff.steps {self.params['invdiff']['steps']}", flush=True)
 
     def run(self) -> dict:
