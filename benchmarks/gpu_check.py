@@ -129,7 +129,7 @@ class GpuSampler(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
         self.samples: list[tuple[float, float, float | None]] = []
-        self.source, self._stop, self._proc = None, threading.Event(), None
+        self.source, self._halt, self._proc = None, threading.Event(), None
         import torch
 
         if not torch.cuda.is_available():
@@ -158,11 +158,11 @@ class GpuSampler(threading.Thread):
             return
         import torch
 
-        while not self._stop.wait(0.5):
+        while not self._halt.wait(0.5):
             self.samples.append((time.perf_counter(), float(torch.cuda.utilization()), None))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         if self._proc is not None:
             self._proc.terminate()
 

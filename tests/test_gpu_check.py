@@ -73,3 +73,29 @@ def test_budget_stops_the_run_and_still_writes_the_json(tmp_path):
     statuses = [s["status"] for s in r["stages"]]
     assert "timeout" in statuses and statuses[-1] == "skipped" and "score@baseline" not in r["scores"]
     assert r["stages"][-1]["error"] == "time budget spent"
+
+
+def test_gpu_sampler_reads_nvidia_smi(tmp_path, monkeypatch):
+    """The utilisation sampler on a fake nvidia-smi (the real one needs a GPU): parses its CSV lines, windows them."""
+    import importlib.util
+    import time
+
+    import torch
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nwhile true; do echo '40, 1000'; echo '80, 3000'; sleep 0.05; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    t0 = time.perf_counter()
+    sampler = gpu_check.GpuSampler()
+    time.sleep(0.5)
+    sampler.stop()
+    sampler.join(timeout=5)
+    assert sampler.source == "nvidia-smi" and not sampler.is_alive()
+    w = sampler.window(t0, time.perf_counter())
+    assert 40 <= w["gpu_util_mean"] <= 80 and w["gpu_util_max"] == 80 and w["gpu_mem_used_max_mib"] == 3000
+    assert sampler.window(0, t0)["gpu_util_mean"] is None
