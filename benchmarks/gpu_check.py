@@ -53,10 +53,10 @@ OVERRIDES = {
 }
 # --dry: tests/tiny.py's SHRINK, then these (a 4-step model's tiny fitting set can show a single colour).
 DRY = {"latentdir": {"fit_per_class": 20}}
-# Training lengths: calibration steps, the base model's share of --budget (100 s of the default 450 s), its step
+# Training lengths: calibration steps, the base model's share of --budget (100 s of the default 420 s), its step
 # range, δ's share of the base model's steps and its range.
 TRAINING = {
-    "gpu": {"calibrate": 200, "train_share": 0.22, "steps": (500, 3000), "delta_share": 0.25,
+    "gpu": {"calibrate": 200, "train_share": 0.24, "steps": (500, 3000), "delta_share": 0.25,
             "delta_steps": (200, 1000)},
     "dry": {"calibrate": 2, "train_share": 0.0, "steps": (4, 4), "delta_share": 0.25, "delta_steps": (4, 4)},
 }
@@ -243,6 +243,8 @@ class Check:
             "machine": {
                 "device": torch.cuda.get_device_name(0) if self.cuda else f"CPU: {os.cpu_count()} cores, "
                 f"{platform.processor() or platform.machine()}",
+                "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+                if self.cuda else None,
                 "torch": torch.__version__, "cuda": torch.version.cuda if self.cuda else None,
                 "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
                 "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -461,13 +463,13 @@ def summary(r: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry", action="store_true", help="on the CPU at tiny size (CUDA hidden)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default: 450; dry 600)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the stages (default: 420; dry 600)")
     ap.add_argument("--workdir", default=None, help="where the stages run (default: a new temporary directory)")
     ap.add_argument("--out", default=None, help="results JSON (default: $OUT/gpu_check.json, else in the workdir)")
     args = ap.parse_args()
     if args.dry:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: the dry run never touches a GPU
-    args.budget = args.budget or (600.0 if args.dry else 450.0)
+    args.budget = args.budget or (600.0 if args.dry else 420.0)
     check = Check(args)
     result = check.run()
     report = check.work / "data/report/report.md"
