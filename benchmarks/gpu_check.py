@@ -84,6 +84,29 @@ PLAN = [
 ]
 
 
+# What the stages import beyond the standard library (the device's image lacks some: docs/gpu.md): their versions
+# go into the JSON, and one that fails to import is named there before any stage runs.
+PACKAGES = {"torch": "torch", "diffusers": "diffusers", "accelerate": "accelerate", "safetensors": "safetensors",
+            "huggingface_hub": "huggingface-hub", "pydantic": "pydantic", "zarr": "zarr", "numcodecs": "numcodecs",
+            "numpy": "numpy", "pandas": "pandas", "pyarrow": "pyarrow", "scipy": "scipy", "sklearn": "scikit-learn",
+            "yaml": "pyyaml", "PIL": "pillow", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+
+
+def packages() -> dict:
+    """{distribution: version, or 'import failed: <error>'} for PACKAGES."""
+    import importlib
+    from importlib import metadata
+
+    out = {}
+    for module, dist in PACKAGES.items():
+        try:
+            importlib.import_module(module)
+            out[dist] = metadata.version(dist)
+        except Exception as exc:  # reported, not raised: the JSON says which one is missing
+            out[dist] = f"import failed: {type(exc).__name__}: {exc}"[:300]
+    return out
+
+
 class OutOfTime(BaseException):
     """Raised by SIGALRM at the budget (a BaseException, so no stage's `except Exception` swallows it)."""
 
@@ -236,6 +259,7 @@ class Check:
         self.out = Path(args.out) if args.out else (Path(out_dir) if out_dir else self.work) / "gpu_check.json"
         self.params = build_params(args.dry)
         self.clock, self.sampler, self.in_stage = StepClock(), GpuSampler(), False
+        versions = packages()  # imports them all: the budget starts after
         self.start = time.perf_counter()
         self.deadline = self.start + args.budget
         self.result = {
@@ -250,7 +274,7 @@ class Check:
                 "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             },
             "mixed_precision": resolve_mixed_precision(self.params["diffusion"]["mixed_precision"]),
-            "budget_s": args.budget, "workdir": str(self.work), "overrides": OVERRIDES,
+            "packages": versions, "budget_s": args.budget, "workdir": str(self.work), "overrides": OVERRIDES,
             "training": TRAINING[self.mode], "stages": [], "train": None, "invdiff_train": None, "sampling": {},
             "gpu": None, "scores": {}, "ok": False,
         }
@@ -339,6 +363,9 @@ class Check:
     def run(self) -> dict:
         os.chdir(self.work)
         os.environ["DEBIAS_TRACKING"] = "off"
+        for dist, version in self.result["packages"].items():
+            if version.startswith("import failed"):
+                print(f"[gpu_check] {dist}: {version} (benchmarks/prepare_gpu_wheels.sh, docs/gpu.md)", flush=True)
 
         def alarm(signum, frame):  # between stages the loop's own check skips what is left
             if self.in_stage:

@@ -41,6 +41,8 @@ def test_dry_run_writes_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert r["ok"] and r["mode"] == "dry" and r["machine"]["device"].startswith("CPU")
     assert r["imported"] == {"mlflow": False, "dvc": False, "prefect": False}
+    assert set(r["packages"]) >= {"diffusers", "pydantic", "zarr", "torch"}
+    assert not [v for v in r["packages"].values() if v.startswith("import failed")]
     assert not (tmp_path / "work" / "mlflow.db").exists()
     stages = {s["stage"]: s["status"] for s in r["stages"]}
     for label in ("prepare_data", "train_classifiers", "train_diffusion (calibration)", "train_diffusion",
