@@ -68,15 +68,42 @@ class _Run:
         self._mlflow.log_artifact(str(path))
 
 
+class _NoRun:
+    """Tracking off: metrics and artifacts are dropped; the stage writes its outputs as usual."""
+
+    def metrics(self, values: dict, step: int | None = None) -> None:
+        pass
+
+    def artifact(self, path) -> None:
+        pass
+
+
+def tracking_enabled() -> bool:
+    """$DEBIAS_TRACKING: on (default) | off. Off lets a bare worker run a stage without MLflow (docs/gpu.md)."""
+    value = os.environ.get("DEBIAS_TRACKING", "on").strip().lower()
+    if value in ("on", "1", "true", ""):
+        return True
+    if value in ("off", "0", "false"):
+        return False
+    raise UserError(f"DEBIAS_TRACKING: expected on or off, got {value!r}")
+
+
 @contextmanager
 def mlflow_run(stage: str, params: Params, sections: tuple[str, ...], run_name: str | None = None,
                extra_tags: dict | None = None):
     """One MLflow run per stage execution, with the stage's params and the pipeline-run/git tags.
 
     Tracking URI: $MLFLOW_TRACKING_URI if set, else params.mlflow.tracking_uri (SQLite in the project).
+    With DEBIAS_TRACKING=off nothing is logged and MLflow is never imported.
     """
+    if not tracking_enabled():
+        yield _NoRun()
+        return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import mlflow
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError("mlflow is not installed: install it, or set DEBIAS_TRACKING=off to run untracked") from None
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", params.mlflow.tracking_uri))
     mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", params.mlflow.experiment))
