@@ -15,6 +15,7 @@ a flow run and `dvc repro` leave the same dvc.lock. What a run does to the check
 
 import argparse
 import ast
+import atexit
 import fcntl
 import os
 import re
@@ -295,6 +296,9 @@ def main(argv=None) -> None:
                     help=f"default: every method ({', '.join(METHODS)})")
     ap.add_argument("--project-dir", default=".")
     args = ap.parse_args(argv)
+    # Registered before Prefect starts its ephemeral API server, so it runs after the server's own exit
+    # message (atexit is last in, first out): the error is the last line printed.
+    atexit.register(_print_error)
     try:  # every user mistake found before Prefect starts, so its error is the only line printed
         overrides = parse_sets(args.set)
         root = project_root(args.project_dir)
@@ -312,12 +316,20 @@ def main(argv=None) -> None:
         print(f"{name:24s} {status}")
 
 
+_ERRORS: list[str] = []
+
+
 def _fail(message: str, code: int) -> None:
+    _ERRORS.append(message)
+    sys.exit(code)
+
+
+def _print_error() -> None:
     """The flow's one-line error, last and alone, after Prefect's log lines."""
     sys.stdout.flush()
     sys.stderr.flush()
-    print(message, file=sys.stderr)
-    sys.exit(code)
+    for message in _ERRORS:
+        print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
