@@ -17,6 +17,7 @@ import argparse
 import ast
 import atexit
 import fcntl
+import json
 import os
 import re
 import subprocess
@@ -25,9 +26,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import yaml
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from pipeline.errors import UserError
@@ -250,6 +253,43 @@ def run_stage(name: str, root: str, run_id: str) -> str:
     return "ran"
 
 
+REPORT_COLUMNS = ("bias_score_normalised", "aligned_fraction", "fidelity", "fid_indomain", "precision", "recall")
+
+
+def report_markdown(rows: list[dict], mlflow_url: str | None) -> str:
+    """The report's headline table (data/metrics/report_methods.json) as markdown for a Prefect artifact."""
+    lines = ["| method | " + " | ".join(REPORT_COLUMNS) + " |", "|---" * (len(REPORT_COLUMNS) + 1) + "|"]
+    for row in rows:
+        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), int | float) else "–" for c in REPORT_COLUMNS]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    lines += ["", "Full report with sample grids: `data/report/report.md`."]
+    if mlflow_url:
+        lines.append(f"MLflow: [this flow run's stage runs]({mlflow_url}) (with `mlflow ui` running).")
+    return "\n".join(lines)
+
+
+def mlflow_runs_url(root: Path, run_id: str) -> str | None:
+    """The MLflow UI's list of this flow run's stage runs (tag pipeline_run), or None if there is no experiment."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.config import MlflowParams
+
+    raw = (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("mlflow") or {}
+    p = MlflowParams(**raw)
+    uri = os.environ.get("MLFLOW_TRACKING_URI", p.tracking_uri)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative: the stages ran in root
+        uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"
+    try:
+        exp = mlflow.MlflowClient(uri).get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", p.experiment))
+    except MlflowException:
+        return None
+    if exp is None:
+        return None
+    ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    return f"{ui}/#/experiments/{exp.experiment_id}/runs?searchFilter=" + quote(f"tags.pipeline_run = '{run_id}'")
+
+
 def _run_name() -> str:
     """Flow runs are named after what they do: the methods, then the overrides."""
     p = flow_run.parameters
@@ -263,10 +303,11 @@ def debias_pipeline(methods: list[Method] | None = None, overrides: dict[str, An
                     project_dir: str = ".") -> dict[str, str]:
     """Reproduce the DVC pipeline stage by stage; returns {stage: 'ran' | 'up to date'}.
 
-    methods: the methods to run, each with every stage upstream of it (empty: every stage, the report too).
-    overrides: params.yaml overrides as dotted keys, e.g. {"sample.guidance_scale": 2}; validated, in
-    params.yaml for this run only (dvc.lock records them); the checkout's params.yaml is restored afterwards.
-    project_dir: the project checkout (holds dvc.yaml and params.yaml).
+    Args:
+        methods: the methods to run, each with every stage upstream of it; empty: every stage and the report.
+        overrides: params.yaml overrides as dotted keys, e.g. {"sample.guidance_scale": 2}; validated, in
+            params.yaml for this run only (dvc.lock records them); the checkout's file is restored afterwards.
+        project_dir: the project checkout (holds dvc.yaml and params.yaml).
     """
     logger = get_run_logger()
     root = project_root(project_dir)
@@ -282,6 +323,10 @@ def debias_pipeline(methods: list[Method] | None = None, overrides: dict[str, An
             states[name] = run_stage.with_options(name=name, tags=["gpu"] if name in gpu else [])(
                 name, str(root), run_id, wait_for=upstream, return_state=True)
             results[name] = states[name].result()  # raises the stage's failure
+    if "report" in order and (root / "data/metrics/report_methods.json").is_file():
+        rows = json.loads((root / "data/metrics/report_methods.json").read_text())
+        create_markdown_artifact(report_markdown(rows, mlflow_runs_url(root, run_id)), key="debias-report",
+                                 description="The report's table")
     if "report" in deps and "report" not in order:
         logger.info("report not run: it would mix these methods' new rows with older results of the others "
                     "(run every method, or `dvc repro report`)")

@@ -10,13 +10,15 @@ parameters (methods as a choice, params overrides, project_dir), or from a shell
     prefect deployment run debias-pipeline/default --param 'methods=["baseline"]' \\
         --param 'overrides={"sample.guidance_scale": 2}'
 
-Runs execute on this machine, in the checkout given by `project_dir` (default: --project-dir here). Whoever
-can reach the Prefect API can point project_dir at any DVC project on this machine and have its dvc.yaml
-commands run: keep the server on 127.0.0.1 (docs/flows.md).
+Runs execute on this machine, in the checkout given by --project-dir here. The deployment freezes
+project_dir to it: the server refuses a run that names another directory, so whoever can reach the Prefect
+API cannot point a run at some other DVC project's commands (docs/flows.md).
 """
 
 import argparse
 import sys
+
+from prefect.utilities.annotations import freeze
 
 from flows.pipeline import debias_pipeline, project_root
 from pipeline.errors import UserError
@@ -32,7 +34,7 @@ def main(argv=None) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    debias_pipeline.serve(name=args.name, parameters={"project_dir": str(root)}, tags=["debias"],
+    debias_pipeline.serve(name=args.name, parameters={"project_dir": freeze(str(root))}, tags=["debias"],
                           description="Coloured-MNIST bias pipeline (dvc.yaml stages as tasks)")
 
 

@@ -14,9 +14,12 @@ from flows.pipeline import (
     LOCK,
     METHODS,
     PARAMS_BACKUP,
+    REPORT_COLUMNS,
     debias_pipeline,
     device_stages,
     hold_project,
+    mlflow_runs_url,
+    report_markdown,
     run_stage,
     select_stages,
     stage_dag,
@@ -229,3 +232,23 @@ def test_cli_prints_a_stage_failure_last_and_alone(flaky_project):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2
     assert proc.stderr.rstrip().splitlines()[-1] == "error: stage flaky failed with exit code 2", proc.stderr
+
+
+def test_report_artifact_shows_the_reports_numbers_and_links_this_runs_mlflow_runs(params_project, monkeypatch):
+    import mlflow
+
+    rows = [{"method": "baseline", "bias_score_normalised": 0.98, "aligned_fraction": 0.935, "fidelity": 0.945,
+             "fid_indomain": 12.5, "precision": 0.5, "recall": 0.25},
+            {"method": "latentdir", "bias_score_normalised": 0.5, "aligned_fraction": 0.61}]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert mlflow_runs_url(params_project, "abc") is None  # no experiment yet
+    exp = mlflow.MlflowClient(f"sqlite:///{params_project / 'mlflow.db'}").create_experiment("debias-diffusion")
+    url = mlflow_runs_url(params_project, "abc")
+    assert url.startswith(f"http://127.0.0.1:5000/#/experiments/{exp}/runs?searchFilter=")
+    assert "tags.pipeline_run%20%3D%20%27abc%27" in url
+    md = report_markdown(rows, url).splitlines()
+    assert md[0] == "| method | " + " | ".join(REPORT_COLUMNS) + " |"
+    assert md[2] == "| baseline | 0.98 | 0.935 | 0.945 | 12.5 | 0.5 | 0.25 |"
+    assert md[3] == "| latentdir | 0.5 | 0.61 | – | – | – | – |"
+    assert f"]({url})" in md[-1]

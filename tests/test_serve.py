@@ -81,20 +81,37 @@ def test_served_deployment_runs_a_triggered_flow_run(tmp_path):
         assert dep["parameters"]["project_dir"] == str(project)
         schema = dep["parameter_openapi_schema"]["properties"]
         assert "baseline" in schema["methods"]["anyOf"][0]["items"]["enum"]  # a choice, not free text
-        created = client.post(f"/deployments/{dep['id']}/create_flow_run",
-                              json={"parameters": {"methods": ["baseline"],
-                                                   "overrides": {"sample.guidance_scale": 2.5}}})
-        assert created.status_code == 201, created.text
-        run_id = created.json()["id"]
+        assert schema["project_dir"]["enum"] == [str(project)]  # frozen: no run elsewhere
+        elsewhere = client.post(f"/deployments/{dep['id']}/create_flow_run",
+                                json={"parameters": {"project_dir": str(tmp_path)}})
+        assert elsewhere.status_code >= 400, elsewhere.text
+        assert "description" in schema["methods"] and "dotted keys" in schema["overrides"]["description"]
+        # The old nested form fails, instead of running everything with project_dir reset to ".".
+        nested = client.post(f"/deployments/{dep['id']}/create_flow_run",
+                             json={"parameters": {"config": {"methods": ["baseline"]}}}).json()["id"]
+        # Two runs triggered at once with different overrides: one runs, the other is refused, not mixed in.
+        scales = {}
+        for scale in (2.5, 3.0):
+            created = client.post(f"/deployments/{dep['id']}/create_flow_run",
+                                  json={"parameters": {"methods": ["baseline"],
+                                                       "overrides": {"sample.guidance_scale": scale}}})
+            assert created.status_code == 201, created.text
+            scales[created.json()["id"]] = scale
 
         def finished():
-            state = client.get(f"/flow_runs/{run_id}").json()["state"]
-            return state if state["type"] in TERMINAL else None
+            states = {i: client.get(f"/flow_runs/{i}").json()["state"] for i in [*scales, nested]}
+            return states if all(s["type"] in TERMINAL for s in states.values()) else None
 
-        state = _wait("the flow run", finished, 1200, procs, poll=2.0)
+        states = _wait("the flow runs", finished, 1200, procs, poll=2.0)
         elapsed = time.monotonic() - started
-        assert state["type"] == "COMPLETED", f"{state['type']}: {state.get('message')}\n" + \
-            (tmp_path / "serve.log").read_text()[-4000:]
+        print(f"nested config run: {states[nested]['type']}: {states[nested]['message']}")
+        assert states[nested]["type"] in ("FAILED", "CRASHED"), states[nested]
+        assert not client.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [nested]}}}).json()
+        states.pop(nested)
+        done = [i for i, s in states.items() if s["type"] == "COMPLETED"]
+        assert len(done) == 1, f"{states}\n" + (tmp_path / "serve.log").read_text()[-4000:]
+        run_id, (refused,) = done[0], [s for i, s in states.items() if i != done[0]]
+        assert refused["type"] == "FAILED" and "is running in this checkout; wait" in refused["message"], refused
         run = client.get(f"/flow_runs/{run_id}").json()
         tasks = client.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
     finally:
@@ -102,9 +119,9 @@ def test_served_deployment_runs_a_triggered_flow_run(tmp_path):
             _stop(p)
         for f in logs.values():
             f.close()
-    print(f"served deployment: server start to completed run {elapsed:.0f} s")
+    print(f"served deployment: server start to completed runs {elapsed:.0f} s")
 
-    assert run["name"] == "baseline [sample.guidance_scale=2.5]"
+    assert run["name"] == f"baseline [sample.guidance_scale={scales[run_id]}]"
     # The run did the baseline's stages and what they need, nothing else, and no report.
     by_name = {t["name"].rsplit("-", 1)[0]: t for t in tasks}
     names = set(by_name)
@@ -117,7 +134,7 @@ def test_served_deployment_runs_a_triggered_flow_run(tmp_path):
     assert not (project / "data/samples/latentdir").exists() and not (project / "data/report").exists()
     # The overrides were used for this run (dvc.lock records them) and the checkout's params.yaml is untouched.
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert lock["stages"]["sample@baseline"]["params"]["params.yaml"]["sample"]["guidance_scale"] == 2.5
+    assert lock["stages"]["sample@baseline"]["params"]["params.yaml"]["sample"]["guidance_scale"] == scales[run_id]
     assert (project / "params.yaml").read_bytes() == params_before
     # Stage runs in MLflow carry the flow run's id.
     import mlflow
