@@ -3,73 +3,94 @@
 dvc.yaml stays the one definition of the DAG. The flow reads the stage graph through DVC's Python API and
 runs each selected stage as a task. DVC decides what is up to date (content hashes, not Prefect's input
 cache): a task asks DVC for the stage's status and, if anything changed, runs `dvc repro --single-item`, so
-a flow run and `dvc repro` leave the same dvc.lock.
+a flow run and `dvc repro` leave the same dvc.lock. What a run does to the checkout: docs/flows.md.
 
     python -m flows.pipeline                      # run once, locally (Prefect's ephemeral API)
     python -m flows.pipeline --set sample.guidance_scale=2 --methods baseline
     python -m flows.serve                         # register a deployment for the UI of `prefect server start`
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: a served deployment runs the flow in a subprocess, where
+# Prefect validates the parameters from the annotations, and string annotations do not resolve there.
 
 import argparse
+import ast
+import atexit
+import fcntl
+import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote
 
 import yaml
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
 
-# Stages that want the accelerator: tag them so a tag concurrency limit (`prefect concurrency-limit create
-# gpu 1`) serialises them on a shared GPU worker.
-GPU_STAGES = ("train_diffusion", "sample", "score", "fid_reference")
+from pipeline.errors import UserError
+
+PROJECT = Path(__file__).resolve().parents[1]
 USER_ERROR_EXIT = 2  # stages exit 2 on a user mistake: never worth a retry
+LOCK = Path(".dvc/tmp/flow.lock")  # held for a whole flow run (DVC's own lock only covers one repro)
+PARAMS_BACKUP = Path(".dvc/tmp/flow-params.yaml")  # the checkout's params.yaml while a run's overrides are in
 
 
-class PipelineConfig(BaseModel):
-    """What the Prefect UI shows as the run form."""
-
-    overrides: dict[str, Any] = Field(
-        default_factory=dict,
-        description="params.yaml overrides as dotted keys, e.g. {\"diffusion.train_steps\": 500}; validated, "
-                    "then written to params.yaml (like `dvc exp run -S`) so dvc.lock records them",
-    )
-    methods: list[str] | None = Field(None, description="methods to run (foreach keys of dvc.yaml, e.g. "
-                                      "baseline, latentdir, invdiff); empty = all")
-    project_dir: str = Field(".", description="the project checkout (holds dvc.yaml and params.yaml)")
+def dvc_methods(dvc_yaml: Path) -> tuple[str, ...]:
+    """The method names: the `foreach` keys of dvc.yaml's stages (`sample@baseline` → baseline)."""
+    names: set[str] = set()
+    for spec in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).values():
+        each = spec.get("foreach") if isinstance(spec, dict) else None
+        names |= {str(k) for k in each} if isinstance(each, dict | list) else set()
+    return tuple(sorted(names))
 
 
-class StageFailed(RuntimeError):
-    def __init__(self, stage: str, returncode: int):
-        super().__init__(f"stage {stage} failed with exit code {returncode}")
-        self.returncode = returncode
+METHODS = dvc_methods(PROJECT / "dvc.yaml")
+Method = Literal[METHODS]  # the UI form offers these as a choice
 
 
-def stage_graph(root: Path):
-    """The DVC stage graph as {name: set of names it depends on}."""
+def stage_dag(root: Path) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """The DVC stage graph as ({name: names it depends on}, {name: its cmd})."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph
         deps = {s.name: set() for s in graph.nodes}
+        cmds = {s.name: s.cmd if isinstance(s.cmd, str) else " ".join(s.cmd) for s in graph.nodes}
         for stage, upstream in graph.edges:
             deps[stage.name].add(upstream.name)
-    return deps
+    return deps, cmds
+
+
+def stage_graph(root: Path) -> dict[str, set[str]]:
+    """The DVC stage graph as {name: set of names it depends on}."""
+    return stage_dag(root)[0]
 
 
 def select_stages(deps: dict[str, set[str]], methods: list[str] | None = None) -> list[str]:
-    """Stages in dependency order (ties by name), keeping only the chosen methods' `stage@method` nodes
-    (all when `methods` is empty)."""
+    """Stages in dependency order (ties by name).
+
+    No `methods` (or every method): every stage. Otherwise the chosen methods' `stage@method` nodes and
+    everything upstream of them, and not `report`: it would mix this run's rows with older results.
+    """
     known = {n.split("@", 1)[1] for n in deps if "@" in n}
-    methods = methods or sorted(known)
-    unknown = sorted(set(methods) - known)
+    unknown = sorted(set(methods or ()) - known)
     if unknown:
-        raise ValueError(f"methods {unknown}: not in dvc.yaml (known: {sorted(known)})")
-    keep = {n for n in deps if "@" not in n or n.split("@", 1)[1] in methods}
+        raise UserError(f"methods {unknown}: not in dvc.yaml (known: {sorted(known)})")
+    if not methods or set(methods) == known:
+        keep = set(deps)
+    else:
+        keep, todo = set(), [n for n in deps if "@" in n and n.split("@", 1)[1] in methods]
+        while todo:
+            name = todo.pop()
+            if name not in keep:
+                keep.add(name)
+                todo.extend(deps[name])
     order, done = [], set()
     while len(order) < len(keep):
         ready = sorted(n for n in keep - done if deps[n] & keep <= done)
@@ -78,20 +99,124 @@ def select_stages(deps: dict[str, set[str]], methods: list[str] | None = None) -
     return order
 
 
-def apply_overrides(root: Path, overrides: dict[str, Any]) -> None:
-    """Validate `overrides` against the typed params, then write params.yaml (temp file + rename)."""
-    from pipeline.config import parse_params, set_override
-    from pipeline.io import atomic_path
+def uses_device(source: str) -> bool:
+    """Whether a stage module puts work on the accelerator: it uses the result of `stages.common.device()`
+    or builds an `Accelerator`. A bare `device()` statement only sets the thread count."""
+    tree = ast.parse(source)
+    bare = {id(s.value) for s in ast.walk(tree) if isinstance(s, ast.Expr)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id == "device" and id(node) not in bare:
+                return True
+            if node.func.id == "Accelerator":
+                return True
+    return False
 
-    if not overrides:
-        return
+
+def device_stages(root: Path, cmds: dict[str, str]) -> set[str]:
+    """Stages whose `python -m stages.<x>` module uses the device (the one place that decides the `gpu` tag)."""
+    found = set()
+    for name, cmd in cmds.items():
+        match = re.search(r"-m\s+(stages\.\w+)", cmd)
+        module = root / (match.group(1).replace(".", "/") + ".py") if match else None
+        if module is not None and module.is_file() and uses_device(module.read_text()):
+            found.add(name)
+    return found
+
+
+def project_root(project_dir: str | Path) -> Path:
+    """The project checkout, checked: a directory holding dvc.yaml and params.yaml."""
+    root = Path(project_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"project_dir {project_dir}: not a directory")
+    for name in ("dvc.yaml", "params.yaml"):
+        if not (root / name).is_file():
+            raise UserError(f"project_dir {root}: no {name} (expected a checkout of this project)")
+    return root
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as {key: YAML value}."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item[:80]!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {key}: value {value[:80]!r} is not valid YAML "
+                            f"({str(exc).splitlines()[0]})") from None
+    return overrides
+
+
+def overridden_params(root: Path, overrides: dict[str, Any]) -> str:
+    """params.yaml's text with `overrides` (dotted keys) applied, validated against the typed params."""
+    from pipeline.config import parse_params, set_override
+
     path = root / "params.yaml"
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     for key, value in overrides.items():
         raw = set_override(raw, key, value)
     parse_params(raw, f"{path} with overrides")  # raises UserError (one line) before anything is written
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def hold_project(root: Path, overrides: dict[str, Any], run_id: str) -> Iterator[None]:
+    """One flow run at a time per checkout; params.yaml carries this run's overrides only while it runs.
+
+    A second run is refused (UserError) while the lock is held. On exit, even on failure, params.yaml gets its
+    own bytes back; a run killed before that is undone by the next run, from the copy in PARAMS_BACKUP.
+    """
+    params, backup = root / "params.yaml", root / PARAMS_BACKUP
+    (root / LOCK).parent.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another flow run"
+            raise UserError(f"{root}: {holder} is running in this checkout; wait for it to finish "
+                            "(its state is in the Prefect UI) or use another checkout") from None
+        fh.truncate(0)
+        fh.write(f"flow run {run_id} (pid {os.getpid()})")
+        fh.flush()
+        if backup.is_file():  # a killed run left its overrides in params.yaml
+            os.replace(backup, params)
+        original = params.read_bytes()
+        if overrides:
+            text = overridden_params(root, overrides)
+            _write(backup, original)
+            _write(params, text.encode())
+        try:
+            yield
+        finally:
+            if overrides:
+                _write(params, original)
+                backup.unlink()
+            fh.truncate(0)
+
+
+def stage_exit_code(stderr: str, returncode: int) -> int:
+    """The failed stage's own exit code: dvc exits 255 for any failed stage and says `exited with N`."""
+    codes = re.findall(r"exited with (-?\d+)\b", stderr)
+    return int(codes[-1]) if codes else returncode
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int):
+        super().__init__(f"stage {stage} failed with exit code {returncode}")
+        self.returncode = returncode
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -124,23 +249,87 @@ def run_stage(name: str, root: str, run_id: str) -> str:
         if line.strip() and "it/s]" not in line:  # drop tqdm redraws
             logger.info(line)
     if proc.returncode != 0:
-        # dvc exits 255 for any failed stage; the stage's own exit code is in its message.
-        rc = USER_ERROR_EXIT if f"exited with {USER_ERROR_EXIT}" in proc.stderr else proc.returncode
-        raise StageFailed(name, rc)
+        raise StageFailed(name, stage_exit_code(proc.stderr, proc.returncode))
     return "ran"
 
 
-@flow(name="debias-pipeline", log_prints=True)
-def debias_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, str]:
-    """Reproduce the DVC pipeline stage by stage; returns {stage: 'ran' | 'up to date'}."""
-    root = Path(config.project_dir).resolve()
-    apply_overrides(root, config.overrides)
-    order = select_stages(stage_graph(root), config.methods)
+REPORT_COLUMNS = ("bias_score_normalised", "aligned_fraction", "fidelity", "fid_indomain", "precision", "recall")
+
+
+def report_markdown(rows: list[dict], mlflow_url: str | None) -> str:
+    """The report's headline table (data/metrics/report_methods.json) as markdown for a Prefect artifact."""
+    lines = ["| method | " + " | ".join(REPORT_COLUMNS) + " |", "|---" * (len(REPORT_COLUMNS) + 1) + "|"]
+    for row in rows:
+        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), int | float) else "–" for c in REPORT_COLUMNS]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    lines += ["", "Full report with sample grids: `data/report/report.md`."]
+    if mlflow_url:
+        lines.append(f"MLflow: [this flow run's stage runs]({mlflow_url}) (with `mlflow ui` running).")
+    return "\n".join(lines)
+
+
+def mlflow_runs_url(root: Path, run_id: str) -> str | None:
+    """The MLflow UI's list of this flow run's stage runs (tag pipeline_run), or None if there is no experiment."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.config import MlflowParams
+
+    raw = (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("mlflow") or {}
+    p = MlflowParams(**raw)
+    uri = os.environ.get("MLFLOW_TRACKING_URI", p.tracking_uri)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative: the stages ran in root
+        uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"
+    try:
+        exp = mlflow.MlflowClient(uri).get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", p.experiment))
+    except MlflowException:
+        return None
+    if exp is None:
+        return None
+    ui = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    return f"{ui}/#/experiments/{exp.experiment_id}/runs?searchFilter=" + quote(f"tags.pipeline_run = '{run_id}'")
+
+
+def _run_name() -> str:
+    """Flow runs are named after what they do: the methods, then the overrides."""
+    p = flow_run.parameters
+    name = "+".join(p.get("methods") or ["all"])
+    sets = ", ".join(f"{k}={v}" for k, v in (p.get("overrides") or {}).items())
+    return f"{name} [{sets}]" if sets else name
+
+
+@flow(name="debias-pipeline", log_prints=True, flow_run_name=_run_name)
+def debias_pipeline(methods: list[Method] | None = None, overrides: dict[str, Any] | None = None,
+                    project_dir: str = ".") -> dict[str, str]:
+    """Reproduce the DVC pipeline stage by stage; returns {stage: 'ran' | 'up to date'}.
+
+    Args:
+        methods: the methods to run, each with every stage upstream of it; empty: every stage and the report.
+        overrides: params.yaml overrides as dotted keys, e.g. {"sample.guidance_scale": 2}; validated, in
+            params.yaml for this run only (dvc.lock records them); the checkout's file is restored afterwards.
+        project_dir: the project checkout (holds dvc.yaml and params.yaml).
+    """
+    logger = get_run_logger()
+    root = project_root(project_dir)
+    deps, cmds = stage_dag(root)
+    order = select_stages(deps, methods)
+    gpu = device_stages(root, cmds)
     run_id = str(flow_run.get_id() or "local")
-    results = {}
-    for name in order:
-        tags = ["gpu"] if name.split("@")[0] in GPU_STAGES else []
-        results[name] = run_stage.with_options(name=name, tags=tags)(name, str(root), run_id)
+    results: dict[str, str] = {}
+    with hold_project(root, overrides or {}, run_id):
+        states = {}
+        for name in order:
+            upstream = [states[d] for d in sorted(deps[name]) if d in states]  # draws the DAG's edges in the UI
+            states[name] = run_stage.with_options(name=name, tags=["gpu"] if name in gpu else [])(
+                name, str(root), run_id, wait_for=upstream, return_state=True)
+            results[name] = states[name].result()  # raises the stage's failure
+    if "report" in order and (root / "data/metrics/report_methods.json").is_file():
+        rows = json.loads((root / "data/metrics/report_methods.json").read_text())
+        create_markdown_artifact(report_markdown(rows, mlflow_runs_url(root, run_id)), key="debias-report",
+                                 description="The report's table")
+    if "report" in deps and "report" not in order:
+        logger.info("report not run: it would mix these methods' new rows with older results of the others "
+                    "(run every method, or `dvc repro report`)")
     return results
 
 
@@ -148,28 +337,44 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Run the pipeline as a Prefect flow.")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="params override, e.g. sample.guidance_scale=2 (repeatable)")
-    ap.add_argument("--methods", nargs="+", default=None, help="default: every method in dvc.yaml")
+    ap.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                    help=f"default: every method ({', '.join(METHODS)})")
     ap.add_argument("--project-dir", default=".")
     args = ap.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
-    from pipeline.errors import UserError
-
-    try:
-        result = debias_pipeline(PipelineConfig(overrides=overrides, methods=args.methods,
-                                                project_dir=args.project_dir))
-    except (UserError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    # Registered before Prefect starts its ephemeral API server, so it runs after the server's own exit
+    # message (atexit is last in, first out): the error is the last line printed.
+    atexit.register(_print_error)
+    try:  # every user mistake found before Prefect starts, so its error is the only line printed
+        overrides = parse_sets(args.set)
+        root = project_root(args.project_dir)
+        known = dvc_methods(root / "dvc.yaml")
+        unknown = sorted(set(args.methods or ()) - set(known))
+        if unknown:
+            raise UserError(f"--methods {unknown}: not in dvc.yaml (known: {list(known)})")
+        overridden_params(root, overrides)
+        result = debias_pipeline(methods=args.methods, overrides=overrides, project_dir=str(root))
+    except UserError as exc:
+        _fail(f"error: {exc}", USER_ERROR_EXIT)
     except StageFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.returncode if exc.returncode == USER_ERROR_EXIT else 1)
+        _fail(f"error: {exc}", exc.returncode if exc.returncode == USER_ERROR_EXIT else 1)
     for name, status in result.items():
         print(f"{name:24s} {status}")
+
+
+_ERRORS: list[str] = []
+
+
+def _fail(message: str, code: int) -> None:
+    _ERRORS.append(message)
+    sys.exit(code)
+
+
+def _print_error() -> None:
+    """The flow's one-line error, last and alone, after Prefect's log lines."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for message in _ERRORS:
+        print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

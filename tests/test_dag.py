@@ -123,7 +123,7 @@ def test_prefect_flow_matches_dvc_repro(repro_project, tmp_path_factory):
     """The flow on a fresh copy leaves the same dvc.lock as `dvc repro`; a second flow run skips every stage."""
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import PipelineConfig, debias_pipeline
+    from flows.pipeline import debias_pipeline
 
     tmp = make_project(tmp_path_factory.mktemp("flow"))
     env = _env(tmp)
@@ -131,8 +131,8 @@ def test_prefect_flow_matches_dvc_repro(repro_project, tmp_path_factory):
     os.environ.update({k: env[k] for k in old})
     try:
         with prefect_test_harness():
-            first = debias_pipeline(PipelineConfig(project_dir=str(tmp)))
-            second = debias_pipeline(PipelineConfig(project_dir=str(tmp)))
+            first = debias_pipeline(project_dir=str(tmp))
+            second = debias_pipeline(project_dir=str(tmp))
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
