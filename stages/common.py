@@ -10,13 +10,71 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
-from pipeline.config import Params, load_params
+from pipeline import config
+from pipeline.config import Params
 from pipeline.errors import UserError
 
-__all__ = ["Params", "UserError", "device", "load_params", "mlflow_run", "stage_main"]
+__all__ = ["Params", "UserError", "check_name", "device", "load_params", "mlflow_run", "stage_main"]
+
+DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
+
+
+def load_params(path="params.yaml") -> Params:
+    """pipeline.config.load_params, then the MLflow settings checked before the stage writes anything (a run opened
+    only at the end must not find a bad tracking URI after the previous outputs were replaced)."""
+    params = config.load_params(path)
+    check_tracking(params)
+    return params
+
+
+def check_tracking(params: Params) -> None:
+    """One-line UserError for a tracking URI MLflow has no store for, or a local store whose directory is missing;
+    names $MLFLOW_TRACKING_URI / $MLFLOW_EXPERIMENT_NAME when those override params.yaml."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    uri, key = _tracking(params)
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except Exception:
+        raise UserError(f"{key}: {config._clip(uri)!r} is not a tracking URI MLflow knows (expected e.g. "
+                        "sqlite:///mlflow.db, a directory, or http(s)://host:port)") from None
+    parsed = urlparse(uri)
+    local = {"sqlite": parsed.path[1:] if parsed.path.startswith("/") else parsed.path,
+             "file": parsed.path, "": uri}.get(parsed.scheme if len(parsed.scheme) > 1 else "")
+    if local and parsed.scheme != "sqlite" and Path(local).exists() and not Path(local).is_dir():
+        raise UserError(f"{key}: {local} is a file, not a directory for MLflow's file store")
+    if local and not Path(local).parent.is_dir():
+        raise UserError(f"{key}: directory {Path(local).parent} does not exist (create it or change the URI)")
+    if "MLFLOW_EXPERIMENT_NAME" in os.environ and not os.environ["MLFLOW_EXPERIMENT_NAME"].strip():
+        raise UserError("$MLFLOW_EXPERIMENT_NAME: must not be empty (unset it to use mlflow.experiment)")
+
+
+def _tracking(params: Params) -> tuple[str, str]:
+    """(the tracking URI in effect, where it came from)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI"
+    return params.mlflow.tracking_uri, "mlflow.tracking_uri"
+
+
+def check_name(stage: str, option: str, name: str) -> str:
+    """A CLI name that becomes a path (data/scores/<name>) must be one dvc.yaml declares for the stage's foreach,
+    so `--method ../samples/baseline` can never write outside the stage's own outputs."""
+    import yaml
+
+    try:
+        loop = yaml.safe_load(DVC_YAML.read_text())["stages"][stage]["foreach"]
+        known = list(loop)
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        known = []
+    if name not in known:
+        raise UserError(f"{option} {config._clip(name)!r}: not a {stage} name in dvc.yaml (expected one of: "
+                        f"{', '.join(map(str, known)) or '(dvc.yaml unreadable)'})")
+    return name
 
 
 def stage_main(fn):
@@ -78,8 +136,15 @@ def mlflow_run(stage: str, params: Params, sections: tuple[str, ...], run_name: 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", params.mlflow.tracking_uri))
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", params.mlflow.experiment))
+    uri, key = _tracking(params)
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", params.mlflow.experiment)
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+    except Exception as exc:
+        why = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise UserError(f"{key}: cannot open experiment {config._clip(experiment)!r} at {config._clip(uri)!r} "
+                        f"({type(exc).__name__}: {config._clip(why, 200)})") from None
     tags = {"stage": stage, "pipeline_run": os.environ.get("PIPELINE_RUN_ID", "manual"),
             "git_revision": _git_revision(), **(extra_tags or {})}
     dumped = params.model_dump(mode="json")

@@ -17,7 +17,7 @@ from pipeline.methods.invdiff import InvDiffHooks, load_delta
 from pipeline.methods.latent_directions import latent_direction_hooks
 from pipeline.pretrained import load_model
 from pipeline.sampling import SamplerHooks, make_scheduler, sample, sample_seeds
-from stages.common import Params, UserError, device, load_params, mlflow_run, stage_main
+from stages.common import Params, UserError, check_name, device, load_params, mlflow_run, stage_main
 
 MODEL = Path("data/models/diffusion")
 INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
@@ -52,6 +52,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--method", default="baseline")
     args = ap.parse_args(argv)
+    check_name("sample", "--method", args.method)
     params = load_params()
     p = params.sample
     dev = device()
