@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 
 
 @contextmanager
@@ -66,7 +66,7 @@ def load_npz(path: str | Path, *keys: str) -> dict[str, np.ndarray]:
     except UserError:
         raise
     except Exception as exc:  # zipfile/format errors: truncated or not an npz
-        raise UserError(f"{path}: not a readable npz file ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path}: not a readable npz file ({one_line(exc)})") from None
 
 
 def save_state(path: str | Path, state: dict, key: str, header: dict) -> None:
