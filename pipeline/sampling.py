@@ -93,9 +93,10 @@ def make_scheduler(train_config: dict, kind: str = "ddim", timestep_spacing: str
 def available_memory() -> int:
     """Bytes the OS could hand out now (MemAvailable; all physical memory where /proc is absent)."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -62,7 +62,8 @@ def main(argv=None) -> None:
         if "model" not in loaded:
             loaded["model"] = load_model(MODEL, dev)
         k, cfg = loaded["model"].num_classes, loaded["model"].unet.config  # a uint8 image each, plus its float32
-        check_memory(k * p.num_per_class, 9 * cfg.in_channels * cfg.sample_size ** 2, "sample.num_per_class")
+        pixels = int(np.prod(np.broadcast_to(cfg.sample_size, 2)))
+        check_memory(k * p.num_per_class, 9 * cfg.in_channels * pixels, "sample.num_per_class")
         return np.repeat(np.arange(k), p.num_per_class)
 
     hooks, knobs = hooks_for(args.method, params, conditions, dev)
