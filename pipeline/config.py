@@ -339,6 +339,7 @@ class Params(_Section):
 
 
 ECHO = 80  # characters of a bad value echoed in an error (an alias bomb's repr runs to 100s of MB)
+MAX_LISTED = 4  # bad keys listed in one error line
 MAX_NODES = 100_000  # YAML nodes after alias expansion; the real params.yaml has a few hundred
 
 
@@ -376,7 +377,10 @@ def parse_params(raw: dict, origin: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw or {})
     except ValidationError as exc:
-        raise UserError(f"{origin}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+        errors = exc.errors()
+        shown = [_describe(e) for e in errors[:MAX_LISTED]]
+        more = f"; and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+        raise UserError(f"{origin}: " + "; ".join(shown) + more) from None
 
 
 class _StrictLoader(yaml.SafeLoader):

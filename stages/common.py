@@ -134,7 +134,13 @@ def mlflow_run(stage: str, params: Params, sections: tuple[str, ...], run_name: 
     Tracking URI: $MLFLOW_TRACKING_URI if set, else params.mlflow.tracking_uri (SQLite in the project).
     """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
     import mlflow
+
+    # MLflow's INFO lines (database creation, new experiment) would bury a stage's one-line error on stderr
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     uri, key = _tracking(params)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", params.mlflow.experiment)
