@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -78,17 +80,39 @@ def check_name(stage: str, option: str, name: str) -> str:
 
 
 def stage_main(fn):
-    """Run a stage's main(); a UserError becomes one line on stderr and exit code 2."""
+    """Run a stage's main(); a UserError becomes one line on stderr and exit code 2.
+
+    First the leftovers of killed writers under data/ are tidied (pipeline.io.clean_leftovers); SIGTERM is turned
+    into SystemExit(143), so the stage's temporaries are removed and its MLflow run ends FAILED on the way out."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from pipeline.io import clean_leftovers
+
+        previous = _on_sigterm()
         try:
+            clean_leftovers("data")
             return fn(*args, **kwargs)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _on_sigterm():
+    """Install the SIGTERM → SystemExit(143) handler; returns the previous handler (None off the main thread)."""
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        return None
 
 
 def device() -> torch.device:
@@ -126,6 +150,19 @@ class _Run:
         self._mlflow.log_artifact(str(path))
 
 
+def _end_killed_runs(mlflow, experiment_id: str, stage: str, host: str) -> None:
+    """Mark KILLED this stage's runs still RUNNING whose process (tags host, pid) is gone: a SIGKILL leaves no
+    chance to end a run, so the next start does it."""
+    from pipeline.io import pid_alive
+
+    client = mlflow.MlflowClient()
+    for run in client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                  f"tags.stage = '{stage}' and tags.host = '{host}'", max_results=1000):
+        pid = run.data.tags.get("pid", "")
+        if pid.isdigit() and not pid_alive(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
 @contextmanager
 def mlflow_run(stage: str, params: Params, sections: tuple[str, ...], run_name: str | None = None,
                extra_tags: dict | None = None):
@@ -146,13 +183,15 @@ def mlflow_run(stage: str, params: Params, sections: tuple[str, ...], run_name: 
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", params.mlflow.experiment)
     try:
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
+        exp = mlflow.set_experiment(experiment)
     except Exception as exc:
         why = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise UserError(f"{key}: cannot open experiment {config._clip(experiment)!r} at {config._clip(uri)!r} "
                         f"({type(exc).__name__}: {config._clip(why, 200)})") from None
     tags = {"stage": stage, "pipeline_run": os.environ.get("PIPELINE_RUN_ID", "manual"),
-            "git_revision": _git_revision(), **(extra_tags or {})}
+            "git_revision": _git_revision(), "host": socket.gethostname(), "pid": str(os.getpid()),
+            **(extra_tags or {})}
+    _end_killed_runs(mlflow, exp.experiment_id, stage, tags["host"])
     dumped = params.model_dump(mode="json")
     logged = {"seed": params.seed, **{s: dumped[s] for s in sections if s != "seed"}}
     with mlflow.start_run(run_name=run_name or stage, tags=tags):

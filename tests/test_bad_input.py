@@ -89,7 +89,8 @@ def test_non_finite_numbers_refused(section, values, key):
 
 
 def test_nan_as_text_refused():
-    refused(write_params("seed: 0\ndistguide:\n  scale: nan\n"), "distguide.scale")
+    """YAML `nan` is the string 'nan', which pydantic reads as a float; a target checked by comparisons passed it."""
+    refused(write_params("seed: 0\nlatentdir:\n  target: [nan, 0.5, 0.5]\n"), "latentdir.target", "finite")
 
 
 # ------------------------------------------------------------------------------- 2. mistakes not silently accepted
@@ -417,3 +418,84 @@ def test_every_stage_missing_input_names_the_path_and_keeps_outputs(capsys, stag
     line = run_stage(module, argv, capsys)
     assert path in line, line
     assert snapshot() == before
+
+
+# ------------------------------------------------------------------------------- 8. after a kill
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return int(proc.stdout)
+
+
+def test_killed_writers_leftovers_are_tidied_on_the_next_start(capsys):
+    """A stale temp is removed, a previous output caught between its two renames is put back, a live one is kept."""
+    write_params()
+    dead = _dead_pid()
+    stale = Path(f"data/methods/.invdiff.tmp-{dead}")
+    (stale / "delta").mkdir(parents=True)
+    (stale / "stray.txt").write_text("half-written")
+    old = Path(f"data/samples/.baseline.old-{dead}")
+    old.mkdir(parents=True)
+    (old / "images.npz").write_text("previous output")
+    live = Path(f"data/scores/.baseline.tmp-{__import__('os').getpid()}")
+    live.mkdir(parents=True)
+    run_stage("score", ["--method", "latentdir"], capsys)  # fails (no samples), after the tidy-up
+    assert not stale.exists() and not old.exists() and live.is_dir()
+    assert Path("data/samples/baseline/images.npz").read_text() == "previous output"
+
+
+def test_killed_run_is_marked_killed_on_the_next_start():
+    import mlflow
+
+    from stages.common import mlflow_run
+
+    params = load_params(write_params())
+    mlflow.set_tracking_uri(__import__("os").environ["MLFLOW_TRACKING_URI"])
+    exp = mlflow.set_experiment(params.mlflow.experiment)
+    client = mlflow.MlflowClient()
+    host = __import__("socket").gethostname()
+    killed = client.create_run(exp.experiment_id, tags={"stage": "fit_grouper", "host": host,
+                                                         "pid": str(_dead_pid())}).info.run_id
+    other = client.create_run(exp.experiment_id, tags={"stage": "fit_adp", "host": host,
+                                                        "pid": str(_dead_pid())}).info.run_id
+    with mlflow_run("fit_grouper", params, ("invdiff",)):
+        pass
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(other).info.status == "RUNNING"  # another stage's: its own next start ends it
+    client.set_terminated(other, "KILLED")
+
+
+def test_sigterm_ends_the_run_failed_and_removes_temporaries(tmp_path):
+    """A stage told to stop (SIGTERM, as Prefect and `timeout` do) leaves no temp and no RUNNING run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    write_params()
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import time\nfrom pipeline.io import atomic_path\n"
+        "from stages.common import load_params, mlflow_run, stage_main\n"
+        "@stage_main\ndef main():\n    params = load_params()\n"
+        "    with mlflow_run('probe', params, ()), atomic_path('data/out') as tmp:\n"
+        "        tmp.mkdir(parents=True)\n        print('ready', flush=True)\n        time.sleep(60)\n"
+        "main()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    assert list(Path("data").glob(".out.tmp-*"))
+    proc.send_signal(signal.SIGTERM)
+    start = time.perf_counter()
+    assert proc.wait(timeout=60) == 143 and time.perf_counter() - start < 30
+    assert not list(Path("data").glob(".out.tmp-*")) and not Path("data/out").exists()
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["debias-diffusion"], filter_string="tags.stage = 'probe'")
+    assert list(runs["status"]) == ["FAILED"]
