@@ -48,10 +48,14 @@ def check_tracking(params: Params) -> None:
     parsed = urlparse(uri)
     local = {"sqlite": parsed.path[1:] if parsed.path.startswith("/") else parsed.path,
              "file": parsed.path, "": uri}.get(parsed.scheme if len(parsed.scheme) > 1 else "")
-    if local and parsed.scheme != "sqlite" and Path(local).exists() and not Path(local).is_dir():
-        raise UserError(f"{key}: {local} is a file, not a directory for MLflow's file store")
-    if local and not Path(local).parent.is_dir():
-        raise UserError(f"{key}: directory {Path(local).parent} does not exist (create it or change the URI)")
+    if local:
+        # MLflow creates missing directories; what it cannot get past is a file in the way or no write permission
+        where = Path(local).absolute() if parsed.scheme != "sqlite" else Path(local).absolute().parent
+        existing = next(p for p in (where, *where.parents) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"{key}: {existing} is a file, so MLflow cannot keep its store under {local}")
+        if not os.access(existing, os.W_OK):
+            raise UserError(f"{key}: {existing} is not writable, so MLflow cannot keep its store under {local}")
     if "MLFLOW_EXPERIMENT_NAME" in os.environ and not os.environ["MLFLOW_EXPERIMENT_NAME"].strip():
         raise UserError("$MLFLOW_EXPERIMENT_NAME: must not be empty (unset it to use mlflow.experiment)")
 

@@ -218,7 +218,8 @@ def test_bad_groups_file(W, needle):
 
 @pytest.mark.parametrize("uri,needles", [
     ("bogus://nowhere", ["$MLFLOW_TRACKING_URI", "bogus://nowhere", "not a tracking URI"]),
-    ("sqlite:////no/such/dir/mlflow.db", ["$MLFLOW_TRACKING_URI", "/no/such/dir"]),
+    ("sqlite:///params.yaml/mlflow.db", ["$MLFLOW_TRACKING_URI", "params.yaml is a file"]),
+    ("params.yaml/runs", ["$MLFLOW_TRACKING_URI", "params.yaml is a file"]),
 ])
 def test_bad_tracking_uri_from_the_environment(monkeypatch, capsys, uri, needles):
     write_params()
@@ -264,7 +265,7 @@ def test_check_memory_in_the_sampler():
 
 # ------------------------------------------------------------------------------- 4. outputs untouched on error
 
-@pytest.mark.parametrize("uri", ["bogus://x", "sqlite:////no/such/dir/mlflow.db"])
+@pytest.mark.parametrize("uri", ["bogus://x", "sqlite:///params.yaml/mlflow.db"])
 def test_prepare_data_keeps_outputs_on_a_bad_tracking_uri(monkeypatch, capsys, uri):
     """prepare_data writes data/prepared before it opens its MLflow run: the URI is checked before that."""
     write_params()
