@@ -500,3 +500,27 @@ def test_sigterm_ends_the_run_failed_and_removes_temporaries(tmp_path):
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["debias-diffusion"], filter_string="tags.stage = 'probe'")
     assert list(runs["status"]) == ["FAILED"]
+
+
+# ------------------------------------------------------------------------------- 9. two runs at once
+
+def test_second_run_is_told_in_one_line_that_the_project_is_held(tmp_path):
+    """`make run` probes DVC's repro lock first: while DVC holds it (here taken with DVC's own Lock), exit 3 with one
+    line naming the lock and how to wait; once released, the probe passes."""
+    import subprocess
+    import sys
+
+    from dvc.lock import Lock
+
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    probe = [sys.executable, str(ROOT / "scripts" / "project_lock.py")]
+    lock = Lock(str(tmp_path / ".dvc" / "tmp" / "lock"))
+    lock.lock()
+    try:
+        held = subprocess.run(probe, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    finally:
+        lock.unlock()
+    assert held.returncode == 3 and len(held.stderr.splitlines()) == 1, held.stderr
+    assert ".dvc/tmp/lock" in held.stderr and "--wait-for-lock" in held.stderr
+    free = subprocess.run(probe, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert free.returncode == 0 and free.stderr == ""
