@@ -64,10 +64,14 @@ def run_stage(name: str, argv: list[str] | None, capsys) -> str:
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         main(argv or []) if "argv" in inspect.signature(main).parameters else main()
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err
     assert exc.value.code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
+    # progress bars (rewritten in place with \r) may come first; the error is the last line, alone, and the only one
+    lines = [line for line in err.replace("\r", "\n").split("\n") if line.strip()]
+    assert lines and lines[-1].startswith("error: "), err
+    assert sum("error" in line.lower() or "Traceback" in line for line in lines) == 1, err
+    assert all(line.startswith(("judge:", "error: ")) for line in lines), err
+    return lines[-1]
 
 
 # ------------------------------------------------------------------------------- 1. non-finite numbers refused
@@ -524,3 +528,51 @@ def test_second_run_is_told_in_one_line_that_the_project_is_held(tmp_path):
     assert ".dvc/tmp/lock" in held.stderr and "--wait-for-lock" in held.stderr
     free = subprocess.run(probe, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert free.returncode == 0 and free.stderr == ""
+
+
+# ------------------------------------------------------------------------------- 4. no half-updated outputs
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """data/prepared and data/judges of the tiny params, built once in-process (a few seconds)."""
+    import os
+
+    root = tmp_path_factory.mktemp("prepared")
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        write_params()
+        for stage in ("prepare_data", "train_classifiers"):
+            importlib.import_module(f"stages.{stage}").main()
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def _copy_project(source: Path, *dirs: str) -> None:
+    import shutil
+
+    for d in dirs:
+        shutil.copytree(source / d, Path(d))
+
+
+def test_train_classifiers_keeps_both_judges_when_the_second_fails(prepared, capsys):
+    """The colour judge trains, the digit judge's file is bad: the previous judges must both stay."""
+    _copy_project(prepared, "data/prepared", "data/judges")
+    Path("bad-judge.safetensors").write_bytes(b"not a safetensors file")
+    write_params(classifiers={"target_judge": "bad-judge.safetensors"})
+    before = snapshot()
+    line = run_stage("train_classifiers", None, capsys)
+    assert "classifiers.target_judge" in line or "bad-judge.safetensors" in line, line
+    assert snapshot() == before
+
+
+def test_fid_reference_keeps_its_outputs_when_a_split_is_missing(prepared, capsys):
+    _copy_project(prepared, "data/prepared", "data/judges")
+    Path("data/prepared/test.npz").unlink()
+    Path("data/reference").mkdir(parents=True)
+    Path("data/reference/indomain.npz").write_text("previous output")
+    write_params()
+    before = snapshot()
+    assert "data/prepared/test.npz" in run_stage("fid_reference", None, capsys)
+    assert snapshot() == before
