@@ -558,7 +558,10 @@ def _copy_project(source: Path, *dirs: str) -> None:
 
 def test_train_classifiers_keeps_both_judges_when_the_second_fails(prepared, capsys):
     """The colour judge trains, the digit judge's file is bad: the previous judges must both stay."""
-    _copy_project(prepared, "data/prepared", "data/judges")
+    _copy_project(prepared, "data/prepared")
+    Path("data/judges").mkdir()
+    for name in ("colour", "digit"):  # differ from what a re-run would write (training is deterministic)
+        Path(f"data/judges/{name}.safetensors").write_text("previous output")
     Path("bad-judge.safetensors").write_bytes(b"not a safetensors file")
     write_params(classifiers={"target_judge": "bad-judge.safetensors"})
     before = snapshot()
