@@ -37,11 +37,15 @@ def load_params(path="params.yaml") -> Params:
 def check_tracking(params: Params) -> None:
     """One-line UserError for a tracking URI MLflow has no store for, or a local store whose directory is missing;
     names $MLFLOW_TRACKING_URI / $MLFLOW_EXPERIMENT_NAME when those override params.yaml."""
-    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-
     uri, key = _tracking(params)
     try:
-        _tracking_store_registry.get_store_builder(uri)
+        # MLflow's own table of URI schemes (a private name: if it moves, the run's opening still reports a bad URI)
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    except ImportError:
+        _tracking_store_registry = None
+    try:
+        if _tracking_store_registry is not None:
+            _tracking_store_registry.get_store_builder(uri)
     except Exception:
         raise UserError(f"{key}: {config._clip(uri)!r} is not a tracking URI MLflow knows (expected e.g. "
                         "sqlite:///mlflow.db, a directory, or http(s)://host:port)") from None
