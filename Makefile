@@ -11,7 +11,8 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	dvc repro
+	@$(if $(WAIT),,python scripts/project_lock.py)
+	dvc repro $(if $(WAIT),--wait-for-lock)
 	@echo; echo "Report: data/report/report.md (sample grids and plots beside it)"
 	@dvc metrics show
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from pipeline.io import atomic_path
 
 
@@ -127,9 +128,22 @@ def load_checkpoint(path: Path, names: tuple[str, ...]) -> tuple[dict[str, dict[
         state = load_state_files(path)
         step = int(json.loads((path / "meta.json").read_text())["step"])
     except Exception as exc:
-        raise UserError(f"{path}: checkpoint is incomplete or corrupt ({type(exc).__name__}: {exc}); "
+        raise UserError(f"{path}: checkpoint is incomplete or corrupt ({one_line(exc)}); "
                         "delete it to restart from the previous one") from None
     return weights, state, step
+
+
+@contextmanager
+def restoring(path: Path):
+    """Around the load_state_dict calls of a resume: a checkpoint whose fingerprint matches but whose tensors or
+    optimizer state do not fit the model (edited by hand, or written by other code) is one UserError naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path}: checkpoint does not fit the model ({one_line(exc)}); delete it to start "
+                        "afresh") from None
 
 
 def check_finite(loss: torch.Tensor, stage: str, step: int, hint: str) -> None:

@@ -6,6 +6,7 @@ with one line that names the key (`data.bias_ratio`) and what was expected.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -15,8 +16,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import UserError
 
 
+def _admits(annotation, kind: type) -> bool:
+    """Whether a field's type accepts values of `kind` (bool in Literal[True, False, ...] counts)."""
+    if annotation is kind:
+        return True
+    if typing.get_origin(annotation) is Literal:
+        return any(type(a) is kind for a in typing.get_args(annotation))
+    return any(_admits(a, kind) for a in typing.get_args(annotation))
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    # allow_inf_nan=False: a NaN slips through every `ge`/`le` bound (all comparisons with NaN are false) and
+    # an inf turns samples black or losses NaN far downstream (docs/bad-input.md).
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v, info):
+        """YAML `true` is not the number 1: refuse a bool where the field (or its items) is a number."""
+        annotation = cls.model_fields[info.field_name].annotation
+        items = v if isinstance(v, (list, tuple)) else [v]
+        if (any(isinstance(x, bool) for x in items) and not _admits(annotation, bool)
+                and (_admits(annotation, int) or _admits(annotation, float))):
+            raise ValueError("expected a number, not a boolean")
+        return v
 
 
 class DataParams(_Section):
@@ -282,6 +305,13 @@ class MlflowParams(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "debias-diffusion"
 
+    @field_validator("tracking_uri", "experiment")
+    @classmethod
+    def _not_blank(cls, v):
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
 
 class Params(_Section):
     seed: int = Field(0, ge=0, lt=2**31)
@@ -297,14 +327,60 @@ class Params(_Section):
     report: ReportParams = ReportParams()
     mlflow: MlflowParams = MlflowParams()
 
+    @model_validator(mode="after")
+    def _across_sections(self):
+        """What one section's value means depends on another's: checked here, at start, not by a traceback later."""
+        t, steps = self.diffusion.num_train_timesteps, self.sample.num_inference_steps
+        ddb_steps = self.ddb.num_inference_steps
+        for key, n in (("sample.num_inference_steps", steps), ("ddb.num_inference_steps", ddb_steps)):
+            if n > t:
+                raise ValueError(f"{key} {n} must be <= diffusion.num_train_timesteps {t} (a sampler step is a "
+                                 "training timestep)")
+        bad = [s for s in self.latentdir.record_steps if s >= steps]
+        if bad:
+            raise ValueError(f"latentdir.record_steps {bad} must be < sample.num_inference_steps {steps} (step "
+                             f"indices 0..{steps - 1}, or -1 for z_T)")
+        start, end = self.distguide.steps
+        if end > steps:
+            raise ValueError(f"distguide.steps [{start}, {end}) must end <= sample.num_inference_steps {steps}")
+        lo, hi = self.invdiff.loss_timesteps
+        if hi >= t:
+            raise ValueError(f"invdiff.loss_timesteps [{lo}, {hi}] must be < diffusion.num_train_timesteps {t}")
+        return self
+
+
+ECHO = 80  # characters of a bad value echoed in an error (an alias bomb's repr runs to 100s of MB)
+MAX_LISTED = 4  # bad keys listed in one error line
+MAX_NODES = 100_000  # YAML nodes after alias expansion; the real params.yaml has a few hundred
+
+
+def _clip(text: str, limit: int = ECHO) -> str:
+    """`text` cut to `limit` characters (echoed user input stays short)."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
 
 def _describe(err: dict) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
+        return f"{_clip(key)}: unknown key"
     got = err.get("input")
-    got = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{key}: {err['msg'].removeprefix('Value error, ')}{got}"
+    got = "" if isinstance(got, dict) else f" (got {_clip(_bounded_repr(got))})"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{_clip(key)}: {msg}{got}" if key else msg
+
+
+def _bounded_repr(value, budget: int = ECHO + 1) -> str:
+    """repr(value) cut after about `budget` characters, without building the whole string first."""
+    if isinstance(value, (list, tuple)):
+        parts, used = [], 0
+        for item in value:
+            if used > budget:
+                parts.append("...")
+                break
+            parts.append(_bounded_repr(item, budget - used))
+            used += len(parts[-1]) + 2
+        return "[" + ", ".join(parts) + "]"
+    return repr(value)[: budget + 1] if not isinstance(value, dict) else "{...}"
 
 
 def parse_params(raw: dict, origin: str = "params.yaml") -> Params:
@@ -312,19 +388,68 @@ def parse_params(raw: dict, origin: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw or {})
     except ValidationError as exc:
-        raise UserError(f"{origin}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+        errors = exc.errors()
+        shown = [_describe(e) for e in errors[:MAX_LISTED]]
+        more = f"; and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+        raise UserError(f"{origin}: " + "; ".join(shown) + more) from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses what DVC refuses: a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_clip(str(key))!r} (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, budget: int) -> int:
+    """Nodes of the YAML graph counted as if every alias were copied out; stops past `budget`."""
+    count, stack = 0, [node]
+    while stack and count <= budget:
+        n = stack.pop()
+        count += 1
+        if isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+        elif isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                stack.extend((k, v))
+    return count
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml (the DVC-tracked file in the working directory)."""
+    """Read and validate params.yaml (the DVC-tracked file in the working directory).
+
+    Refused with one line: a missing, empty or non-UTF-8 file, invalid YAML, a duplicated key, more than
+    MAX_NODES values once aliases are expanded, anything but a mapping at the top."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: params file not found (run from the project root)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        loader = _StrictLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node, MAX_NODES) > MAX_NODES:
+                raise UserError(f"{path}: more than {MAX_NODES} values once YAML aliases are expanded (an alias "
+                                "bomb?); write the values out")
+            raw = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if raw is not None and not isinstance(raw, dict):
+        raise UserError(f"{path}: not valid YAML ({_clip(str(exc).splitlines()[0], 200)})") from None
+    if raw is None or raw == {}:
+        raise UserError(f"{path}: empty; it must hold the params sections (copy the project's params.yaml)")
+    if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw, str(path))
 

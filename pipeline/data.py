@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from pipeline.packaged import find_packaged_file, verify_sha256
 
 # LfF's ten stroke colours, RGB 0-255; colour k is the bias-aligned colour of digit k.
@@ -275,7 +275,7 @@ def load_meta(data_dir: str | Path) -> DatasetMeta:
         meta = DatasetMeta(str(raw["format"]), tuple(raw["class_names"]), tuple(raw["attr_names"]),
                            tuple(int(a) for a in raw["aligned"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{path}: not a prepared-data meta file ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path}: not a prepared-data meta file ({one_line(exc)})") from None
     if len(meta.aligned) != meta.num_classes or not all(0 <= a < meta.num_attributes for a in meta.aligned):
         raise UserError(f"{path}: aligned must hold one attribute index per class")
     return meta

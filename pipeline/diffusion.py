@@ -26,6 +26,7 @@ from pipeline.checkpoints import (
     config_fingerprint,
     latest_checkpoint,
     load_checkpoint,
+    restoring,
     save_checkpoint,
     tensor_digest,
 )
@@ -115,14 +116,15 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=cfg["train_steps"])
     if ckpt is not None:
         weights, state, start = load_checkpoint(ckpt, ("model", "ema"))
-        unet.load_state_dict(weights["model"])
-        for i, p in enumerate(ema.shadow_params):
-            p.data.copy_(weights["ema"][f"p{i}"])
-        ema.optimization_step = int(state["ema_step"])
-        opt.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        gen.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        with restoring(ckpt):
+            unet.load_state_dict(weights["model"])
+            for i, p in enumerate(ema.shadow_params):
+                p.data.copy_(weights["ema"][f"p{i}"])
+            ema.optimization_step = int(state["ema_step"])
+            opt.load_state_dict(state["optimizer"])
+            lr_sched.load_state_dict(state["lr_scheduler"])
+            gen.set_state(state["data_rng"])
+            torch.set_rng_state(state["torch_rng"])
         accelerator.print(f"resuming from {ckpt} (step {start})")
     unet, opt = accelerator.prepare(unet, opt)
     ema.to(accelerator.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 
 
 @contextmanager
@@ -66,7 +67,7 @@ def load_npz(path: str | Path, *keys: str) -> dict[str, np.ndarray]:
     except UserError:
         raise
     except Exception as exc:  # zipfile/format errors: truncated or not an npz
-        raise UserError(f"{path}: not a readable npz file ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path}: not a readable npz file ({one_line(exc)})") from None
 
 
 def save_state(path: str | Path, state: dict, key: str, header: dict) -> None:
@@ -123,3 +124,38 @@ def load_json(path: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (signal 0 probes without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def clean_leftovers(root: str | Path = "data") -> list[Path]:
+    """Tidy what a killed atomic_path writer left under `root`, for writers whose pid no longer runs: a temp
+    `.<name>.tmp-<pid>` is removed; an `.<name>.old-<pid>` (killed between its two renames) is renamed back to
+    <name> when <name> is missing, else removed. Returns the paths handled. Live writers' temps are kept, so
+    stages running side by side (the flow) do not disturb each other."""
+    handled = []
+    for parent, dirs, files in os.walk(root):
+        for entry in [*dirs, *files]:
+            m = _LEFTOVER.match(entry)
+            if m is None or pid_alive(int(m["pid"])):
+                continue
+            path, target = Path(parent) / entry, Path(parent) / m["name"]
+            if m["kind"] == "old" and not target.exists():
+                os.replace(path, target)
+            else:
+                _remove(path)
+            handled.append(path)
+        dirs[:] = [d for d in dirs if (Path(parent) / d).exists() and not _LEFTOVER.match(d)]
+    return handled

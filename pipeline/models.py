@@ -76,6 +76,7 @@ def train_judge(images: torch.Tensor, targets: torch.Tensor, num_outputs: int, *
         config_fingerprint,
         latest_checkpoint,
         load_checkpoint,
+    restoring,
         save_checkpoint,
         tensor_digest,
     )
@@ -97,10 +98,11 @@ def train_judge(images: torch.Tensor, targets: torch.Tensor, num_outputs: int, *
     ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=epochs) if ckpt_dir else None
     if ckpt is not None:
         weights, state, start = load_checkpoint(ckpt, ("model",))
-        judge.load_state_dict(weights["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["lr_scheduler"])
-        gen.set_state(state["data_rng"])
+        with restoring(ckpt):
+            judge.load_state_dict(weights["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["lr_scheduler"])
+            gen.set_state(state["data_rng"])
     bar = tqdm(total=epochs * per_epoch, initial=start * per_epoch, desc=desc, leave=False)
     for epoch in range(start, epochs):
         for idx in torch.randperm(len(images), generator=gen).split(batch_size):

@@ -72,7 +72,25 @@ def _first_line(exc: Exception) -> str:
     return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
 
 
+UNSAFE = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # weight formats read through pickle
+
+
+def _require_safetensors(path: Path, what: str) -> None:
+    """Weights are read from safetensors only: a directory holding only pickle-format weights (.bin, ...) is
+    refused before from_pretrained would unpickle them (docs/bad-input.md says how to convert)."""
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    unsafe = sorted(p.name for pattern in UNSAFE for p in path.glob(pattern))
+    if unsafe:
+        raise UserError(f"{path}: the {what} weights are pickle files ({', '.join(unsafe[:3])}), which are never "
+                        "loaded; convert them once with `python scripts/to_safetensors.py "
+                        f"{path}` (or from_pretrained + save_pretrained(safe_serialization=True) in a trusted shell)")
+
+
 def _load(cls, path: Path, what: str, **kw):
+    if hasattr(cls, "save_pretrained") and not kw.pop("tokenizer", False):
+        _require_safetensors(path, what)
+        kw["use_safetensors"] = True
     try:
         return cls.from_pretrained(str(path), local_files_only=True, **kw)
     except Exception as exc:
@@ -140,7 +158,7 @@ def load_pretrained(path: str | Path) -> Pretrained:
         unet = _load(UNet2DConditionModel, path / "unet", "U-Net (UNet2DConditionModel)")
         vae = _load(AutoencoderKL, path / "vae", "VAE (AutoencoderKL)")
         text_encoder = _load(CLIPTextModel, path / "text_encoder", "text encoder (CLIPTextModel)")
-        tokenizer = _load(CLIPTokenizer, path / "tokenizer", "tokenizer (CLIPTokenizer)")
+        tokenizer = _load(CLIPTokenizer, path / "tokenizer", "tokenizer (CLIPTokenizer)", tokenizer=True)
         if unet.config.in_channels != vae.config.latent_channels:
             raise UserError(f"diffusion.pretrained: {path}: the U-Net takes {unet.config.in_channels} channels, the "
                             f"VAE's latents have {vae.config.latent_channels}")
@@ -186,6 +204,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Dif
     name = _class_name(unet_dir / "config.json")
     if name not in ("UNet2DModel", "UNet2DConditionModel"):
         raise UserError(f"{unet_dir}: unknown U-Net class {name!r} (expected UNet2DModel or UNet2DConditionModel)")
+    _require_safetensors(unet_dir, "diffusion model")
     try:
         unet = getattr(diffusers, name).from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
     except Exception as exc:

@@ -30,6 +30,7 @@ then a multiple of it (the batch size is rounded down, to at least one multiple)
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,6 +90,26 @@ def make_scheduler(train_config: dict, kind: str = "ddim", timestep_spacing: str
 
 
 @torch.no_grad()
+def available_memory() -> int:
+    """Bytes the OS could hand out now (MemAvailable; all physical memory where /proc is absent)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(n: int, bytes_each: int, what: str) -> None:
+    """Refuse, before allocating, `n` items of `bytes_each` bytes that cannot fit in the memory available."""
+    need, have = n * bytes_each, available_memory()
+    if need > have:
+        raise UserError(f"{what}: {n} samples need {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of "
+                        "memory available; lower it")
+
+
 def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inference_steps: int = 25,
            guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 256, null_class: int,
            hooks: SamplerHooks | None = None, device: str | torch.device = "cpu",
@@ -102,6 +123,9 @@ def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inferenc
     autocast = device.type == "cuda" if autocast is None else autocast
     size, channels = unet.config.sample_size, unet.config.in_channels
     size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
+    up = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    # float32 images, held twice (the batches and their concatenation)
+    check_memory(len(cond), 2 * 4 * (channels if vae is None else 3) * size[0] * size[1] * up * up, "sampling")
     cond_t = torch.as_tensor(np.asarray(cond), dtype=torch.long)
     out = []
     state: dict = {}

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.data import load_split, to_tensor
 from pipeline.io import atomic_path, load_npz, save_json, save_npz
-from pipeline.methods.invdiff import Conditioning, finetune_guidance, make_delta, oracle_groups
+from pipeline.methods.invdiff import Conditioning, check_groups, finetune_guidance, make_delta, oracle_groups
 from pipeline.pretrained import load_model
 from pipeline.sampling import make_scheduler
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
@@ -54,10 +54,8 @@ def main(argv=None) -> None:
     model = load_model(MODEL, dev)
     base, scheduler = model.unet, make_scheduler(model.scheduler_config, "ddpm")
     train = load_split(DATA, "train", with_bias=False)
-    W = groups_for(args.variant)
-    if len(W) != len(train.classes):
-        raise UserError(f"{GROUPS / 'groups.npz'}: W has {len(W)} rows but the training set {len(train.classes)}; "
-                        "run `dvc repro fit_grouper`")
+    origin = "oracle groups from data/prepared" if args.variant == "invdiff_oracle" else str(GROUPS / "groups.npz")
+    W = check_groups(groups_for(args.variant), origin, len(train.classes))
     torch.manual_seed(params.seed)
     delta = make_delta(base, width=p.delta_width)
     cfg = {"steps": p.steps, "batch_size": p.batch_size, "lr": p.lr, "lam": lam, "balanced": p.balanced,

@@ -57,14 +57,15 @@ def main() -> None:
         row["accuracy"] = row[f"{chosen}_accuracy"]
     summary = {"chosen": chosen, "label_counts": np.bincount(labels, minlength=num_attr).tolist(),
                **{f"{k}_mean_{m}": float(np.mean(acc[m])) for k, (_, acc) in fits.items() for m in acc}}
-    with atomic_path(OUT) as tmp:
-        tmp.mkdir(parents=True)
-        save_adp(fits[chosen][0], tmp / "adp.safetensors", extra={"chosen_by": "mean held-out minority accuracy"})
-        line_plot(curve, "step", "accuracy", tmp / "adp_accuracy.png",
-                  title=f"held-out accuracy of the colour from h_t ({chosen} ADP; step 0 = noisiest)")
-        save_json(tmp / "summary.json", summary)
-    save_json("data/metrics/fit_adp.json", curve)
-    with mlflow_run("fit_adp", params, ("distguide", "sample")) as run:
+    with mlflow_run("fit_adp", params, ("distguide", "sample")) as run:  # opened before the first write
+        with atomic_path(OUT) as tmp:
+            tmp.mkdir(parents=True)
+            save_adp(fits[chosen][0], tmp / "adp.safetensors",
+                     extra={"chosen_by": "mean held-out minority accuracy"})
+            line_plot(curve, "step", "accuracy", tmp / "adp_accuracy.png",
+                      title=f"held-out accuracy of the colour from h_t ({chosen} ADP; step 0 = noisiest)")
+            save_json(tmp / "summary.json", summary)
+        save_json("data/metrics/fit_adp.json", curve)
         run.metrics({k: v for k, v in summary.items() if k != "label_counts"})
         for row in curve:
             run.metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])

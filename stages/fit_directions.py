@@ -41,14 +41,14 @@ def main() -> None:
               "(samples assigned to them are not steered)")
     directions = unpool_directions(directions, recorder.shape, p.pool)
     curve = [{"step": int(s), "svm_accuracy": float(a)} for s, a in zip(steps, accuracy, strict=True)]
-    with atomic_path(OUT) as tmp:
-        tmp.mkdir(parents=True)
-        save_npz(tmp / "directions.npz", steps=steps, directions=directions, accuracy=accuracy,
-                 missing=np.array(missing, dtype=np.int64))
-        line_plot(curve, "step", "svm_accuracy", tmp / "svm_accuracy.png",
-                  title="held-out SVM accuracy of the colour from x_t (−1 = z_T)")
-    save_json("data/metrics/fit_directions.json", curve)
-    with mlflow_run("fit_directions", params, ("latentdir", "sample")) as run:
+    with mlflow_run("fit_directions", params, ("latentdir", "sample")) as run:  # opened before the first write
+        with atomic_path(OUT) as tmp:
+            tmp.mkdir(parents=True)
+            save_npz(tmp / "directions.npz", steps=steps, directions=directions, accuracy=accuracy,
+                     missing=np.array(missing, dtype=np.int64))
+            line_plot(curve, "step", "svm_accuracy", tmp / "svm_accuracy.png",
+                      title="held-out SVM accuracy of the colour from x_t (−1 = z_T)")
+        save_json("data/metrics/fit_directions.json", curve)
         run.metrics({"missing_colours": len(missing)})
         for row in curve:
             run.metrics({"svm_accuracy": row["svm_accuracy"]}, step=row["step"] + 1)

@@ -47,9 +47,10 @@ def main() -> None:
         "aligned_fraction": {s: float(g["aligned"].mean()) for s, g in by_split},
         "count": {s: len(g) for s, g in by_split},
     }
-    write(OUT, images, labels, meta)
-    save_json("data/metrics/prepare_data.json", stats)
+    # the run opened before the first write: a tracking error leaves the previous outputs as they were
     with mlflow_run("prepare_data", params, ("data",)) as run:
+        write(OUT, images, labels, meta)
+        save_json("data/metrics/prepare_data.json", stats)
         run.metrics({"train_aligned_fraction": stats["aligned_fraction"]["train"],
                      **{f"n_{s}": n for s, n in stats["count"].items()}})
     print(f"prepared {stats['count']} images; train aligned fraction {stats['aligned_fraction']['train']:.3f}")

@@ -16,8 +16,8 @@ from pipeline.methods.distribution_guidance import distribution_guidance_hooks
 from pipeline.methods.invdiff import InvDiffHooks, load_delta
 from pipeline.methods.latent_directions import latent_direction_hooks
 from pipeline.pretrained import load_model
-from pipeline.sampling import SamplerHooks, make_scheduler, sample, sample_seeds
-from stages.common import Params, UserError, device, load_params, mlflow_run, stage_main
+from pipeline.sampling import SamplerHooks, check_memory, make_scheduler, sample, sample_seeds
+from stages.common import Params, UserError, check_name, device, load_params, mlflow_run, stage_main
 
 MODEL = Path("data/models/diffusion")
 INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
@@ -52,6 +52,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--method", default="baseline")
     args = ap.parse_args(argv)
+    check_name("sample", "--method", args.method)
     params = load_params()
     p = params.sample
     dev = device()
@@ -60,7 +61,10 @@ def main(argv=None) -> None:
     def conditions() -> np.ndarray:  # num_per_class of each of the model's classes
         if "model" not in loaded:
             loaded["model"] = load_model(MODEL, dev)
-        return np.repeat(np.arange(loaded["model"].num_classes), p.num_per_class)
+        k, cfg = loaded["model"].num_classes, loaded["model"].unet.config  # a uint8 image each, plus its float32
+        pixels = int(np.prod(np.broadcast_to(cfg.sample_size, 2)))
+        check_memory(k * p.num_per_class, 9 * cfg.in_channels * pixels, "sample.num_per_class")
+        return np.repeat(np.arange(k), p.num_per_class)
 
     hooks, knobs = hooks_for(args.method, params, conditions, dev)
     cond, model = conditions(), loaded["model"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.io import atomic_path, load_npz, load_parquet, save_json
 from pipeline.scoring import Scorer
-from stages.common import UserError, device, load_params, mlflow_run, stage_main
+from stages.common import UserError, check_name, device, load_params, mlflow_run, stage_main
 
 JUDGES, REF = Path("data/judges"), Path("data/reference")
 
@@ -17,6 +17,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--method", default="baseline")
     args = ap.parse_args(argv)
+    check_name("score", "--method", args.method)
     params = load_params()
     p = params.score
     dev = device()

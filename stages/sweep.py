@@ -20,7 +20,7 @@ from pipeline.methods.latent_directions import latent_direction_hooks
 from pipeline.pretrained import load_model
 from pipeline.sampling import make_scheduler, sample, sample_seeds
 from pipeline.scoring import Scorer
-from stages.common import UserError, device, load_params, mlflow_run, stage_main
+from stages.common import UserError, check_name, device, load_params, mlflow_run, stage_main
 
 MODEL, JUDGES, REF = Path("data/models/diffusion"), Path("data/judges"), Path("data/reference")
 INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
@@ -57,6 +57,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--method", required=True)
     args = ap.parse_args(argv)
+    check_name("sweep", "--method", args.method)
     params = load_params()
     ps = params.sample
     per_class = params.invdiff.sweep_per_class if args.method in INVDIFF else params.latentdir.sweep_per_class

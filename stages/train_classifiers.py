@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.data import load_meta, load_split, to_tensor
-from pipeline.io import save_json
+from pipeline.io import atomic_path, save_json
 from pipeline.judges import adopt_judge
 from pipeline.metrics import confusion_matrix
 from pipeline.models import judge_outputs, save_judge, train_judge
@@ -31,9 +31,11 @@ def main() -> None:
     test = load_split(PREPARED, "test", with_bias=True)
     x_train, x_test = to_tensor(train.images), to_tensor(test.images)
     metrics, confusion = {}, {"split": "test"}
-    with mlflow_run("train_classifiers", params, ("classifiers",)) as run:
+    # both judges written into one temp directory that replaces data/judges at once: never one new, one old
+    with mlflow_run("train_classifiers", params, ("classifiers",)) as run, atomic_path(OUT) as tmp:
+        tmp.mkdir(parents=True)
         for offset, (name, (field, user_key)) in enumerate(JUDGES.items()):
-            k, dest, user = len(names[field]), OUT / f"{name}.safetensors", getattr(p, user_key)
+            k, dest, user = len(names[field]), tmp / f"{name}.safetensors", getattr(p, user_key)
             if user:
                 judge = adopt_judge(user, k, dest, f"classifiers.{user_key}").to(dev)
             else:
@@ -47,8 +49,8 @@ def main() -> None:
             if not user:
                 labels = None if meta.format == "mnist" else names[field]
                 save_judge(judge.cpu(), dest, {"attribute": name}, labels=labels)
+        save_json(tmp / "confusion.json", confusion)
         run.metrics(metrics)
-    save_json(OUT / "confusion.json", confusion)
     save_json("data/metrics/train_classifiers.json", metrics)
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 
 # debias_classifier@<method>: the baselines, the two recipes, and the recipes with the real-data amplifier (ablation)
 CLASSIFIER_METHODS = ("erm", "lff", "recipe1", "recipe2", "recipe1_real", "recipe2_real")
@@ -127,7 +127,7 @@ def load_classifier(path: str | Path) -> MLP:
         model = MLP(**header["config"])
         model.load_state_dict(state)
     except Exception as exc:
-        raise UserError(f"{path}: not a valid classifier file ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path}: not a valid classifier file ({one_line(exc)})") from None
     return model.eval()
 
 

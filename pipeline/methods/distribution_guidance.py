@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from pipeline.sampling import SamplerHooks, StepContext
 
 
@@ -202,7 +202,7 @@ def load_adp(path: str | Path, device: str | torch.device = "cpu") -> ADP:
                     config.pop("num_classes"), **config)
         model.load_state_dict(state)
     except Exception as exc:
-        raise UserError(f"{path}: not a valid ADP file ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path}: not a valid ADP file ({one_line(exc)})") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval()

@@ -48,6 +48,7 @@ from pipeline.checkpoints import (
     config_fingerprint,
     latest_checkpoint,
     load_checkpoint,
+    restoring,
     save_checkpoint,
     tensor_digest,
 )
@@ -183,6 +184,19 @@ def estimate_minority_share(scores: np.ndarray, k: float = 3.0) -> float:
     med = np.median(z)
     sigma = 1.4826 * np.median(np.abs(z - med))
     return float(np.clip((z > med + k * max(sigma, 1e-12)).mean(), 1.0 / len(z), 0.5))
+
+
+def check_groups(W: np.ndarray, origin: str, rows: int) -> np.ndarray:
+    """A soft group matrix read from a file: [rows, K >= 2] finite floats, each row on the simplex (w ≥ 0, Σ_k w = 1),
+    and every group non-empty (Σ_i W_ik > 0); else one UserError naming the file."""
+    if W.ndim != 2 or W.shape[0] != rows or W.shape[1] < 2:
+        raise UserError(f"{origin}: W must be [{rows} training images, groups >= 2], got {list(W.shape)} "
+                        "(run `dvc repro fit_grouper`)")
+    if not np.issubdtype(W.dtype, np.floating) or not np.isfinite(W).all():
+        raise UserError(f"{origin}: W must hold finite floats (run `dvc repro fit_grouper`)")
+    if (W < 0).any() or not np.allclose(W.sum(1), 1.0, atol=1e-4) or (W.sum(0) <= 0).any():
+        raise UserError(f"{origin}: each row of W must be non-negative and sum to 1, each group non-empty")
+    return W
 
 
 def project_rows(W: torch.Tensor) -> torch.Tensor:
@@ -342,10 +356,11 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
     ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=cfg["steps"])
     if ckpt is not None:
         weights, state, start = load_checkpoint(ckpt, ("delta",))
-        delta.load_state_dict(weights["delta"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        with restoring(ckpt):
+            delta.load_state_dict(weights["delta"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["data_rng"])
+            torch.set_rng_state(state["torch_rng"])
         accelerator.print(f"resuming from {ckpt} (step {start})")
     delta, opt = accelerator.prepare(delta, opt)
     base.to(accelerator.device)

@@ -107,15 +107,20 @@ class LatentDirectionHooks(SamplerHooks):
     the shifted noise is scaled back to ‖z_T‖ so it stays on the Gaussian shell the model was trained on
     (measured at w = 10: in-domain FID 111 → 92, fidelity 0.80 → 0.83, bias about the same)."""
 
-    def __init__(self, directions: np.ndarray, assigned: np.ndarray, weight: float, renormalise: bool = False):
+    def __init__(self, directions: np.ndarray, assigned: np.ndarray, weight: float, renormalise: bool = False,
+                 origin: str = "latentdir directions"):
         self.directions = torch.as_tensor(directions, dtype=torch.float32)  # [K, D]
         self.assigned = torch.as_tensor(assigned, dtype=torch.long)
         self.weight = float(weight)
         self.renormalise = renormalise
+        self.origin = origin
 
     def initial_noise(self, z, ctx: StepContext):
         if self.weight == 0:
             return z
+        if self.directions.shape[-1] != z[0].numel():
+            raise UserError(f"{self.origin}: directions have {self.directions.shape[-1]} values, the model's noise "
+                            f"{z[0].numel()} (fitted for another model; run `dvc repro fit_directions`)")
         d = self.directions[self.assigned[ctx.sample_ids]].to(z.device, z.dtype)
         shifted = z + self.weight * d.view_as(z)
         if self.renormalise:
@@ -159,9 +164,15 @@ def latent_direction_hooks(path, cond: np.ndarray, *, step: int, weight: float, 
     from pipeline.io import load_npz
 
     fitted = load_npz(path, "steps", "directions")
+    d = fitted["directions"]
+    if fitted["steps"].ndim != 1 or d.ndim != 3 or len(d) != len(fitted["steps"]) or d.shape[1] < 2:
+        raise UserError(f"{path}: expected steps [S] and directions [S, attributes >= 2, values], got "
+                        f"{list(fitted['steps'].shape)} and {list(d.shape)} (run `dvc repro fit_directions`)")
+    if not np.issubdtype(d.dtype, np.floating) or not np.isfinite(d).all():
+        raise UserError(f"{path}: directions must be finite floats (run `dvc repro fit_directions`)")
     steps = fitted["steps"].tolist()
     if step not in steps:
         raise UserError(f"latentdir.source_step: {step} was not recorded in {path} (recorded: {steps})")
     directions = fitted["directions"][steps.index(step)]
     assigned = assign_attributes(cond, validate_target(target, directions.shape[0]), seed)
-    return LatentDirectionHooks(directions, assigned, weight, renormalise)
+    return LatentDirectionHooks(directions, assigned, weight, renormalise, origin=str(path))
