@@ -137,7 +137,7 @@ class DiffusionParams(_Section):
 
 
 class SampleParams(_Section):
-    num_per_class: int = Field(100, ge=1)
+    num_per_class: int = Field(110, ge=1)
     batch_size: int = Field(250, ge=1)
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     num_inference_steps: int = Field(25, ge=1, le=1000)
