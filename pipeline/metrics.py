@@ -1,4 +1,4 @@
-"""Metrics (DESIGN.md §5): bias score, fairness discrepancy, aligned fraction, fidelity, Fréchet distance,
+"""Metrics (docs/metrics.md): bias score, fairness discrepancy, aligned fraction, fidelity, Fréchet distance,
 k-NN precision/recall, and the FID Inception-v3 feature extractor. Pure functions on numpy arrays."""
 import warnings
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Score a set of generated samples with the judges: the metrics of DESIGN.md §5 in one call, each with a 95%
+"""Score a set of generated samples with the judges: the metrics of docs/metrics.md in one call, each with a 95%
 interval (docs/metrics.md)."""
 
 import numpy as np

@@ -1,6 +1,6 @@
 """Diffusing DeBias (DDB): debias a downstream classifier with a bias amplifier trained on synthetic samples.
 
-Pipeline (DESIGN.md §4):
+Pipeline (docs/methods.md):
     1. sample many images per class from the biased diffusion model at a high guidance scale w: they are
        bias-aligned far more often than the real data (the model's bias, amplified by guidance);
     2. the bias amplifier (BA) f_BA is trained on those synthetic images only, label = generating class, with

@@ -1,4 +1,4 @@
-"""InvDiff (DESIGN.md §4): infer bias groups from the frozen model's per-sample losses (max step), then train a
+"""InvDiff (docs/methods.md): infer bias groups from the frozen model's per-sample losses (max step), then train a
 small guidance network δ on a group-balanced, group-invariant loss (min step); sample with f_θ + r·δ.
 
 Max step (no bias labels; class labels only)
