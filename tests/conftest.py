@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random U-Net, and single-threaded torch for the tiny-model tests."""
+"""Shared fixtures: a tiny random U-Net, single-threaded torch for the tiny-model tests, and the tiny pixel DAG
+built once per session (through the Prefect flow; tests/dag.py)."""
 
 import pytest
 import torch
@@ -21,3 +22,21 @@ def unet():
     torch.manual_seed(0)
     return build_unet(resolution=16, num_classes=10, block_out_channels=[16, 32], layers_per_block=1,
                       attention=False).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dag(tmp_path_factory):
+    """The tiny pixel DAG, every stage, built once per session through the Prefect flow (then the flow once more).
+    Tests that change it put it back (tests/test_dag.py); tests that need other params work on a copy
+    (tests.dag.copy_project)."""
+    from tests.dag import build_tiny_dag
+
+    return build_tiny_dag(tmp_path_factory.mktemp("tiny_dag"))
+
+
+def pytest_collection_modifyitems(items):
+    """The session's tiny-DAG build runs inside whichever test first asks for it: such tests get room for it on a
+    busy 2-core machine (pyproject's --timeout covers one test's own work)."""
+    for item in items:
+        if "tiny_dag" in item.fixturenames and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(2400))

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_dag import _env, dvc, make_project
+from tests.dag import _env, copy_project, dvc, make_project
 
 
 def _repro(tmp, *args: str):
@@ -76,8 +76,11 @@ def _outs(tmp, stage: str) -> dict[str, str]:
     return {o["path"]: o.get("md5") or o.get("hash") for o in lock["outs"]}
 
 
-def _project(tmp_path, **sections):
-    tmp = make_project(tmp_path)
+def _project(tmp_path, built=None, **sections):
+    """A project with these params changed: a copy of the session's tiny DAG (`built`; without its checkpoints, so
+    the trainings start fresh), else a fresh one."""
+    tmp = (copy_project(built.path, tmp_path / "project", drop=("data/checkpoints",)) if built
+           else make_project(tmp_path))
     raw = yaml.safe_load((tmp / "params.yaml").read_text())
     for section, values in sections.items():
         raw[section].update(values)
@@ -85,8 +88,9 @@ def _project(tmp_path, **sections):
     return tmp
 
 
-def test_killed_trainings_resume_to_the_uninterrupted_result(tmp_path):
-    tmp = _project(tmp_path, classifiers={"epochs": 20}, diffusion={"train_steps": 60, "checkpoint_every": 10})
+def test_killed_trainings_resume_to_the_uninterrupted_result(tiny_dag, tmp_path):
+    tmp = _project(tmp_path, tiny_dag, classifiers={"epochs": 20},
+                   diffusion={"train_steps": 60, "checkpoint_every": 10})
     rng = random.Random(0)
     stages = ("train_classifiers", "train_diffusion")
     models = {"train_classifiers": "data/judges", "train_diffusion": "data/models/diffusion"}

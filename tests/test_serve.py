@@ -1,5 +1,6 @@
 """A served deployment, as the Prefect UI uses it: a real `prefect server start` on 127.0.0.1, `python -m
-flows.serve`, a run triggered through the API with parameters, completed on the tiny DAG."""
+flows.serve`, a run triggered through the API with parameters, completed on a copy of the session's tiny DAG
+(tests/conftest.py): the run re-does only what its override changes."""
 
 import contextlib
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.test_dag import _env, make_project
+from tests.dag import _env, copy_project
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -52,9 +53,12 @@ def _wait(what: str, check, timeout: float, procs: list[subprocess.Popen], poll:
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_served_deployment_runs_a_triggered_flow_run(tmp_path):
-    project = make_project(tmp_path / "project")
+def test_served_deployment_runs_a_triggered_flow_run(tiny_dag, tmp_path):
+    project = copy_project(tiny_dag.path, tmp_path / "project")
     params_before = (project / "params.yaml").read_bytes()
+    untouched = ["data/samples/latentdir/images.npz", "data/report/report.md", "data/models/diffusion/unet/"
+                 "diffusion_pytorch_model.safetensors", "data/scores/invdiff/metrics.json"]
+    kept = {p: (project / p).read_bytes() for p in untouched}
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**_env(project), "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect"),
@@ -130,16 +134,18 @@ def test_served_deployment_runs_a_triggered_flow_run(tmp_path):
     # Each task run names its upstream task runs, so the UI draws the DAG's edges.
     upstream = {i["id"] for i in by_name["score@baseline"]["task_inputs"]["wait_for"]}
     assert {by_name["sample@baseline"]["id"], by_name["fid_reference"]["id"]} <= upstream
-    assert (project / "data/scores/baseline/metrics.json").is_file()
-    assert not (project / "data/samples/latentdir").exists() and not (project / "data/report").exists()
+    assert (project / "data/scores/baseline/metrics.json").read_bytes() != (
+        tiny_dag.path / "data/scores/baseline/metrics.json").read_bytes()  # re-scored at the new guidance scale
+    assert {p: (project / p).read_bytes() for p in untouched} == kept  # the other methods and the report untouched
     # The overrides were used for this run (dvc.lock records them) and the checkout's params.yaml is untouched.
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["sample@baseline"]["params"]["params.yaml"]["sample"]["guidance_scale"] == scales[run_id]
     assert (project / "params.yaml").read_bytes() == params_before
-    # Stage runs in MLflow carry the flow run's id.
+    # Stage runs in MLflow carry the flow run's id; only the stages the override changed ran (the copy has no
+    # MLflow store of its own, so every run here is this flow run's).
     import mlflow
 
     ml = mlflow.MlflowClient(f"sqlite:///{Path(project) / 'mlflow.db'}")
     exp = ml.get_experiment_by_name("debias-diffusion")
     tags = {r.data.tags["stage"]: r.data.tags["pipeline_run"] for r in ml.search_runs([exp.experiment_id])}
-    assert {"prepare_data", "sample", "score"} <= set(tags) and set(tags.values()) == {run_id}, tags
+    assert set(tags) == {"sample", "score"} and set(tags.values()) == {run_id}, tags
