@@ -23,14 +23,21 @@ Max step (no bias labels; class labels only)
 Min step (f_θ frozen; δ of the same class and inputs, ≤ 25% of the parameters, zero-initialised output layer)
     f̂_i = f_θ(x_t, t, c_i) + δ(x_t, t, c_i)
     l_i = ‖f̂_i − target_i‖²   (pixel mean; target in the model's own parameterisation: ε, v or x_0)
+    Target-weighted (default, `target` uniform or p*): batches drawn from the re-weighted data in which cell
+    (class y, group g) has mass p(y)·T[y, g] (`group_targets`, `TargetSampler`; 1/K and (K−1)/K for the
+    aligned-like / conflicting-like pair and a uniform p*), so its optimum is the target attribute distribution;
+    loss = mean_i l_i + λ·var_g L_g, L_g the mean loss of the draws made for group g (`drawn_group_loss`).
+    `target: equal` (every group alike, the published weighting; optimum an aligned share of 1/G):
     L_k = Σ_{i∈B} l_i W_ik / Σ_{i∈B} W_ik,     loss = mean_k L_k + λ·var_k L_k   (population variance over k)
-    Batches are group-balanced: B/K indices per group k, drawn ∝ W_:k (a 5% group barely moves a weighted
-    mean of a uniform batch). With `paired`, the j-th sample of every group shares its (t, ε) draw, so the
-    variance term compares groups on the same draws rather than on the t-dependence of the loss.
+    with B/K indices per group k drawn ∝ W_:k (a 5% group barely moves a weighted mean of a uniform batch).
+    With `paired`, the j-th sample of every group shares its (t, ε) draw, so the variance term compares groups
+    on the same draws rather than on the t-dependence of the loss.
+    δ's lr: linear warm-up then cosine (`lr_factor`); δ saved as the EMA of its weights (`ema_update`).
 Sampling: f = f_θ + r·δ. r = 1 is the trained combination; r > 1 extrapolates along δ like a guidance scale.
 
-Differences from the published code (on purpose): its grouper compares the prediction with the clean image
-instead of the noise; its training ignores the mixing ratio; its δ is a full copy of the base U-Net.
+Differences from the published code (on purpose; docs/methods.md "InvDiff"): its grouper compares the prediction
+with the clean image instead of the noise; its training ignores the mixing ratio; its δ is by default a full copy
+of the base U-Net; its groups are weighted alike, not to a target.
 """
 
 from __future__ import annotations
