@@ -202,10 +202,15 @@ class InvDiffParams(_Section):
     lam: float = Field(10.0, ge=0.0)
     balanced: bool = True
     paired: bool = False
+    target: Literal["uniform", "equal"] | tuple[float, ...] = "uniform"
+    hard_groups: bool = False
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(500, ge=1)
     # sampling
-    strength: float = Field(1.5, ge=0.0, le=20.0)
+    strength: float = Field(1.0, ge=0.0, le=20.0)
     sweep_strengths: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
     sweep_per_class: int = Field(20, ge=1)
     grid_per_group: int = Field(10, ge=1, le=64)
@@ -224,6 +229,12 @@ class InvDiffParams(_Section):
             raise ValueError(f"batch_size must be >= num_groups ({self.num_groups}) for group-balanced batches")
         if self.paired and not self.balanced:
             raise ValueError("paired draws need group-balanced batches (balanced: true)")
+        if self.paired and self.target != "equal":
+            raise ValueError("paired draws need the B/K-per-group layout: set target: equal (or paired: false)")
+        if not isinstance(self.target, str) and (min(self.target) <= 0 or abs(sum(self.target) - 1.0) > 1e-6):
+            raise ValueError(f"target must be 'uniform', 'equal' or shares > 0 summing to 1, got {list(self.target)}")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         return self
 
 

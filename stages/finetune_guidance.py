@@ -1,10 +1,12 @@
 """finetune_guidance@<variant>: InvDiff's min step. The biased model frozen, a small δ (same class and inputs,
-zero-initialised output) trained on mean_k L_k + λ·var_k L_k over the groups, with group-balanced batches.
+zero-initialised output) trained on the target-weighted data (invdiff.target; docs/methods.md "InvDiff") with
+loss mean + λ·var_g L_g over the groups.
 
 Variants (one DVC stage each, so the report compares them):
   invdiff          groups inferred by fit_grouper, λ = invdiff.lam        (the method; no bias labels)
   invdiff_lambda0  inferred groups, λ = 0                                 (ablation: no invariance term)
-  invdiff_oracle   true aligned/conflicting groups, λ = invdiff.lam       (ablation: uses the hidden labels)
+  invdiff_oracle   true class × attribute cells, λ = invdiff.lam          (ablation: uses the hidden labels; with
+                   target: equal, the aligned/conflicting pair instead)
 Output data/methods/<variant>/: delta/ (save_pretrained), groups.npz (the W used), summary.json; the loss
 curve (total and per group) in data/metrics/finetune_guidance_<variant>_loss.json.
 Several processes: `torchrun --nproc_per_node N -m stages.finetune_guidance --variant …` (each takes its slice of
@@ -17,9 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import load_split, to_tensor
+from pipeline.data import load_meta, load_split, to_tensor
 from pipeline.io import atomic_path, load_npz, save_json, save_npz
-from pipeline.methods.invdiff import Conditioning, check_groups, finetune_guidance, make_delta, oracle_groups
+from pipeline.methods.invdiff import (
+    Conditioning,
+    attribute_groups,
+    check_groups,
+    finetune_guidance,
+    group_targets,
+    harden,
+    make_delta,
+    oracle_groups,
+)
 from pipeline.pretrained import load_model
 from pipeline.sampling import make_scheduler
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
@@ -28,10 +39,20 @@ DATA, MODEL, GROUPS = Path("data/prepared"), Path("data/models/diffusion"), Path
 VARIANTS = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
 
 
-def groups_for(variant: str) -> np.ndarray:
+def groups_for(variant: str, p) -> tuple[np.ndarray, np.ndarray | None]:
+    """(W, T): the groups and their target shares per class (None: every group alike, the B/K layout)."""
+    meta = load_meta(DATA)
     if variant == "invdiff_oracle":
-        return oracle_groups(load_split(DATA, "train", with_bias=True).aligned)
-    return load_npz(GROUPS / "groups.npz", "W")["W"]
+        hidden = load_split(DATA, "train", with_bias=True)
+        if p.target == "equal":
+            return oracle_groups(hidden.aligned), None
+        W = attribute_groups(hidden.bias, meta.num_attributes)
+        return W, group_targets(p.target, W.shape[1], meta.aligned, meta.num_attributes, attribute_groups=True)
+    W = check_groups(load_npz(GROUPS / "groups.npz", "W")["W"], str(GROUPS / "groups.npz"), None)
+    W = harden(W) if p.hard_groups else W
+    if p.target == "equal":
+        return W, None
+    return W, group_targets(p.target, W.shape[1], meta.aligned, meta.num_attributes)
 
 
 @stage_main
@@ -54,12 +75,14 @@ def main(argv=None) -> None:
     model = load_model(MODEL, dev)
     base, scheduler = model.unet, make_scheduler(model.scheduler_config, "ddpm")
     train = load_split(DATA, "train", with_bias=False)
+    W, targets = groups_for(args.variant, p)
     origin = "oracle groups from data/prepared" if args.variant == "invdiff_oracle" else str(GROUPS / "groups.npz")
-    W = check_groups(groups_for(args.variant), origin, len(train.classes))
+    W = check_groups(W, origin, len(train.classes))
     torch.manual_seed(params.seed)
     delta = make_delta(base, width=p.delta_width)
     cfg = {"steps": p.steps, "batch_size": p.batch_size, "lr": p.lr, "lam": lam, "balanced": p.balanced,
-           "paired": p.paired, "label_dropout": p.label_dropout, "checkpoint_every": p.checkpoint_every}
+           "paired": p.paired, "label_dropout": p.label_dropout, "checkpoint_every": p.checkpoint_every,
+           "lr_schedule": p.lr_schedule, "warmup_steps": p.warmup_steps, "ema_decay": p.ema_decay}
     out = Path("data/methods") / args.variant
     cond = Conditioning(class_labels=torch.from_numpy(train.classes), prompt_embeds=model.prompt_embeds)
 
@@ -67,7 +90,7 @@ def main(argv=None) -> None:
         return finetune_guidance(base, delta, scheduler, model.to_model_space(to_tensor(train.images)), cond, W,
                                  cfg=cfg, seed=params.seed, out_dir=out_dir, accelerator=accelerator,
                                  ckpt_dir=Path("data/checkpoints") / args.variant, null_class=model.null_class,
-                                 log=log)
+                                 targets=targets, log=log)
 
     if not accelerator.is_main_process:  # the other ranks train their slices; rank 0 writes
         fit(out / "delta")
@@ -77,10 +100,11 @@ def main(argv=None) -> None:
         tmp.mkdir(parents=True)
         result = fit(tmp / "delta", log=lambda step, m: run.metrics(m, step=step))
         summary = {"variant": args.variant, "lam": lam, "world_size": accelerator.num_processes,
+                   "target": p.target if isinstance(p.target, str) else list(p.target), "groups": W.shape[1],
                    "steps": result.steps, "resumed_from": result.resumed_from,
                    "final_loss": result.final_loss, "delta_params": result.delta_params,
                    "base_params": result.base_params, "param_ratio": result.delta_params / result.base_params}
-        run.metrics({k: v for k, v in summary.items() if k not in ("variant", "lam")})
+        run.metrics({k: v for k, v in summary.items() if k not in ("variant", "lam", "target")})
         save_npz(tmp / "groups.npz", W=W)
         save_json(tmp / "summary.json", summary)
     save_json(f"data/metrics/finetune_guidance_{args.variant}.json", summary)

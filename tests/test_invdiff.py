@@ -282,3 +282,138 @@ def test_nan_loss_stops_delta_finetuning_naming_the_step(unet, one_thread, tmp_p
     with pytest.raises(UserError, match=r"^finetune_guidance: loss became nan at step 0; lower invdiff.lr"):
         _train(unet, tmp_path, "nan", images, cond, W)
     assert not (tmp_path / "nan").exists() and not list((tmp_path / "ckpt_nan").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# target weighting (docs/methods.md "InvDiff"): the re-weighted training data has the target distribution
+
+
+def _coloured_labels(per_class: int = 100, conflicting_per_colour: int = 2, C: int = 10):
+    """Classes and colours with colour y aligned to class y and the conflicting images spread evenly."""
+    classes, colours = [], []
+    for y in range(C):
+        others = [c for c in range(C) if c != y]
+        cols = [y] * (per_class - conflicting_per_colour * (C - 1)) + others * conflicting_per_colour
+        classes += [y] * per_class
+        colours += cols
+    return np.array(classes), np.array(colours)
+
+
+def _colour_distribution(q: np.ndarray, classes: np.ndarray, colours: np.ndarray, C: int = 10) -> np.ndarray:
+    out = np.zeros((C, C))
+    np.add.at(out, (classes, colours), q)
+    return out / out.sum(1, keepdims=True)
+
+
+def test_uniform_target_gives_weights_one_over_k_and_the_rest():
+    from pipeline.methods.invdiff import group_targets
+
+    T = group_targets("uniform", 2, tuple(range(10)), 10)
+    np.testing.assert_allclose(T, np.tile([0.1, 0.9], (10, 1)))
+    np.testing.assert_allclose(group_targets("equal", 2, tuple(range(10)), 10), 0.5)
+    p = np.arange(1, 11) / 55.0  # non-uniform: the aligned-like group takes p*(a_y) of class y
+    np.testing.assert_allclose(group_targets(tuple(p), 2, tuple(range(10)), 10)[:, 0], p)
+    with pytest.raises(UserError, match="invdiff.target"):
+        group_targets((0.5, 0.5), 2, tuple(range(10)), 10)
+
+
+def test_target_weighted_aligned_conflicting_groups_give_a_uniform_colour_distribution():
+    from pipeline.methods.invdiff import TargetSampler, group_targets
+
+    classes, colours = _coloured_labels()
+    W = oracle_groups(colours == classes)  # aligned / conflicting, 82% aligned per class
+    q = TargetSampler(W, classes, group_targets("uniform", 2, tuple(range(10)), 10)).probabilities(len(classes))
+    np.testing.assert_allclose(q.sum(), 1.0)
+    np.testing.assert_allclose(_colour_distribution(q, classes, colours), 0.1, atol=1e-12)
+    # the published weighting (every group alike) stops at an aligned share of one half
+    q_eq = TargetSampler(W, classes, group_targets("equal", 2, tuple(range(10)), 10)).probabilities(len(classes))
+    np.testing.assert_allclose(np.diag(_colour_distribution(q_eq, classes, colours)), 0.5)
+
+
+def test_oracle_cells_match_any_target_even_on_uneven_data():
+    from pipeline.methods.invdiff import TargetSampler, attribute_groups, group_targets
+
+    rng = np.random.default_rng(0)
+    classes = np.repeat(np.arange(10), 200)
+    colours = np.where(rng.random(2000) < 0.9, classes, rng.integers(0, 10, 2000))  # uneven conflicting colours
+    colours[::10] = np.arange(200) % 10  # every cell non-empty
+    p = np.arange(1, 11) / 55.0
+    W = attribute_groups(colours, 10)
+    T = group_targets(tuple(p), 10, tuple(range(10)), 10, attribute_groups=True)
+    sampler = TargetSampler(W, classes, T)
+    np.testing.assert_allclose(_colour_distribution(sampler.probabilities(2000), classes, colours),
+                               np.tile(p, (10, 1)), atol=1e-12)
+    # stratified draws: every cell within one draw of B·π, and the recorded group is the cell's colour
+    idx, grp = sampler.draw(1000, torch.Generator().manual_seed(0))
+    assert len(idx) == 1000 and torch.equal(torch.as_tensor(colours)[idx], grp)
+    cells = np.bincount(classes[idx.numpy()] * 10 + colours[idx.numpy()], minlength=100)
+    assert np.abs(cells - 1000 * 0.1 * np.tile(p, 10)).max() <= 1
+
+
+def test_drawn_group_loss_matches_a_hand_computed_value():
+    from pipeline.methods.invdiff import drawn_group_loss
+
+    loss, L = drawn_group_loss(torch.tensor([1.0, 3.0, 2.0, 6.0]), torch.tensor([0, 0, 2, 2]), 3, lam=2.0)
+    torch.testing.assert_close(L, torch.tensor([2.0, 4.0]))  # group 1 absent
+    torch.testing.assert_close(loss, torch.tensor(3.0 + 2.0 * 1.0))
+
+
+def test_cosine_schedule_with_warmup_and_ema():
+    from pipeline.methods.invdiff import ema_update, lr_factor
+
+    assert lr_factor(0, 100, "cosine", 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, "cosine", 10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, "cosine", 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, "cosine", 10) == pytest.approx(0.5)
+    assert lr_factor(99, 100, "cosine", 10) < 0.001
+    assert lr_factor(99, 100, "constant", 10) == 1.0
+    ema = [torch.zeros(3)]
+    for _ in range(2):
+        ema_update(ema, [torch.ones(3)], 0.9)
+    torch.testing.assert_close(ema[0], torch.full((3,), 1 - 0.9**2))
+
+
+def test_soft_group_purity_counts_aligned_mass_in_the_conflicting_like_group():
+    W = np.array([[0.9, 0.1], [0.6, 0.4], [0.0, 1.0], [0.5, 0.5]], np.float32)
+    conflicting = np.array([False, False, True, True])
+    q = grouping_quality(W, conflicting)
+    assert q["aligned_mass_top_group"] == pytest.approx(0.5 / 2.0)
+    assert q["aligned_share_top_group_hard"] == pytest.approx(0.0)
+
+
+def test_invdiff_params_reject_bad_targets_and_schedules():
+    from pipeline.config import InvDiffParams
+
+    with pytest.raises(ValueError, match="target"):
+        InvDiffParams(target=(0.5, 0.6))
+    with pytest.raises(ValueError, match="paired"):
+        InvDiffParams(paired=True)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        InvDiffParams(steps=10, warmup_steps=10)
+    assert InvDiffParams().strength == 1.0 and InvDiffParams().target == "uniform"
+
+
+def test_target_weighted_finetune_with_ema_and_cosine_resumes_exactly(unet, one_thread, tmp_path):
+    from pipeline.methods.invdiff import group_targets
+
+    gen = torch.Generator().manual_seed(0)
+    images, classes = torch.rand(20, 3, 16, 16, generator=gen) * 2 - 1, torch.arange(20) % 10
+    cond, W = Conditioning(class_labels=classes), oracle_groups(np.arange(20) < 10)
+    T = group_targets("uniform", 2, tuple(range(10)), 10)
+    cfg = {**CFG, "ema_decay": 0.5, "lr_schedule": "cosine", "warmup_steps": 1}
+    sched = make_noise_scheduler(1000, "squaredcos_cap_v2", "v_prediction")
+
+    def train(name):
+        torch.manual_seed(0)
+        res = finetune_guidance(unet, make_delta(unet), sched, images, cond, W, cfg=cfg, seed=0,
+                                out_dir=tmp_path / name, ckpt_dir=tmp_path / f"ckpt_{name}", null_class=10,
+                                targets=T, progress=False)
+        return res, load_delta(tmp_path / name)
+
+    res_a, a = train("a")
+    assert np.isfinite(res_a.final_loss) and a.conv_out.weight.abs().sum() > 0
+    (tmp_path / "ckpt_a").rename(tmp_path / "ckpt_b")
+    res_b, b = train("b")
+    assert res_b.resumed_from == 2
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k

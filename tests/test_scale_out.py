@@ -44,7 +44,7 @@ def projects(tmp_path_factory):
         shutil.copytree(ROOT / name, one / name, ignore=shutil.ignore_patterns("__pycache__"))
     raw = tiny_params()
     raw["diffusion"].update(train_steps=10, batch_size=8)
-    raw["invdiff"].update(steps=10, batch_size=8, lam=0.0, num_groups=2, balanced=True)
+    raw["invdiff"].update(steps=10, warmup_steps=1, batch_size=8, lam=0.0, num_groups=2, balanced=True)
     (one / "params.yaml").write_text(yaml.safe_dump(raw))
     _run(one, "stages.prepare_data")
     two = tmp_path_factory.mktemp("two")

@@ -23,14 +23,21 @@ Max step (no bias labels; class labels only)
 Min step (f_θ frozen; δ of the same class and inputs, ≤ 25% of the parameters, zero-initialised output layer)
     f̂_i = f_θ(x_t, t, c_i) + δ(x_t, t, c_i)
     l_i = ‖f̂_i − target_i‖²   (pixel mean; target in the model's own parameterisation: ε, v or x_0)
+    Target-weighted (default, `target` uniform or p*): batches drawn from the re-weighted data in which cell
+    (class y, group g) has mass p(y)·T[y, g] (`group_targets`, `TargetSampler`; 1/K and (K−1)/K for the
+    aligned-like / conflicting-like pair and a uniform p*), so its optimum is the target attribute distribution;
+    loss = mean_i l_i + λ·var_g L_g, L_g the mean loss of the draws made for group g (`drawn_group_loss`).
+    `target: equal` (every group alike, the published weighting; optimum an aligned share of 1/G):
     L_k = Σ_{i∈B} l_i W_ik / Σ_{i∈B} W_ik,     loss = mean_k L_k + λ·var_k L_k   (population variance over k)
-    Batches are group-balanced: B/K indices per group k, drawn ∝ W_:k (a 5% group barely moves a weighted
-    mean of a uniform batch). With `paired`, the j-th sample of every group shares its (t, ε) draw, so the
-    variance term compares groups on the same draws rather than on the t-dependence of the loss.
+    with B/K indices per group k drawn ∝ W_:k (a 5% group barely moves a weighted mean of a uniform batch).
+    With `paired`, the j-th sample of every group shares its (t, ε) draw, so the variance term compares groups
+    on the same draws rather than on the t-dependence of the loss.
+    δ's lr: linear warm-up then cosine (`lr_factor`); δ saved as the EMA of its weights (`ema_update`).
 Sampling: f = f_θ + r·δ. r = 1 is the trained combination; r > 1 extrapolates along δ like a guidance scale.
 
-Differences from the published code (on purpose): its grouper compares the prediction with the clean image
-instead of the noise; its training ignores the mixing ratio; its δ is a full copy of the base U-Net.
+Differences from the published code (on purpose; docs/methods.md "InvDiff"): its grouper compares the prediction
+with the clean image instead of the noise; its training ignores the mixing ratio; its δ is by default a full copy
+of the base U-Net; its groups are weighted alike, not to a target.
 """
 
 from __future__ import annotations
@@ -186,11 +193,11 @@ def estimate_minority_share(scores: np.ndarray, k: float = 3.0) -> float:
     return float(np.clip((z > med + k * max(sigma, 1e-12)).mean(), 1.0 / len(z), 0.5))
 
 
-def check_groups(W: np.ndarray, origin: str, rows: int) -> np.ndarray:
+def check_groups(W: np.ndarray, origin: str, rows: int | None) -> np.ndarray:
     """A soft group matrix read from a file: [rows, K >= 2] finite floats, each row on the simplex (w ≥ 0, Σ_k w = 1),
     and every group non-empty (Σ_i W_ik > 0); else one UserError naming the file."""
-    if W.ndim != 2 or W.shape[0] != rows or W.shape[1] < 2:
-        raise UserError(f"{origin}: W must be [{rows} training images, groups >= 2], got {list(W.shape)} "
+    if W.ndim != 2 or (rows is not None and W.shape[0] != rows) or W.shape[1] < 2:
+        raise UserError(f"{origin}: W must be [{rows or 'N'} training images, groups >= 2], got {list(W.shape)} "
                         "(run `dvc repro fit_grouper`)")
     if not np.issubdtype(W.dtype, np.floating) or not np.isfinite(W).all():
         raise UserError(f"{origin}: W must hold finite floats (run `dvc repro fit_grouper`)")
@@ -266,6 +273,134 @@ def oracle_groups(aligned: np.ndarray) -> np.ndarray:
     return np.stack([aligned, ~aligned], 1).astype(np.float32)
 
 
+def attribute_groups(bias: np.ndarray, num_attributes: int) -> np.ndarray:
+    """One-hot W [N, K] on the true attribute value. With the class as condition, the cells (class, attribute) are
+    the published oracle's groups (class × attribute; an ablation that uses the hidden labels)."""
+    return np.eye(num_attributes, dtype=np.float32)[np.asarray(bias, np.int64)]
+
+
+def harden(W: np.ndarray) -> np.ndarray:
+    """One-hot rows at argmax_k W_ik (hard groups: no image counts in two groups)."""
+    return np.eye(W.shape[1], dtype=np.float32)[W.argmax(1)]
+
+
+def group_targets(target, num_groups: int, aligned: tuple[int, ...], num_attributes: int, *,
+                  attribute_groups: bool = False) -> np.ndarray:
+    """T [C, G]: the share group g should have within class y in the re-weighted training data.
+
+    target: "equal" → T = 1/G (every group alike: the published weighting, 50/50 for two groups);
+            "uniform" or p* (K floats) → the attribute distribution p*. With attribute groups (the oracle)
+            T[y, b] = p*(b). With inferred groups (0 the aligned-like, the others conflicting-like)
+            T[y, 0] = p*(a_y), a_y the class's bias-aligned value, and the rest 1 − p*(a_y) spread evenly over
+            groups 1..G−1 (the data spreads the conflicting values evenly, so for two groups and a uniform p*
+            the weights are 1/K and (K−1)/K)."""
+    C = len(aligned)
+    if isinstance(target, str) and target == "equal":
+        return np.full((C, num_groups), 1.0 / num_groups)
+    if isinstance(target, str) and target == "uniform":
+        p = np.full(num_attributes, 1.0 / num_attributes)
+    else:
+        p = np.asarray(target, np.float64)
+        if p.shape != (num_attributes,):
+            raise UserError(f"invdiff.target: expected 'uniform', 'equal' or {num_attributes} shares (one per "
+                            f"attribute value), got {len(p)}")
+    if attribute_groups:
+        if num_groups != num_attributes:
+            raise UserError(f"attribute groups: W has {num_groups} columns for {num_attributes} attribute values")
+        return np.tile(p, (C, 1))
+    a = p[np.asarray(aligned)]
+    return np.concatenate([a[:, None], np.repeat(((1 - a) / (num_groups - 1))[:, None], num_groups - 1, 1)], 1)
+
+
+class TargetSampler:
+    """Draws training batches from the target-weighted data: each cell (class y, group g) gets the mass
+    π_{y,g} = p(y)·T[y,g] (p(y) the data's class share; T renormalised over the cells that hold any W mass), and
+    within a cell image i is drawn ∝ W_ig. So image i is drawn with probability
+        q_i = Σ_g π_{y_i,g}·W_ig / n_{y_i,g},   n_{y,g} = Σ_{j: y_j = y} W_jg.
+    Stratified: cell c gets ⌊B·π_c⌋ draws, the remaining ones go to cells drawn ∝ the fractional parts (without
+    replacement), so the realised mix is within one draw per cell of π. Each draw keeps the group g it was drawn
+    for: W is used once (to draw), not again to weight the loss."""
+
+    def __init__(self, W: np.ndarray, classes: np.ndarray, T: np.ndarray):
+        W = np.asarray(W, np.float64)
+        classes = np.asarray(classes)
+        self.cells, pis, self.members = [], [], []
+        ys = np.unique(classes)
+        for y in ys:
+            rows = np.flatnonzero(classes == y)
+            mass = W[rows].sum(0)
+            t = np.where(mass > 0, T[y], 0.0)
+            if t.sum() <= 0:
+                raise UserError(f"invdiff: class {y} has no image in any group with a positive target share")
+            t = t / t.sum() * len(rows) / len(classes)
+            for g in np.flatnonzero(t > 0):
+                self.cells.append((int(y), int(g)))
+                pis.append(t[g])
+                self.members.append((torch.as_tensor(rows), torch.as_tensor(W[rows, g] / mass[g])))
+        self.pi = torch.as_tensor(np.asarray(pis) / np.sum(pis))
+        self.groups = torch.as_tensor([g for _, g in self.cells])
+
+    def probabilities(self, n: int) -> np.ndarray:
+        """q_i (class docstring), [n]."""
+        q = np.zeros(n)
+        for pi, (rows, w) in zip(self.pi.numpy(), self.members, strict=True):
+            q[rows.numpy()] += pi * w.numpy()
+        return q
+
+    def counts(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        exact = batch * self.pi
+        base = exact.floor().long()
+        rest = batch - int(base.sum())
+        if rest > 0:
+            frac = (exact - base).clamp(min=0) + 1e-12
+            base += torch.bincount(torch.multinomial(frac, rest, replacement=rest > len(frac), generator=gen),
+                                   minlength=len(frac))
+        return base
+
+    def draw(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices [B], group of each draw [B])."""
+        idx, grp = [], []
+        for c, n in enumerate(self.counts(batch, gen).tolist()):
+            if n:
+                rows, w = self.members[c]
+                idx.append(rows[torch.multinomial(w, n, replacement=True, generator=gen)])
+                grp.append(self.groups[c].repeat(n))
+        return torch.cat(idx), torch.cat(grp)
+
+
+def drawn_group_loss(per_sample: torch.Tensor, groups: torch.Tensor, num_groups: int, lam: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_i l_i + λ·var_g L_g, L): the batch mean estimates Σ_g π_g L_g under the target-weighted draw
+    (`TargetSampler`); L_g = mean of l_i over the draws made for group g; the variance (population) is over the
+    groups present in the batch."""
+    W = torch.nn.functional.one_hot(groups, num_groups).to(per_sample.dtype)
+    mass = W.sum(0)
+    present = mass > 0
+    L = (per_sample[:, None] * W).sum(0)[present] / mass[present]
+    var = L.var(unbiased=False) if len(L) > 1 else per_sample.new_zeros(())
+    return per_sample.mean() + lam * var, L
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    """Learning-rate multiplier at `step` (0-based): linear warm-up (step+1)/warmup over the first `warmup` steps,
+    then 1 (constant) or ½(1 + cos(π·s/S)) with s = step − warmup, S = total − warmup (cosine, as the published
+    training: diffusers' get_cosine_schedule_with_warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    import math
+
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def ema_update(ema: list[torch.Tensor], params, decay: float) -> None:
+    """θ̄ ← decay·θ̄ + (1 − decay)·θ for every parameter."""
+    for e, p in zip(ema, params, strict=True):
+        e.lerp_(p.detach().float(), 1.0 - decay)
+
+
 def grouping_quality(W: np.ndarray, conflicting: np.ndarray, scores: np.ndarray | None = None) -> dict:
     """How well the highest-loss group (last column) recovers the bias-conflicting samples: precision, recall,
     NMI of argmax groups vs the conflicting flag, group shares, and the AUROC of the scores. Uses hidden labels:
@@ -275,7 +410,11 @@ def grouping_quality(W: np.ndarray, conflicting: np.ndarray, scores: np.ndarray 
     groups = W.argmax(1)
     top = groups == W.shape[1] - 1
     tp = float((top & conflicting).sum())
+    # purity of the soft conflicting-like group: Σ_{i aligned} W_i,K−1 / Σ_i W_i,K−1 (the share of its draws that
+    # are aligned images when batches are drawn ∝ W)
+    soft_aligned = float(W[~conflicting, -1].sum() / max(W[:, -1].sum(), 1e-12))
     out = {"precision_top_group": tp / max(top.sum(), 1), "recall_top_group": tp / max(conflicting.sum(), 1),
+           "aligned_mass_top_group": soft_aligned, "aligned_share_top_group_hard": 1.0 - tp / max(top.sum(), 1),
            "nmi_conflicting": float(normalized_mutual_info_score(conflicting, groups)),
            "conflicting_rate": float(conflicting.mean()),
            **{f"share_group{k}": float((groups == k).mean()) for k in range(W.shape[1])}}
@@ -330,12 +469,17 @@ class FinetuneResult:
 
 def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Conditioning, W: np.ndarray, *,
                       cfg: dict, seed: int, out_dir: Path, ckpt_dir: Path, null_class: int | None = None,
-                      accelerator=None, log=None, progress: bool = True) -> FinetuneResult:
+                      targets: np.ndarray | None = None, accelerator=None, log=None,
+                      progress: bool = True) -> FinetuneResult:
     """Train δ with the base frozen (module docstring) and write it to out_dir via save_pretrained.
 
     images: float [N,C,H,W] in [-1,1]; W: [N,K]. cfg keys: steps, batch_size, lr, lam, balanced, paired (optional,
-    `paired_draws`), label_dropout, checkpoint_every. With null_class set, class labels are replaced by it with
-    probability label_dropout, so δ also learns the unconditional branch used by classifier-free guidance.
+    `paired_draws`), label_dropout, checkpoint_every; optional lr_schedule ("constant" | "cosine", `lr_factor`),
+    warmup_steps, ema_decay (0 = none; else δ's weights are the EMA θ̄, `ema_update`). With null_class set, class
+    labels are replaced by it with probability label_dropout, so δ also learns the unconditional branch used by
+    classifier-free guidance. With `targets` T [C, K] (`group_targets`) and balanced, batches are drawn from the
+    target-weighted data (`TargetSampler`, needs class labels) and the loss is `drawn_group_loss`; without, B/K
+    per group drawn ∝ W and `group_loss` (every group weighted alike).
     """
     from accelerate import Accelerator
 
@@ -345,23 +489,35 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     W_t = torch.as_tensor(W, dtype=torch.float32)
+    sampler = None
+    if targets is not None and cfg["balanced"]:
+        if cond.class_labels is None:
+            raise UserError("invdiff.target: target weighting needs class labels (cells are class × group)")
+        sampler = TargetSampler(W, cond.class_labels.cpu().numpy(), targets)
+    schedule, warmup = cfg.get("lr_schedule", "constant"), int(cfg.get("warmup_steps", 0))
+    ema_decay = float(cfg.get("ema_decay", 0.0))
     base.requires_grad_(False).eval()
     opt = torch.optim.AdamW(delta.parameters(), lr=cfg["lr"], weight_decay=0.0)
     fingerprint = config_fingerprint({**cfg, "seed": seed, "W": tensor_digest(W_t), "data": tensor_digest(images),
                                       "base": tensor_digest(*[p.detach().cpu() for p in base.parameters()]),
-                                      "delta": dict(delta.config), "null": null_class})
+                                      "delta": dict(delta.config), "null": null_class,
+                                      "targets": None if targets is None else np.asarray(targets).tolist()})
     start = 0
     if accelerator.is_main_process:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=cfg["steps"])
     if ckpt is not None:
-        weights, state, start = load_checkpoint(ckpt, ("delta",))
+        weights, state, start = load_checkpoint(ckpt, ("delta", "ema") if ema_decay else ("delta",))
         with restoring(ckpt):
             delta.load_state_dict(weights["delta"])
             opt.load_state_dict(state["optimizer"])
             gen.set_state(state["data_rng"])
             torch.set_rng_state(state["torch_rng"])
         accelerator.print(f"resuming from {ckpt} (step {start})")
+    # the EMA starts at δ's (zero-output) initialisation, or at the checkpoint's
+    ema = [p.detach().float().clone() for p in delta.parameters()] if ema_decay else None
+    if ema is not None and ckpt is not None:
+        ema = [weights["ema"][name].float().clone() for name, _ in delta.named_parameters()]
     delta, opt = accelerator.prepare(delta, opt)
     base.to(accelerator.device)
     total, batch = cfg["steps"], cfg["batch_size"]
@@ -373,8 +529,13 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
     delta.train()
     for step in bar:
         # the same global batch on every process, each keeps its slice (as in train_diffusion)
-        idx = balanced_indices(W_t, batch, gen) if cfg["balanced"] else torch.randint(0, len(images), (batch,),
-                                                                                         generator=gen)
+        drawn = None
+        if sampler is not None:
+            idx, drawn = sampler.draw(batch, gen)
+        elif cfg["balanced"]:
+            idx = balanced_indices(W_t, batch, gen)
+        else:
+            idx = torch.randint(0, len(images), (batch,), generator=gen)
         if cfg["balanced"] and cfg.get("paired", False):
             noise, t = paired_draws(W.shape[1], batch, images.shape[1:], T, gen)
         else:
@@ -383,6 +544,7 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
         drop = torch.rand(batch, generator=gen) < cfg["label_dropout"]
         sl = slice(rank, None, world)
         idx, noise, t, drop = idx[sl], noise[sl], t[sl], drop[sl]
+        drawn = None if drawn is None else drawn[sl]
         dev = accelerator.device
         x0, noise, t = images[idx].to(dev), noise.to(dev), t.to(dev)
         c = cond.select(idx, dev)
@@ -395,12 +557,19 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
                 f_base = call_unet(base, x_t, t, c).float()
             pred = f_base + call_unet(delta, x_t, t, c).float()
         per_sample = (pred - target.float()).pow(2).mean(dim=(1, 2, 3))
-        loss, L = group_loss(per_sample, W_t[idx].to(dev), cfg["lam"])
+        if drawn is None:
+            loss, L = group_loss(per_sample, W_t[idx].to(dev), cfg["lam"])
+        else:
+            loss, L = drawn_group_loss(per_sample, drawn.to(dev), W.shape[1], cfg["lam"])
         check_finite(loss, "finetune_guidance", step, "lower invdiff.lr or invdiff.lam")
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(delta.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = cfg["lr"] * lr_factor(step, total, schedule, warmup)
         opt.step()
+        if ema is not None:
+            ema_update(ema, accelerator.unwrap_model(delta).parameters(), ema_decay)
         running.append(accelerator.gather(loss.detach()[None]).mean().item())
         if len(L) == W.shape[1]:
             running_L.append(L.detach().cpu().numpy())
@@ -414,12 +583,18 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
             if log is not None and accelerator.is_main_process:
                 log(step + 1, {"train_loss": mean, **{f"group_loss_{k}": v for k, v in enumerate(gl)}})
         if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < total and accelerator.is_main_process:
-            save_checkpoint(ckpt_dir, step + 1, fingerprint,
-                            weights={"delta": accelerator.unwrap_model(delta).state_dict()},
+            inner = accelerator.unwrap_model(delta)
+            extra = {} if ema is None else {"ema": {n: e for (n, _), e in zip(inner.named_parameters(), ema,
+                                                                             strict=True)}}
+            save_checkpoint(ckpt_dir, step + 1, fingerprint, weights={"delta": inner.state_dict(), **extra},
                             state={"optimizer": opt.state_dict(), "data_rng": gen.get_state(),
                                    "torch_rng": torch.get_rng_state()})
     bar.close()
     final = accelerator.unwrap_model(delta).eval()
+    if ema is not None:  # the saved δ is the EMA
+        with torch.no_grad():
+            for p, e in zip(final.parameters(), ema, strict=True):
+                p.copy_(e.to(p.dtype))
     if accelerator.is_main_process:
         with atomic_path(out_dir) as tmp:
             final.save_pretrained(tmp)
