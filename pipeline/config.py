@@ -134,6 +134,7 @@ class ScoreParams(_Section):
 
 
 class LatentDirParams(_Section):
+    fit_on: Literal["balanced", "samples"] = "balanced"
     fit_per_class: int = Field(100, ge=2)
     record_steps: tuple[int, ...] = (0, 5, 10, 15, 20)
     svm_c: float = Field(1.0, gt=0)
@@ -141,10 +142,10 @@ class LatentDirParams(_Section):
     pool: int = Field(1, ge=0)
     allow_missing: bool = False
     source_step: int = 15
-    weight: float = Field(12.0, ge=0.0)
+    weight: float = Field(0.4, ge=0.0)  # a fraction of ‖z_T‖
     renormalise: bool = True
     target: tuple[float, ...] | None = None
-    sweep_weights: tuple[float, ...] = (4.0, 8.0, 12.0)
+    sweep_weights: tuple[float, ...] = (0.1, 0.2, 0.4)
     sweep_steps: tuple[int, ...] = (10, 15)
     sweep_per_class: int = Field(20, ge=1)
 
@@ -210,6 +211,7 @@ class ReportParams(_Section):
 
 class DistGuideParams(_Section):
     # fit_adp: h_t recorded while sampling the biased model, pseudo-labelled by the colour judge
+    fit_on: Literal["balanced", "samples"] = "balanced"
     fit_per_class: int = Field(150, ge=2)
     h_module: str = "up_blocks.1"
     pool: int = Field(1, ge=0)
@@ -224,6 +226,7 @@ class DistGuideParams(_Section):
     # guidance: h ← h − s·∇_h L at step indices in [steps[0], steps[1])
     scale: float = Field(1.0e5, ge=0.0)
     tau: float = Field(5.0, gt=0.0)
+    beta_power: float = Field(0.05, ge=0.0)
     steps: tuple[int, int] = (5, 25)
     batch_size: int = Field(100, ge=1)
     target: tuple[float, ...] | None = None
