@@ -45,7 +45,8 @@ def main() -> None:
     cond = np.repeat(np.arange(NUM_CLASSES), -(-n // NUM_CLASSES))[:n]
     seeds = sample_seeds(params.seed, n)
     guided = distribution_guidance_hooks(root / "data/methods/distguide/adp.safetensors", scale=p.scale, tau=p.tau,
-                                         steps=p.steps, group_size=p.batch_size, target=p.target, device=dev)
+                                         steps=p.steps, group_size=p.batch_size, target=p.target, device=dev,
+                                         beta_power=p.beta_power)
     runs = {"plain": SamplerHooks(), "guided": guided}
 
     def once(hooks) -> float:

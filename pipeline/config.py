@@ -157,18 +157,19 @@ class ScoreParams(_Section):
 
 
 class LatentDirParams(_Section):
+    fit_on: Literal["balanced", "samples"] = "balanced"
     fit_per_class: int = Field(100, ge=2)
     record_steps: tuple[int, ...] = (0, 5, 10, 15, 20)
     svm_c: float = Field(1.0, gt=0)
     holdout: float = Field(0.2, ge=0.0, lt=1.0)
     pool: int = Field(1, ge=0)
     allow_missing: bool = False
-    source_step: int = 15
-    weight: float = Field(12.0, ge=0.0)
+    source_step: int = 0
+    weight: float = Field(0.25, ge=0.0)  # a fraction of ‖z_T‖
     renormalise: bool = True
     target: tuple[float, ...] | None = None
-    sweep_weights: tuple[float, ...] = (4.0, 8.0, 12.0)
-    sweep_steps: tuple[int, ...] = (10, 15)
+    sweep_weights: tuple[float, ...] = (0.1, 0.25, 0.4)
+    sweep_steps: tuple[int, ...] = (0, 20)
     sweep_per_class: int = Field(20, ge=1)
 
     @model_validator(mode="after")
@@ -244,11 +245,12 @@ class ReportParams(_Section):
 
 class DistGuideParams(_Section):
     # fit_adp: h_t recorded while sampling the biased model, pseudo-labelled by the colour judge
+    fit_on: Literal["balanced", "samples"] = "balanced"
     fit_per_class: int = Field(150, ge=2)
     h_module: str = "up_blocks.1"
     pool: int = Field(1, ge=0)
     pool_weights: Literal["activity", "uniform"] = "activity"
-    adp: Literal["auto", "linear", "mlp"] = "auto"
+    adp: Literal["auto", "linear", "mlp"] = "linear"
     hidden: int = Field(64, ge=4)
     class_offset: bool = False
     epochs: int = Field(40, ge=1)
@@ -256,12 +258,13 @@ class DistGuideParams(_Section):
     weight_decay: float = Field(0.01, ge=0)
     holdout: float = Field(0.2, ge=0.0, lt=1.0)
     # guidance: h ← h − s·∇_h L at step indices in [steps[0], steps[1])
-    scale: float = Field(1.0e5, ge=0.0)
-    tau: float = Field(5.0, gt=0.0)
+    scale: float = Field(1.5e5, ge=0.0)
+    tau: float = Field(8.0, gt=0.0)
+    beta_power: float = Field(0.05, ge=0.0)
     steps: tuple[int, int] = (5, 25)
     batch_size: int = Field(100, ge=1)
     target: tuple[float, ...] | None = None
-    sweep_scales: tuple[float, ...] = (2.0e3, 6.0e3, 2.0e4)
+    sweep_scales: tuple[float, ...] = (3.0e4, 1.0e5, 3.0e5)
     sweep_per_class: int = Field(20, ge=1)
 
     @field_validator("steps")

@@ -23,6 +23,11 @@ One step, with w the guidance scale and ∅ the null class:
     (3) x_{t−1} = scheduler.step(f̃, t, x_t)        (DDIM with η, or DDPM ancestral)
 Seeding: sample i draws its initial noise and every per-step noise from its own generator seeded with
 seeds[i], so sample i is the same whatever the batch size or position.
+DDIM inversion (`invert`, docs/methods.md "DDIM inversion"): the same steps run backwards with η = 0, same
+conditioning, guidance and hooks (one shared model call, `_model_call`). Sampling step i maps level τ_i to τ_{i+1}
+(τ_S = the clean image, ᾱ = final_alpha_cumprod) with f(x_{τ_i}, τ_i); inversion step i maps x_{τ_{i+1}} to
+    x_{τ_i} = √ᾱ_{τ_i}·x̂_0 + √(1 − ᾱ_{τ_i})·ε̂,   (x̂_0, ε̂) from f(x_{τ_{i+1}}, τ_i)
+i.e. the one approximation of DDIM inversion, ε(x_{τ_i}) ≈ ε(x_{τ_{i+1}}); steps run i = S−1 … 0.
 A hook whose edit couples samples (Distribution Guidance: a batch statistic) sets `batch_multiple`; batches are
 then a multiple of it (the batch size is rounded down, to at least one multiple), so no group is ever split.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,7 +95,6 @@ def make_scheduler(train_config: dict, kind: str = "ddim", timestep_spacing: str
     return cls.from_config(cfg, timestep_spacing=timestep_spacing, clip_sample=False)
 
 
-@torch.no_grad()
 def available_memory() -> int:
     """Bytes the OS could hand out now (MemAvailable; all physical memory where /proc is absent)."""
     try:
@@ -110,13 +115,15 @@ def check_memory(n: int, bytes_each: int, what: str) -> None:
                         "memory available; lower it")
 
 
+@torch.no_grad()
 def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inference_steps: int = 25,
            guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 256, null_class: int,
            hooks: SamplerHooks | None = None, device: str | torch.device = "cpu",
            autocast: bool | None = None, progress: bool = True, conditioning: Conditioning | None = None,
-           vae=None) -> torch.Tensor:
+           vae=None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Generate len(cond) images; returns float32 [N,C,H,W] in [-1, 1] on the CPU (decoded by `vae` if given).
-    conditioning: how class indices reach the U-Net (None: class_labels)."""
+    conditioning: how class indices reach the U-Net (None: class_labels). noise: z_T [N, C, H, W] to start from
+    instead of the seeded draw (e.g. `invert`'s output, to regenerate; hooks.initial_noise still applies)."""
     hooks = hooks or SamplerHooks()
     conditioning = Conditioning() if conditioning is None else conditioning
     device = torch.device(device)
@@ -127,16 +134,11 @@ def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inferenc
     # float32 images, held twice (the batches and their concatenation)
     check_memory(len(cond), 2 * 4 * (channels if vae is None else 3) * size[0] * size[1] * up * up, "sampling")
     cond_t = torch.as_tensor(np.asarray(cond), dtype=torch.long)
+    if noise is not None and tuple(noise.shape) != (len(cond_t), channels, *size):
+        raise UserError(f"noise: expected shape {(len(cond_t), channels, *size)}, got {tuple(noise.shape)}")
     out = []
     state: dict = {}
-    handle = None
-    if hooks._overrides("mid_block"):
-        try:
-            module = unet.get_submodule(hooks.h_module)
-        except AttributeError:
-            raise UserError(f"h_module {hooks.h_module!r}: the U-Net has no such submodule") from None
-        handle = module.register_forward_hook(lambda m, i, o: hooks.mid_block(o, state["ctx"]))
-    try:
+    with _h_hook(unet, hooks, state):
         batch_size = max(hooks.batch_multiple, batch_size // hooks.batch_multiple * hooks.batch_multiple)
         batches = range(0, len(cond_t), batch_size)
         total = len(batches) * num_inference_steps
@@ -144,12 +146,10 @@ def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inferenc
             for start in batches:
                 ids = torch.arange(start, min(start + batch_size, len(cond_t)))
                 gens = [torch.Generator().manual_seed(int(s)) for s in seeds[ids.numpy()]]
+                z = None if noise is None else noise[ids]
                 x = _sample_batch(unet, scheduler, cond_t[ids], gens, ids, size, num_inference_steps,
-                                  guidance_scale, eta, null_class, hooks, device, autocast, state, bar, conditioning)
+                                  guidance_scale, eta, null_class, hooks, device, autocast, state, bar, conditioning, z)
                 out.append(x.clamp(-1, 1).float().cpu() if vae is None else decode_latents(vae, x))
-    finally:
-        if handle is not None:
-            handle.remove()
     if not out:
         return torch.empty(0, channels if vae is None else 3, *size)
     return torch.cat(out)
@@ -171,34 +171,131 @@ def encode_latents(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Ten
     return torch.cat(out) * vae.config.scaling_factor if out else torch.empty(0)
 
 
+@contextmanager
+def _h_hook(unet, hooks: SamplerHooks, state: dict):
+    """Route the output of the U-Net submodule hooks.h_module through hooks.mid_block while inside."""
+    handle = None
+    if hooks._overrides("mid_block"):
+        try:
+            module = unet.get_submodule(hooks.h_module)
+        except AttributeError:
+            raise UserError(f"h_module {hooks.h_module!r}: the U-Net has no such submodule") from None
+        handle = module.register_forward_hook(lambda m, i, o: hooks.mid_block(o, state["ctx"]))
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _model_call(unet, x, t, ctx: StepContext, w, hooks, device, autocast, state):
+    """Steps (1)–(2) of the module docstring: the guided model output f̃ at (x, t), hooks applied."""
+    state["ctx"] = ctx
+    x_in = torch.cat([x, x]) if w != 1.0 else x
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        f = unet(x_in, t.to(device), **ctx.unet_kwargs).sample.float()
+    f = hooks.model_output(f, x_in, ctx)
+    if w != 1.0:  # (2)
+        f_cond, f_null = f.chunk(2)
+        f = f_null + w * (f_cond - f_null)
+    return f
+
+
+def _labels(y, w, null, device, conditioning):
+    labels = (torch.cat([y, torch.full_like(y, null)]) if w != 1.0 else y).to(device)
+    return labels, conditioning.with_labels(labels).unet_kwargs()
+
+
 def _sample_batch(unet, scheduler, y, gens, ids, size, num_steps, w, eta, null, hooks, device, autocast, state,
-                  bar, conditioning):
+                  bar, conditioning, noise=None):
     from diffusers.utils.torch_utils import randn_tensor
 
     n, c = len(y), unet.config.in_channels
     scheduler.set_timesteps(num_steps)
-    guided = w != 1.0
-    labels = torch.cat([y, torch.full_like(y, null)]) if guided else y
-    labels = labels.to(device)
-    kwargs = conditioning.with_labels(labels).unet_kwargs()
+    labels, kwargs = _labels(y, w, null, device, conditioning)
     ctx = StepContext(-1, num_steps, int(scheduler.timesteps[0]), labels, null, ids, kwargs)
-    # CPU draws keep the noise identical across devices; list of generators = one stream per sample.
-    x = randn_tensor((n, c, *size), generator=gens, device=torch.device("cpu")).to(device)
-    x = hooks.initial_noise(x * scheduler.init_noise_sigma, ctx)
+    if noise is None:
+        # CPU draws keep the noise identical across devices; list of generators = one stream per sample.
+        x = randn_tensor((n, c, *size), generator=gens, device=torch.device("cpu")).to(device)
+        x = x * scheduler.init_noise_sigma
+    else:
+        x = noise.to(device, torch.float32)
+    x = hooks.initial_noise(x, ctx)
     step_kwargs = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(scheduler.timesteps):
         ctx = StepContext(i, num_steps, int(t), labels, null, ids, kwargs)
-        state["ctx"] = ctx
-        x_in = torch.cat([x, x]) if guided else x
-        x_in = scheduler.scale_model_input(x_in, t)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            f = unet(x_in, t.to(device), **kwargs).sample.float()
-        f = hooks.model_output(f, x_in, ctx)
-        if guided:  # (2)
-            f_cond, f_null = f.chunk(2)
-            f = f_null + w * (f_cond - f_null)
+        f = _model_call(unet, scheduler.scale_model_input(x, t), t, ctx, w, hooks, device, autocast, state)
         # (3) stochastic steps (DDPM, DDIM with η > 0) draw from the per-sample generators.
         x = scheduler.step(f, t, x, generator=gens, **step_kwargs).prev_sample
         bar.update()
     return x
 
+
+def _x0_eps(f: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, kind: str):
+    """(x̂_0, ε̂) from the model output f at x with ᾱ = alpha, in the model's parameterisation:
+    epsilon: ε̂ = f, x̂_0 = (x − √(1−ᾱ)·f)/√ᾱ;  v_prediction: x̂_0 = √ᾱ·x − √(1−ᾱ)·f, ε̂ = √ᾱ·f + √(1−ᾱ)·x;
+    sample: x̂_0 = f, ε̂ = (x − √ᾱ·f)/√(1−ᾱ)."""
+    a, b = alpha.sqrt(), (1 - alpha).sqrt()
+    if kind == "epsilon":
+        return (x - b * f) / a, f
+    if kind == "v_prediction":
+        return a * x - b * f, a * f + b * x
+    if kind == "sample":
+        return f, (x - a * f) / b
+    raise UserError(f"invert: unsupported prediction_type {kind!r} (expected epsilon, v_prediction or sample)")
+
+
+@torch.no_grad()
+def invert(unet, scheduler, images: torch.Tensor, cond: np.ndarray, *, num_inference_steps: int = 25,
+           guidance_scale: float = 1.0, batch_size: int = 256, null_class: int, hooks: SamplerHooks | None = None,
+           device: str | torch.device = "cpu", autocast: bool | None = None, progress: bool = True,
+           conditioning: Conditioning | None = None, vae=None, keep_steps=()) -> tuple[torch.Tensor, dict]:
+    """Deterministic DDIM inversion (η = 0) of images [N, C, H, W] in [-1, 1] under their classes `cond`: the
+    sampler's own steps (timesteps of `scheduler`, guidance, conditioning, hooks) run backwards (module docstring).
+    With a `vae` the images are encoded first (encode_latents) and inversion runs on the latents.
+    Returns (z_T [N, C, h, w] float32 on the CPU — `sample(..., noise=z_T)` regenerates the images —, and
+    {s: x at level τ_s [N, C·h·w]} for s in keep_steps, the x_t the sampler would see before step s; s = −1 is
+    z_T). Hooks see step index i and timestep τ_i for the model call of inversion step i (mid_block records h
+    along the inversion trajectory); initial_noise is not called."""
+    hooks = hooks or SamplerHooks()
+    conditioning = Conditioning() if conditioning is None else conditioning
+    device = torch.device(device)
+    autocast = device.type == "cuda" if autocast is None else autocast
+    x_all = encode_latents(vae, images) if vae is not None else images.float()
+    cond_t = torch.as_tensor(np.asarray(cond), dtype=torch.long)
+    if len(cond_t) != len(x_all):
+        raise UserError(f"invert: {len(x_all)} images but {len(cond_t)} conditions")
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    scheduler.set_timesteps(num_inference_steps)
+    timesteps = list(scheduler.timesteps)
+    acp = scheduler.alphas_cumprod.float()
+    final = torch.as_tensor(float(getattr(scheduler, "final_alpha_cumprod", acp[0])))
+    keep = {int(s) for s in keep_steps}
+    z_out, kept = [], {s: [] for s in sorted(keep)}
+    state: dict = {}
+    with _h_hook(unet, hooks, state):
+        batches = range(0, len(cond_t), batch_size)
+        with tqdm(total=len(batches) * len(timesteps), desc="invert", disable=not progress, leave=False) as bar:
+            for start in batches:
+                ids = torch.arange(start, min(start + batch_size, len(cond_t)))
+                labels, kwargs = _labels(cond_t[ids], guidance_scale, null_class, device, conditioning)
+                x = x_all[ids].to(device)
+                for i in reversed(range(len(timesteps))):
+                    t = timesteps[i]
+                    ctx = StepContext(i, len(timesteps), int(t), labels, null_class, ids, kwargs)
+                    f = _model_call(unet, scheduler.scale_model_input(x, t), t, ctx, guidance_scale, hooks, device,
+                                    autocast, state)
+                    # x is at level τ_{i+1}: DDIMScheduler.step's previous timestep (ᾱ = final_alpha_cumprod below 0)
+                    prev = int(t) - scheduler.config.num_train_timesteps // num_inference_steps
+                    a_from = acp[prev] if prev >= 0 else final
+                    x0, eps = _x0_eps(f, x, a_from.to(device), kind)
+                    a_to = acp[int(t)].to(device)
+                    x = a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
+                    if i in keep:
+                        kept[i].append(x.flatten(1).float().cpu())
+                    bar.update()
+                z_out.append(x.float().cpu())
+                if -1 in keep:
+                    kept[-1].append(x.flatten(1).float().cpu())
+    z = torch.cat(z_out) if z_out else torch.empty(0)
+    return z, {s: torch.cat(v) for s, v in kept.items() if v}

@@ -1,19 +1,30 @@
-"""fit_directions: Latent Directions' fit — record x_t while sampling the biased model, label each sample with the
-colour judge, fit one linear SVM per recorded step; save unit directions with their step and held-out accuracy."""
+"""fit_directions: Latent Directions' fit — x_t at the recorded steps, either along the DDIM inversion of the
+attribute-balanced judge split with its attribute labels (latentdir.fit_on: balanced) or while sampling the biased
+model, labelled by the colour judge (samples); one linear SVM per recorded step; saves unit directions with their
+step and held-out accuracy."""
 
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.data import load_split, to_tensor
 from pipeline.io import atomic_path, save_json, save_npz
 from pipeline.methods.latent_directions import RecordLatents, fit_directions, pool_latents, unpool_directions
 from pipeline.models import judge_outputs, load_judge
 from pipeline.pretrained import load_model
 from pipeline.report import line_plot
-from pipeline.sampling import make_scheduler, sample, sample_seeds
+from pipeline.sampling import invert, make_scheduler, sample, sample_seeds
 from stages.common import device, load_params, mlflow_run, stage_main
 
 MODEL, JUDGES, OUT = Path("data/models/diffusion"), Path("data/judges"), Path("data/methods/latentdir")
+PREPARED = Path("data/prepared")
+
+
+def balanced_subset(classes: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Indices of `per_class` images of each class, a seeded draw (the split is class × colour balanced)."""
+    rng = np.random.default_rng([seed, 7])
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(classes == y))[:per_class]
+                                   for y in np.unique(classes)]))
 
 
 @stage_main
@@ -24,22 +35,33 @@ def main() -> None:
     model = load_model(MODEL, dev)
     colour = load_judge(JUDGES / "colour.safetensors", dev)
     num_attr = colour.config["num_outputs"]
-    cond = np.repeat(np.arange(model.num_classes), p.fit_per_class)
-    seeds = sample_seeds(params.seed + 1, len(cond))  # a stream of its own, disjoint from the scored samples
-    recorder = RecordLatents(p.record_steps)
-    images = sample(model.unet, make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing), cond,
-                    seeds, num_inference_steps=ps.num_inference_steps, guidance_scale=ps.guidance_scale, eta=ps.eta,
-                    batch_size=ps.batch_size, null_class=model.null_class, hooks=recorder, device=dev,
-                    conditioning=model.conditioning, vae=model.vae)
-    labels, _ = judge_outputs(colour, images.to(dev))
-    latents = pool_latents(recorder.stacked(), recorder.shape, p.pool)
+    scheduler = make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing)
+    if p.fit_on == "balanced":  # DDIM inversion of labelled, attribute-balanced real images under their own class
+        split = load_split(PREPARED, "judge", with_bias=True)
+        idx = balanced_subset(split.classes, p.fit_per_class, params.seed)
+        z, kept = invert(model.unet, scheduler, to_tensor(split.images[idx]), split.classes[idx],
+                         num_inference_steps=ps.num_inference_steps, guidance_scale=ps.guidance_scale,
+                         batch_size=ps.batch_size, null_class=model.null_class, device=dev,
+                         conditioning=model.conditioning, vae=model.vae, keep_steps=p.record_steps)
+        raw, labels, shape = {s: v.numpy() for s, v in kept.items()}, split.bias[idx], tuple(z.shape[1:])
+    else:
+        cond = np.repeat(np.arange(model.num_classes), p.fit_per_class)
+        seeds = sample_seeds(params.seed + 1, len(cond))  # a stream of its own, disjoint from the scored samples
+        recorder = RecordLatents(p.record_steps)
+        images = sample(model.unet, scheduler, cond, seeds, num_inference_steps=ps.num_inference_steps,
+                        guidance_scale=ps.guidance_scale, eta=ps.eta, batch_size=ps.batch_size,
+                        null_class=model.null_class, hooks=recorder, device=dev, conditioning=model.conditioning,
+                        vae=model.vae)
+        labels, _ = judge_outputs(colour, images.to(dev))
+        raw, shape = recorder.stacked(), recorder.shape
+    latents = pool_latents(raw, shape, p.pool)
     steps, directions, accuracy, missing = fit_directions(latents, labels, num_attr, C=p.svm_c,
                                                           holdout=p.holdout, seed=params.seed,
                                                           allow_missing=p.allow_missing)
     if missing:
         print(f"warning: colours {missing} never occurred in the fitting samples; their directions are zero "
               "(samples assigned to them are not steered)")
-    directions = unpool_directions(directions, recorder.shape, p.pool)
+    directions = unpool_directions(directions, shape, p.pool)
     curve = [{"step": int(s), "svm_accuracy": float(a)} for s, a in zip(steps, accuracy, strict=True)]
     with mlflow_run("fit_directions", params, ("latentdir", "sample")) as run:  # opened before the first write
         with atomic_path(OUT) as tmp:

@@ -42,7 +42,8 @@ def hooks_for(method: str, params: Params, conditions, dev="cpu") -> tuple[Sampl
     if method == "distguide":
         p = params.distguide
         hooks = distribution_guidance_hooks(Path("data/methods/distguide/adp.safetensors"), scale=p.scale, tau=p.tau,
-                                            steps=p.steps, group_size=p.batch_size, target=p.target, device=dev)
+                                            steps=p.steps, group_size=p.batch_size, target=p.target, device=dev,
+                                            beta_power=p.beta_power)
         return hooks, {"scale": p.scale, "tau": p.tau, "guidance_batch": p.batch_size}
     raise UserError(f"--method {method!r}: unknown method (expected one of: {', '.join(METHODS)})")
 

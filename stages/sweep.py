@@ -46,7 +46,7 @@ def sweep_grid(method: str, params, cond: np.ndarray, dev) -> tuple[str, list[tu
         return "distguide", [({"swept": "scale", "scale": s},
                               distribution_guidance_hooks(Path("data/methods/distguide/adp.safetensors"), scale=s,
                                                           tau=p.tau, steps=p.steps, group_size=p.batch_size,
-                                                          target=p.target, device=dev))
+                                                          target=p.target, device=dev, beta_power=p.beta_power))
                              for s in sorted({0.0, *p.sweep_scales})]
     raise UserError(f"--method {method!r}: no sweep defined (expected one of: latentdir, {', '.join(INVDIFF)}, "
                     "distguide)")

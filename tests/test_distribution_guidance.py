@@ -299,3 +299,46 @@ def test_activity_pooling_is_the_norm_weighted_mean_and_its_gradient_follows_the
     assert torch.allclose(pool_h(h, 1, "uniform"), h.mean(dim=(2, 3)))
     with pytest.raises(UserError, match="pool_weights"):
         pool_h(h, 1, "median")
+
+
+def test_step_size_follows_the_published_beta_schedule(recorded, scheduler):
+    """h ← h − s·β_t^p·∇_h L (published: p = 0.05): at each step the edit equals the constant-step edit with
+    s·β_t^p; p = 0 is the constant step; an ADP file without β_t is refused when p > 0."""
+    h_all, timesteps, shape = recorded
+    adp = random_adp(recorded, scale=3.0)
+    betas = scheduler.betas[timesteps].tolist()
+    adp.config["betas"] = betas
+    scheduled = DistributionGuidanceHooks(adp, None, scale=40.0, steps=(0, STEPS), group_size=20, beta_power=0.05)
+    for step in range(STEPS):
+        h = torch.as_tensor(h_all[step]).view(20, *shape)
+        ctx = ctx_for(step, 20, timesteps=timesteps)
+        constant = DistributionGuidanceHooks(adp, None, scale=40.0 * betas[step] ** 0.05, steps=(0, STEPS),
+                                             group_size=20)
+        torch.testing.assert_close(scheduled.mid_block(h, ctx), constant.mid_block(h, ctx), atol=1e-6, rtol=1e-5)
+    assert betas[0] > betas[-1]  # the noisiest step gets the largest step size
+    flat = DistributionGuidanceHooks(adp, None, scale=40.0, steps=(0, STEPS), group_size=20, beta_power=0.0)
+    assert flat.step_size == [40.0] * STEPS
+    adp.config["betas"] = []
+    with pytest.raises(UserError, match="beta_power"):
+        DistributionGuidanceHooks(adp, None, scale=1.0, beta_power=0.05)
+
+
+def test_adp_fitted_on_inverted_h_round_trips_its_betas(unet, scheduler, tmp_path):
+    """fit_on: balanced — h recorded along DDIM inversion (every step, in sampling order, with the sampler's
+    timesteps) trains an ADP whose file keeps β_t per step for the step-size schedule."""
+    from pipeline.sampling import invert
+
+    cond = np.repeat(np.arange(10), 2)
+    images = _run(unet, scheduler, cond)
+    rec = RecordH()
+    invert(unet, scheduler, images, cond, num_inference_steps=STEPS, null_class=10, hooks=rec, progress=False)
+    timesteps = [rec.timesteps[s] for s in sorted(rec.timesteps)]
+    scheduler.set_timesteps(STEPS)
+    assert timesteps == [int(t) for t in scheduler.timesteps]
+    h = rec.stacked()
+    assert h.shape[:2] == (STEPS, 20)
+    betas = scheduler.betas[timesteps].tolist()
+    adp, _ = train_adp(h, cond % 3, cond, kind="linear", shape=rec.shape, num_attr=3, num_classes=10,
+                       timesteps=timesteps, betas=betas, epochs=2, progress=False)
+    save_adp(adp, tmp_path / "adp.safetensors")
+    assert load_adp(tmp_path / "adp.safetensors").config["betas"] == pytest.approx(betas)

@@ -14,7 +14,7 @@ SHRINK = {
     "sample": {"num_per_class": 2, "batch_size": 8, "num_inference_steps": 3},
     "score": {"max_reference": 100, "batch_size": 100, "inception_fid": False},
     "latentdir": {"fit_per_class": 6, "record_steps": [0, 2], "source_step": 2, "sweep_steps": [2],
-                  "sweep_weights": [5.0], "sweep_per_class": 2, "allow_missing": True},
+                  "sweep_weights": [0.25], "sweep_per_class": 2, "allow_missing": True},
     "invdiff": {"loss_draws": 2, "loss_batch_size": 200, "min_group_share": 0.1, "grouper_steps": 20,
                 "steps": 4, "warmup_steps": 1, "ema_decay": 0.5, "batch_size": 8, "checkpoint_every": 2,
                 "sweep_strengths": [2.0], "sweep_per_class": 2, "grid_per_group": 4},

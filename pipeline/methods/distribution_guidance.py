@@ -3,8 +3,10 @@ meets a target attribute distribution.
 
 h_t is the output of the U-Net mid block at sampling step t (a forward hook; the decoder continues from it).
 
-Fit (`fit_adp` stage): sample from the biased model while recording h_t at every step, label each sample by the
-attribute judge applied to its *final* image (pseudo-labels; the data's bias labels are never read), and train the
+Fit (`fit_adp` stage): record h_t at every step, either along the DDIM inversion (pipeline/sampling.py `invert`)
+of the attribute-balanced labelled split, each image under its own class, with the split's attribute labels
+(distguide.fit_on: balanced — the published recipe: labelled, balanced image folders), or while sampling the biased
+model, labelled by the attribute judge on the final image (samples: pseudo-labels); then train the
 Attribute Distribution Predictor ADP_t(h) → attribute logits, one of
     linear:  ADP_t(h) = W_t·norm_t(h) + b_t + c_{t,y}            one probe per step
     mlp:     ADP_t(h) = V·SiLU(U·[norm_t(h); e_t]) + c_{t,y}       one small MLP conditioned on the step
@@ -17,7 +19,8 @@ Guide (`DistributionGuidanceHooks`), at every step index in [start, end), for ev
 samples of one class among a block of G consecutive samples of the run:
     (1) p̂ = (1/|B|) Σ_{i∈B} softmax(ADP_t(h_i) / τ)
     (2) L = Σ_k (p̂_k − p*_k)² / p*_k                          (p* the target, uniform by default)
-    (3) h_i ← h_i − s·∇_{h_i} L                                (each h_i moves only by its own group's L)
+    (3) h_i ← h_i − s·β_t^p·∇_{h_i} L                          (each h_i moves only by its own group's L)
+with β_t the training noise schedule's beta at the step's timestep (published: 1.5·β_t^0.05, the 1.5 in s).
 With classifier-free guidance the null-class half of the U-Net batch is left alone (the ADP is fitted on
 conditional h), so the edit reaches the output scaled by the guidance scale w.
 """
@@ -84,7 +87,7 @@ class ADP(nn.Module):
 
     def __init__(self, kind: str, shape, num_attr: int, num_steps: int, num_classes: int, *,
                  hidden: int = 64, class_offset: bool = True, pool: int = 0, pool_weights: str = "uniform",
-                 timesteps=(), module: str = "mid_block"):
+                 timesteps=(), module: str = "mid_block", betas=()):
         super().__init__()
         if kind not in ("linear", "mlp"):
             raise UserError(f"distguide.adp: unknown kind {kind!r} (expected linear or mlp)")
@@ -95,7 +98,8 @@ class ADP(nn.Module):
         self.config = {"kind": kind, "shape": list(shape), "num_attr": num_attr, "num_steps": num_steps,
                        "num_classes": num_classes, "hidden": hidden, "class_offset": class_offset, "pool": pool,
                        "pool_weights": pool_weights,
-                       "timesteps": [int(t) for t in timesteps], "module": module}
+                       "timesteps": [int(t) for t in timesteps], "module": module,
+                       "betas": [float(b) for b in betas]}  # β_t of the noise schedule at each step's timestep
         self.register_buffer("mean", torch.zeros(num_steps, in_dim))  # per-step standardisation of the features
         self.register_buffer("std", torch.ones(num_steps, in_dim))
         if kind == "linear":
@@ -127,7 +131,8 @@ class ADP(nn.Module):
 
 
 def train_adp(h: np.ndarray, attr: np.ndarray, cond: np.ndarray, *, kind: str, shape, num_attr: int,
-              num_classes: int, timesteps, module: str = "mid_block", hidden: int = 64, class_offset: bool = True,
+              num_classes: int, timesteps, betas=(), module: str = "mid_block", hidden: int = 64,
+              class_offset: bool = True,
               pool: int = 0, pool_weights: str = "uniform", epochs: int = 200, lr: float = 0.01,
               weight_decay: float = 1e-3, batch_size: int = 512, holdout: float = 0.2, seed: int = 0,
               progress: bool = True) -> tuple[ADP, dict]:
@@ -145,7 +150,7 @@ def train_adp(h: np.ndarray, attr: np.ndarray, cond: np.ndarray, *, kind: str, s
     held, train = order[:n_held], order[n_held:]
     torch.manual_seed(seed)
     model = ADP(kind, shape, num_attr, num_steps, num_classes, hidden=hidden, class_offset=class_offset, pool=pool,
-                pool_weights=pool_weights, timesteps=timesteps, module=module)
+                pool_weights=pool_weights, timesteps=timesteps, module=module, betas=betas)
     x = torch.as_tensor(h, dtype=torch.float32)
     a, y = torch.as_tensor(attr, dtype=torch.long), torch.as_tensor(cond, dtype=torch.long)
     model.mean.copy_(x[:, train].mean(1))
@@ -224,8 +229,14 @@ class DistributionGuidanceHooks(SamplerHooks):
     are made a multiple of `group_size` (`batch_multiple`), so a block is never split and sample i is the
     same whatever the batch size. With s = 0 the hook returns h untouched (bit for bit the baseline)."""
 
-    def __init__(self, adp: ADP, target, *, scale: float, tau: float = 1.0, steps=(0, None), group_size: int = 100):
+    def __init__(self, adp: ADP, target, *, scale: float, tau: float = 1.0, steps=(0, None), group_size: int = 100,
+                 beta_power: float = 0.0):
         self.adp = adp
+        betas = adp.config.get("betas") or []
+        if beta_power and len(betas) != adp.config["num_steps"]:
+            raise UserError("distguide.beta_power: the ADP file holds no β_t per step (re-run fit_adp)")
+        self.step_size = [float(scale) * (b ** beta_power if beta_power else 1.0)
+                          for b in (betas or [1.0] * adp.config["num_steps"])]
         self.target = torch.as_tensor(validate_target(target, adp.config["num_attr"]), dtype=torch.float32)
         self.scale, self.tau = float(scale), float(tau)
         self.start, self.end = steps[0], steps[1]
@@ -253,7 +264,7 @@ class DistributionGuidanceHooks(SamplerHooks):
             loss = guidance_loss(probs, groups.to(x.device), self.target.to(x.device))
             (grad,) = torch.autograd.grad(loss, x)
         out = h.clone()
-        out[:n] = (x.detach() - self.scale * grad).view_as(h[:n]).to(h.dtype)
+        out[:n] = (x.detach() - self.step_size[ctx.step_index] * grad).view_as(h[:n]).to(h.dtype)
         return out
 
 
@@ -268,11 +279,13 @@ def validate_target(target, num_attr: int) -> np.ndarray:
 
 
 def distribution_guidance_hooks(path, *, scale: float, tau: float, steps, group_size: int, target,
-                                device: str | torch.device = "cpu") -> DistributionGuidanceHooks:
+                                device: str | torch.device = "cpu", beta_power: float = 0.0
+                                ) -> DistributionGuidanceHooks:
     """Hooks from a fit_adp output file and the distguide knobs."""
     adp = load_adp(path, device)
     start, end = steps
     if end > adp.config["num_steps"]:
         raise UserError(f"distguide.steps: end {end} is past the {adp.config['num_steps']} sampling steps the ADP "
                         "was fitted on")
-    return DistributionGuidanceHooks(adp, target, scale=scale, tau=tau, steps=(start, end), group_size=group_size)
+    return DistributionGuidanceHooks(adp, target, scale=scale, tau=tau, steps=(start, end), group_size=group_size,
+                                     beta_power=beta_power)

@@ -1,13 +1,18 @@
 """Latent Directions: linear attribute directions in the sampler's latent space, applied to the initial noise.
 
-Fit (`fit_directions`): sample from the biased model while recording x_t at a few steps (and z_T), label each
-sample by the attribute judge on its final image, and fit a linear SVM per recorded step (one-vs-rest for
-K > 2 values). The direction of value a at step s is the unit normal of its separating hyperplane:
+Fit (`fit_directions`), on one of two kinds of latents (latentdir.fit_on):
+    balanced (default, the published recipe's analogue): DDIM inversion (pipeline/sampling.py `invert`) of the
+             attribute-balanced labelled split, each image under its own class, recording x_t at a few steps and
+             z_T; the labels are the split's attribute labels (the paper: labelled sets of latents);
+    samples:  sample the biased model while recording x_t, labelled by the attribute judge on the final image;
+then fit a linear SVM per recorded step (one-vs-rest for K > 2 values). The direction of value a at step s is
+the unit normal of its separating hyperplane:
     d_{s,a} = w_{s,a} / ‖w_{s,a}‖
 Apply (`LatentDirectionHooks`): each sample i is assigned an attribute value a(i) so that every class's
 samples meet the target distribution p* (uniform by default), and
-    z_T ← z_T + w · d_{s*,a(i)}
-with the source step s* and the weight w as knobs.
+    z_T ← z_T + w·‖z_T‖ · d_{s*,a(i)}
+with the source step s* and the weight w — a fraction of the sample's own ‖z_T‖, so it carries across models and
+latent sizes (the published SDXL setting, 10 on ‖z_T‖ ≈ 256, is w ≈ 0.04) — as knobs.
 """
 
 from __future__ import annotations
@@ -103,9 +108,9 @@ def assign_attributes(cond: np.ndarray, target: np.ndarray, seed: int) -> np.nda
 
 
 class LatentDirectionHooks(SamplerHooks):
-    """z_T ← z_T + w · d_{a(i)} for each sample i of the run (a(i) from assign_attributes); with `renormalise`,
-    the shifted noise is scaled back to ‖z_T‖ so it stays on the Gaussian shell the model was trained on
-    (measured at w = 10: in-domain FID 111 → 92, fidelity 0.80 → 0.83, bias about the same)."""
+    """z_T ← z_T + w·‖z_T‖ · d_{a(i)} for each sample i of the run (a(i) from assign_attributes; w a fraction of
+    the sample's own norm); with `renormalise`, the shifted noise is scaled back to ‖z_T‖ so it stays on the
+    Gaussian shell the model was trained on."""
 
     def __init__(self, directions: np.ndarray, assigned: np.ndarray, weight: float, renormalise: bool = False,
                  origin: str = "latentdir directions"):
@@ -122,7 +127,8 @@ class LatentDirectionHooks(SamplerHooks):
             raise UserError(f"{self.origin}: directions have {self.directions.shape[-1]} values, the model's noise "
                             f"{z[0].numel()} (fitted for another model; run `dvc repro fit_directions`)")
         d = self.directions[self.assigned[ctx.sample_ids]].to(z.device, z.dtype)
-        shifted = z + self.weight * d.view_as(z)
+        norm = z.flatten(1).norm(dim=1).view(-1, *([1] * (z.dim() - 1)))
+        shifted = z + self.weight * norm * d.view_as(z)
         if self.renormalise:
             scale = z.flatten(1).norm(dim=1) / shifted.flatten(1).norm(dim=1)
             shifted = shifted * scale.view(-1, *([1] * (z.dim() - 1)))
@@ -158,9 +164,10 @@ def unpool_directions(directions: np.ndarray, shape: tuple[int, int, int], size:
     norm = np.linalg.norm(d, axis=-1, keepdims=True)
     return (d / np.where(norm > 0, norm, 1.0)).astype(np.float32)  # unseen values keep a zero direction
 
+
 def latent_direction_hooks(path, cond: np.ndarray, *, step: int, weight: float, target, seed: int,
                            renormalise: bool = False):
-    """Hooks for a run conditioned on `cond`, from a fit_directions output file."""
+    """Hooks for a run conditioned on `cond`, from a fit_directions output file (weight: a fraction of ‖z_T‖)."""
     from pipeline.io import load_npz
 
     fitted = load_npz(path, "steps", "directions")
