@@ -255,6 +255,8 @@ class Check:
         self.cuda = torch.cuda.is_available()
         self.work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check_")).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
+        # the stages check CLI names against dvc.yaml's (stages.common.check_name): the DAG's definition travels
+        shutil.copy(ROOT / "dvc.yaml", self.work / "dvc.yaml")
         out_dir = os.environ.get("OUT")
         self.out = Path(args.out) if args.out else (Path(out_dir) if out_dir else self.work) / "gpu_check.json"
         self.params = build_params(args.dry)

@@ -30,7 +30,8 @@ def load_params(path="params.yaml") -> Params:
     """pipeline.config.load_params, then the MLflow settings checked before the stage writes anything (a run opened
     only at the end must not find a bad tracking URI after the previous outputs were replaced)."""
     params = config.load_params(path)
-    check_tracking(params)
+    if tracking_enabled():  # untracked (DEBIAS_TRACKING=off): MLflow is neither needed nor imported
+        check_tracking(params)
     return params
 
 

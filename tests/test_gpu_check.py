@@ -11,7 +11,7 @@ import sys
 from tests.tiny import ROOT
 
 FILES = ["pipeline", "stages", "benchmarks/gpu_check.sh", "benchmarks/gpu_check.py", "tests/__init__.py",
-         "tests/tiny.py", "params.yaml", "params_gpu.yaml"]
+         "tests/tiny.py", "params.yaml", "params_gpu.yaml", "dvc.yaml"]
 METHODS = ("baseline", "latentdir", "distguide", "invdiff")
 
 
@@ -73,8 +73,10 @@ def test_budget_stops_the_run_and_still_writes_the_json(tmp_path):
     proc, r = _check(tmp_path, "--budget", "3")
     assert proc.returncode == 1 and not r["ok"]
     statuses = [s["status"] for s in r["stages"]]
-    assert "timeout" in statuses and statuses[-1] == "skipped" and "score@baseline" not in r["scores"]
+    # whether the alarm lands inside a stage ("timeout") or between two ("skipped") depends on the machine's speed
+    assert statuses[-1] == "skipped" and "score@baseline" not in r["scores"]
     assert r["stages"][-1]["error"] == "time budget spent"
+    assert statuses.count("ok") < len(statuses) - 1
 
 
 def test_gpu_sampler_reads_nvidia_smi(tmp_path, monkeypatch):
