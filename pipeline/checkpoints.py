@@ -10,8 +10,10 @@ import hashlib
 import json
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.errors import UserError, one_line
@@ -150,3 +152,52 @@ def check_finite(loss: torch.Tensor, stage: str, step: int, hint: str) -> None:
     """Stop a training loop on a NaN/inf loss with one line naming the stage and step."""
     if not torch.isfinite(loss):
         raise UserError(f"{stage}: loss became {loss.item()} at step {step}; {hint}")
+
+
+@dataclass
+class LossHistory:
+    """Training-loss records: every record step logs `train_loss` = mean of the per-step losses since the last
+    record and, where given, `group_loss_k` = the same mean of group k's loss (InvDiff). Saved in each checkpoint,
+    the open window included, so a resumed run reports the uninterrupted run's records (docs/checkpoints.md)."""
+
+    points: list[tuple[int, float]] = field(default_factory=list)
+    group_points: list[list[float]] = field(default_factory=list)
+    window: list[float] = field(default_factory=list)
+    group_window: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, loss: float, groups: np.ndarray | None = None) -> None:
+        self.window.append(loss)
+        if groups is not None:
+            self.group_window.append(groups)
+
+    def close_window(self, step: int) -> dict[str, float]:
+        """Record the window's means at `step`; returns the metrics to log."""
+        mean = float(np.mean(self.window))
+        groups = np.mean(self.group_window, 0).tolist() if self.group_window else []
+        self.points.append((step, mean))
+        self.group_points.append(groups)
+        self.window, self.group_window = [], []
+        return _record(mean, groups)
+
+    def replay(self, log) -> None:
+        """Log the records made before a resume again, so the resumed run's metric history is complete."""
+        for (step, mean), groups in zip(self.points, self.group_points, strict=True):
+            log(step, _record(mean, groups))
+
+    def state(self) -> dict:
+        return {"loss_history": {"points": [list(p) for p in self.points], "group_points": self.group_points,
+                                 "window": self.window,
+                                 "group_window": [torch.from_numpy(np.asarray(g)) for g in self.group_window]}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> LossHistory:
+        """Checkpoints written before records were saved resume with an empty history (their old behaviour)."""
+        saved = state.get("loss_history")
+        if saved is None:
+            return cls()
+        return cls(points=[(int(s), float(m)) for s, m in saved["points"]], group_points=saved["group_points"],
+                   window=list(saved["window"]), group_window=[g.numpy() for g in saved["group_window"]])
+
+
+def _record(mean: float, groups: list[float]) -> dict[str, float]:
+    return {"train_loss": mean, **{f"group_loss_{k}": v for k, v in enumerate(groups)}}

@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipeline.checkpoints import (
+    LossHistory,
     check_finite,
     config_fingerprint,
     latest_checkpoint,
@@ -125,14 +125,17 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
             lr_sched.load_state_dict(state["lr_scheduler"])
             gen.set_state(state["data_rng"])
             torch.set_rng_state(state["torch_rng"])
+        history = LossHistory.from_state(state)
         accelerator.print(f"resuming from {ckpt} (step {start})")
+    else:
+        history = LossHistory()
+    if log is not None and accelerator.is_main_process:
+        history.replay(log)  # a resumed run's metric history equals the uninterrupted run's
     unet, opt = accelerator.prepare(unet, opt)
     ema.to(accelerator.device)
 
     total, batch = cfg["train_steps"], cfg["batch_size"]
     rank, world = accelerator.process_index, accelerator.num_processes
-    losses: list[tuple[int, float]] = []
-    running = []
     bar = tqdm(range(start, total), initial=start, total=total, desc="train_diffusion",
                disable=not accelerator.is_local_main_process)
     unet.train()
@@ -159,21 +162,19 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
         opt.step()
         lr_sched.step()
         ema.step(accelerator.unwrap_model(unet).parameters())
-        running.append(accelerator.gather(loss.detach()[None]).mean().item())
+        history.add(accelerator.gather(loss.detach()[None]).mean().item())
         if (step + 1) % 50 == 0 or step + 1 == total:
-            mean = float(np.mean(running))
-            losses.append((step + 1, mean))
-            running = []
-            bar.set_postfix(loss=f"{mean:.4f}")
+            metrics = history.close_window(step + 1)
+            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
             if log is not None and accelerator.is_main_process:
-                log(step + 1, {"train_loss": mean})
+                log(step + 1, metrics)
         if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < total and accelerator.is_main_process:
             save_checkpoint(ckpt_dir, step + 1, fingerprint, weights={
                 "model": accelerator.unwrap_model(unet).state_dict(),
                 "ema": {f"p{i}": p for i, p in enumerate(ema.shadow_params)},
             }, state={"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
                       "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                      "ema_step": torch.tensor(ema.optimization_step)})
+                      "ema_step": torch.tensor(ema.optimization_step), **history.state()})
     bar.close()
 
     final = accelerator.unwrap_model(unet)
@@ -185,9 +186,9 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
             if save_extra is not None:
                 save_extra(tmp)
     accelerator.wait_for_everyone()
-    last = losses[-1][1] if losses else None  # None: 0 steps (a pre-trained model adopted as it is)
+    last = history.points[-1][1] if history.points else None  # None: 0 steps (a pre-trained model adopted as is)
     n_params = sum(p.numel() for p in final.parameters())
-    return TrainResult(steps=total, resumed_from=start, final_loss=last, num_params=n_params, losses=losses)
+    return TrainResult(steps=total, resumed_from=start, final_loss=last, num_params=n_params, losses=history.points)
 
 
 def load_diffusion(model_dir: str | Path, device: str | torch.device = "cpu"):

@@ -415,5 +415,8 @@ def test_target_weighted_finetune_with_ema_and_cosine_resumes_exactly(unet, one_
     (tmp_path / "ckpt_a").rename(tmp_path / "ckpt_b")
     res_b, b = train("b")
     assert res_b.resumed_from == 2
+    # the loss records too (the step-2 checkpoint carries steps 1-2 of the record made at step 4)
+    assert res_b.final_loss == res_a.final_loss and res_b.losses == res_a.losses
+    assert res_b.group_losses == res_a.group_losses and len(res_a.group_losses[-1]) == 2
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(v, w), k

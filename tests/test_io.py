@@ -121,3 +121,32 @@ def test_json_round_trip_and_invalid(tmp_path):
     assert str(bad) in str(exc.value) and "\n" not in str(exc.value)
     with pytest.raises(UserError, match="missing.json"):
         load_json(tmp_path / "missing.json")
+
+
+def test_loss_history_survives_a_checkpoint_exactly(tmp_path):
+    """A record made before the checkpoint and an open window: after save/load through state.json +
+    state.safetensors, the resumed history replays the same records and closes the window to the same means
+    (float32 group losses included) as the uninterrupted one."""
+    from pipeline.checkpoints import LossHistory, load_state_files, save_state_files
+
+    rng = np.random.default_rng(0)
+    losses, groups = rng.random(7).tolist(), list(rng.random((7, 3)).astype(np.float32))
+    whole, part = LossHistory(), LossHistory()
+    for i in range(4):
+        for h in (whole, part):
+            h.add(losses[i], groups[i])
+        if i == 1:
+            for h in (whole, part):
+                h.close_window(2)
+    save_state_files(tmp_path, {"other": 1, **part.state()})
+    resumed = LossHistory.from_state(load_state_files(tmp_path))
+    for i in range(4, 7):
+        whole.add(losses[i], groups[i])
+        resumed.add(losses[i], groups[i])
+    assert resumed.close_window(7) == whole.close_window(7)
+    assert resumed == LossHistory(points=whole.points, group_points=whole.group_points)
+    replayed = []
+    resumed.replay(lambda step, m: replayed.append((step, m)))
+    assert [s for s, _ in replayed] == [2, 7] and set(replayed[0][1]) == {"train_loss", *(f"group_loss_{k}"
+                                                                                        for k in range(3))}
+    assert LossHistory.from_state({"optimizer": {}}) == LossHistory()  # checkpoints written before records

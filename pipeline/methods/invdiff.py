@@ -51,6 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.checkpoints import (
+    LossHistory,
     check_finite,
     config_fingerprint,
     latest_checkpoint,
@@ -513,7 +514,12 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
             opt.load_state_dict(state["optimizer"])
             gen.set_state(state["data_rng"])
             torch.set_rng_state(state["torch_rng"])
+        history = LossHistory.from_state(state)
         accelerator.print(f"resuming from {ckpt} (step {start})")
+    else:
+        history = LossHistory()
+    if log is not None and accelerator.is_main_process:
+        history.replay(log)  # a resumed run's metric history equals the uninterrupted run's
     # the EMA starts at δ's (zero-output) initialisation, or at the checkpoint's
     ema = [p.detach().float().clone() for p in delta.parameters()] if ema_decay else None
     if ema is not None and ckpt is not None:
@@ -523,7 +529,6 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
     total, batch = cfg["steps"], cfg["batch_size"]
     rank, world = accelerator.process_index, accelerator.num_processes
     T = scheduler.config.num_train_timesteps
-    losses, group_hist, running, running_L = [], [], [], []
     bar = tqdm(range(start, total), initial=start, total=total, desc="finetune_guidance",
                disable=not (progress and accelerator.is_local_main_process))
     delta.train()
@@ -570,25 +575,20 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
         opt.step()
         if ema is not None:
             ema_update(ema, accelerator.unwrap_model(delta).parameters(), ema_decay)
-        running.append(accelerator.gather(loss.detach()[None]).mean().item())
-        if len(L) == W.shape[1]:
-            running_L.append(L.detach().cpu().numpy())
+        history.add(accelerator.gather(loss.detach()[None]).mean().item(),
+                    L.detach().cpu().numpy() if len(L) == W.shape[1] else None)
         if (step + 1) % 50 == 0 or step + 1 == total:
-            mean = float(np.mean(running))
-            losses.append((step + 1, mean))
-            gl = np.mean(running_L, 0).tolist() if running_L else []
-            group_hist.append(gl)
-            running, running_L = [], []
-            bar.set_postfix(loss=f"{mean:.4f}")
+            metrics = history.close_window(step + 1)
+            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
             if log is not None and accelerator.is_main_process:
-                log(step + 1, {"train_loss": mean, **{f"group_loss_{k}": v for k, v in enumerate(gl)}})
+                log(step + 1, metrics)
         if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < total and accelerator.is_main_process:
             inner = accelerator.unwrap_model(delta)
             extra = {} if ema is None else {"ema": {n: e for (n, _), e in zip(inner.named_parameters(), ema,
                                                                              strict=True)}}
             save_checkpoint(ckpt_dir, step + 1, fingerprint, weights={"delta": inner.state_dict(), **extra},
                             state={"optimizer": opt.state_dict(), "data_rng": gen.get_state(),
-                                   "torch_rng": torch.get_rng_state()})
+                                   "torch_rng": torch.get_rng_state(), **history.state()})
     bar.close()
     final = accelerator.unwrap_model(delta).eval()
     if ema is not None:  # the saved δ is the EMA
@@ -599,9 +599,10 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
         with atomic_path(out_dir) as tmp:
             final.save_pretrained(tmp)
     accelerator.wait_for_everyone()
-    return FinetuneResult(steps=total, resumed_from=start, final_loss=losses[-1][1] if losses else float("nan"),
-                          delta_params=count_params(final), base_params=count_params(base), losses=losses,
-                          group_losses=group_hist)
+    final_loss = history.points[-1][1] if history.points else float("nan")
+    return FinetuneResult(steps=total, resumed_from=start, final_loss=final_loss,
+                          delta_params=count_params(final), base_params=count_params(base), losses=history.points,
+                          group_losses=history.group_points)
 
 
 # ----------------------------------------------------------------------------------------------------------------
