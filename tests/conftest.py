@@ -1,9 +1,14 @@
 """Shared fixtures: a tiny random U-Net, single-threaded torch for the tiny-model tests, and the tiny pixel DAG
-built once per session (through the Prefect flow; tests/dag.py)."""
+built once per session (through the Prefect flow; tests/dag.py). Under pytest-xdist (`make test` runs two
+workers) each worker and the processes it starts use one thread, and every test that builds on the tiny DAG or
+runs Prefect goes to one worker, so the DAG is built once and Prefect's local API is not shared."""
+
+import os
 
 import pytest
 import torch
 
+import flows  # noqa: F401  (sets Prefect's ephemeral-API start-up timeout before any test imports prefect)
 from pipeline.models import build_unet
 
 
@@ -34,9 +39,26 @@ def tiny_dag(tmp_path_factory):
     return build_tiny_dag(tmp_path_factory.mktemp("tiny_dag"))
 
 
+# test files that run the Prefect flow or server without the shared DAG: with it on one xdist worker
+PREFECT_FILES = ("test_flows.py", "test_serve.py")
+
+
+def pytest_configure(config):
+    """Two torch processes at full width on 2 cores spin against each other: one thread per xdist worker, and
+    (through the environment) per stage process it starts."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = "1"
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(items):
     """The session's tiny-DAG build runs inside whichever test first asks for it: such tests get room for it on a
-    busy 2-core machine (pyproject's --timeout covers one test's own work)."""
+    busy 2-core machine (pyproject's --timeout covers one test's own work), and one xdist group with the other
+    Prefect tests."""
     for item in items:
-        if "tiny_dag" in item.fixturenames and item.get_closest_marker("timeout") is None:
+        uses_dag = "tiny_dag" in item.fixturenames
+        if uses_dag and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(2400))
+        if uses_dag or item.path.name in PREFECT_FILES:
+            item.add_marker(pytest.mark.xdist_group("prefect"))
