@@ -265,7 +265,7 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: Trai
             _descend(opt, loss, what, step)
             step += 1
         if log:
-            log(epoch, {"train_loss": float(loss)})
+            log(epoch, {"train_loss": loss.item()})
     return model.eval()
 
 
