@@ -152,16 +152,14 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 def overridden_params(root: Path, overrides: dict[str, Any]) -> str:
     """params.yaml's text with `overrides` (dotted keys) applied, validated against the typed params."""
-    from pipeline.config import parse_params, set_override
+    from pipeline.config import apply_overrides
 
     path = root / "params.yaml"
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    for key, value in overrides.items():
-        raw = set_override(raw, key, value)
-    parse_params(raw, f"{path} with overrides")  # raises UserError (one line) before anything is written
+    raw = apply_overrides(raw, overrides, f"{path} with overrides")  # one-line UserError before anything is written
     return yaml.safe_dump(raw, sort_keys=False)
 
 
