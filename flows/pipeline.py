@@ -41,16 +41,23 @@ LOCK = Path(".dvc/tmp/flow.lock")  # held for a whole flow run (DVC's own lock o
 PARAMS_BACKUP = Path(".dvc/tmp/flow-params.yaml")  # the checkout's params.yaml while a run's overrides are in
 
 
-def dvc_methods(dvc_yaml: Path) -> tuple[str, ...]:
-    """The method names: the `foreach` keys of dvc.yaml's stages (`sample@baseline` → baseline)."""
+def dvc_methods(dvc_yaml: Path, strict: bool = True) -> tuple[str, ...]:
+    """The method names: the `foreach` keys of dvc.yaml's stages (`sample@baseline` → baseline), a `${methods}`
+    foreach read from the params.yaml beside it; strict=False leaves out what an unreadable params.yaml hides."""
+    from pipeline.config import foreach_names
+
     names: set[str] = set()
-    for spec in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).values():
-        each = spec.get("foreach") if isinstance(spec, dict) else None
-        names |= {str(k) for k in each} if isinstance(each, dict | list) else set()
+    for stage, spec in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).items():
+        if isinstance(spec, dict) and "foreach" in spec:
+            try:
+                names |= set(foreach_names(dvc_yaml, stage, dvc_yaml.parent / "params.yaml"))
+            except UserError:
+                if strict:
+                    raise
     return tuple(sorted(names))
 
 
-METHODS = dvc_methods(PROJECT / "dvc.yaml")
+METHODS = dvc_methods(PROJECT / "dvc.yaml", strict=False)  # at import: a bad params.yaml is reported by main()
 Method = Literal[METHODS]  # the UI form offers these as a choice
 
 

@@ -6,6 +6,7 @@ with one line that names the key (`data.bias_ratio`) and what was expected.
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Literal
@@ -327,6 +328,28 @@ class MlflowParams(_Section):
         return v
 
 
+class MethodDag(_Section):
+    """An inference-time method in the DAG (params.yaml `methods`; its code: pipeline/methods/registry.py)."""
+
+    fitted: str  # the folder its fit stage writes (the baseline: the model): a dep of sample@<name>, read by its hooks
+    knobs: str   # the params its sampling reads (a section or a dotted key): the params of sample@<name>
+
+
+# The DAG's methods (dvc.yaml's sample/score `foreach: ${methods}`) and those with a sweep (`foreach: ${sweeps}`:
+# the params section the sweep reads). The defaults are params.yaml's, like every other section's.
+DEFAULT_METHODS = {
+    "baseline": MethodDag(fitted="data/models/diffusion", knobs="sample"),
+    "latentdir": MethodDag(fitted="data/methods/latentdir", knobs="latentdir"),
+    "invdiff": MethodDag(fitted="data/methods/invdiff", knobs="invdiff.strength"),
+    "invdiff_lambda0": MethodDag(fitted="data/methods/invdiff_lambda0", knobs="invdiff.strength"),
+    "invdiff_oracle": MethodDag(fitted="data/methods/invdiff_oracle", knobs="invdiff.strength"),
+    "distguide": MethodDag(fitted="data/methods/distguide", knobs="distguide"),
+}
+DEFAULT_SWEEPS = {"latentdir": "latentdir", "invdiff": "invdiff", "invdiff_lambda0": "invdiff",
+                  "invdiff_oracle": "invdiff", "distguide": "distguide"}
+NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # a method's name becomes a stage name and a path (data/samples/<name>)
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0, lt=2**31)
     data: DataParams = DataParams()
@@ -340,6 +363,30 @@ class Params(_Section):
     ddb: DdbParams = DdbParams()
     report: ReportParams = ReportParams()
     mlflow: MlflowParams = MlflowParams()
+    methods: dict[str, MethodDag] = Field(default_factory=lambda: dict(DEFAULT_METHODS), min_length=1)
+    sweeps: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_SWEEPS))
+
+    @model_validator(mode="after")
+    def _dag_methods(self):
+        """Names a stage and a path can carry; knobs and sweep sections that exist; fitted folders under data/."""
+        for name, entry in self.methods.items():
+            if not NAME.fullmatch(name):
+                raise ValueError(f"methods.{_clip(name)}: a method name is lower-case letters, digits and _, "
+                                 "starting with a letter")
+            if not _has_key(type(self), entry.knobs):
+                raise ValueError(f"methods.{name}.knobs: {_clip(entry.knobs)!r} is not a params key")
+            parts = Path(entry.fitted).parts
+            if Path(entry.fitted).is_absolute() or ".." in parts or parts[:1] != ("data",):
+                raise ValueError(f"methods.{name}.fitted: {_clip(entry.fitted)!r} must be a folder under data/")
+        for name, section in self.sweeps.items():
+            if name not in self.methods:
+                raise ValueError(f"sweeps.{_clip(name)}: not a method of `methods`")
+            field = type(self).model_fields.get(section)
+            model = field.annotation if field is not None else None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)
+                    and "sweep_per_class" in model.model_fields):
+                raise ValueError(f"sweeps.{name}: {_clip(section)!r} is not a params section with sweep_per_class")
+        return self
 
     @model_validator(mode="after")
     def _across_sections(self):
@@ -361,6 +408,16 @@ class Params(_Section):
         if hi >= t:
             raise ValueError(f"invdiff.loss_timesteps [{lo}, {hi}] must be < diffusion.num_train_timesteps {t}")
         return self
+
+
+def _has_key(model: type[BaseModel], dotted: str) -> bool:
+    """Whether `a.b` names a field of the typed params (a section or a knob in one)."""
+    for part in dotted.split("."):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        model = field.annotation
+    return True
 
 
 ECHO = 80  # characters of a bad value echoed in an error (an alias bomb's repr runs to 100s of MB)
@@ -471,6 +528,21 @@ def read_params(path: str | Path = "params.yaml") -> dict:
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml (the DVC-tracked file in the working directory); refusals: read_params."""
     return parse_params(read_params(path), str(path))
+
+
+def foreach_names(dvc_yaml: str | Path, stage: str, params: str | Path = "params.yaml") -> list[str]:
+    """The item names of a dvc.yaml stage's `foreach`: its keys (or list items), or, for `foreach: ${methods}`,
+    the keys of that params map in `params` (what DVC expands; the stage names sample@<name>)."""
+    loop = yaml.safe_load(Path(dvc_yaml).read_text())["stages"][stage]["foreach"]
+    ref = re.fullmatch(r"\$\{\s*([\w.]+)\s*\}", loop) if isinstance(loop, str) else None
+    if ref:
+        loop = read_params(params)
+        for part in ref.group(1).split("."):
+            loop = loop.get(part) if isinstance(loop, dict) else None
+        if not isinstance(loop, dict | list):
+            raise UserError(f"{params}: {ref.group(1)}: missing or not a mapping (dvc.yaml's {stage} stages are its "
+                            "keys)")
+    return [str(k) for k in loop]
 
 
 def set_override(raw: dict, dotted_key: str, value) -> dict:
