@@ -22,7 +22,7 @@ def dag() -> dict[str, object]:
     from dvc.repo import Repo
 
     with Repo(str(ROOT)) as repo:
-        return {s.addressing: s for s in repo.index.stages}
+        return {s.name: s for s in repo.index.stages}
 
 
 def deps(stage) -> set[str]:
@@ -159,7 +159,7 @@ def test_a_method_added_through_the_registry_runs_through_sample_score_and_repor
     raw["methods"]["toyshift"] = {"fitted": "data/models/diffusion", "knobs": "sample"}
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     with Repo(str(project)) as repo:
-        stages_ = {s.addressing: s for s in repo.index.stages}
+        stages_ = {s.name: s for s in repo.index.stages}
     assert {"sample@toyshift", "score@toyshift"} <= set(stages_) and "sweep@toyshift" not in stages_
     assert "data/models/diffusion" in deps(stages_["sample@toyshift"])
 
