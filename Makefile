@@ -5,7 +5,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-all flow benchmark
+.PHONY: setup run test test-all flow benchmark profile
 
 setup:
 	@bash scripts/setup.sh
@@ -27,3 +27,7 @@ flow: setup
 
 benchmark: setup
 	python benchmarks/pipeline_times.py
+
+# `make profile P=gpu`: params_gpu.yaml applied to params.yaml (docs/profiles.md); `git checkout params.yaml` undoes it.
+profile: setup
+	python -m pipeline.config apply params_$(P).yaml

@@ -7,7 +7,8 @@ method's scores with their 95% intervals. Writes one results JSON (after every s
     bash benchmarks/gpu_check.sh --dry           # the same on the CPU at tiny size (tests/test_gpu_check.py)
 
 The stages run in this one process, each exactly as `python -m stages.<name> [args]` runs it (runpy), in a
-work directory holding params.yaml = params_gpu.yaml merged with OVERRIDES (--dry: then tests/tiny.py's SHRINK):
+work directory holding params.yaml = the GPU profile (params_gpu.yaml applied to params.yaml, as
+`python -m pipeline.config apply` does) merged with OVERRIDES (--dry: then tests/tiny.py's SHRINK):
 one Python start-up instead of seventeen. Tracking is off (DEBIAS_TRACKING=off, stages/common.py). The base
 model's length is calibrated so the run fits its budget: a short run measures steps/s, then
 train_steps = clamp(steps/s · train_share · budget, min, max); δ gets delta_share of it. A SIGALRM at the budget
@@ -119,7 +120,9 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def build_params(dry: bool) -> dict:
-    raw = merge(yaml.safe_load((ROOT / "params_gpu.yaml").read_text()), OVERRIDES)
+    from pipeline.config import merge_profile
+
+    raw = merge(merge_profile(ROOT / "params_gpu.yaml", ROOT / "params.yaml"), OVERRIDES)
     if dry:
         from tests.tiny import SHRINK
 

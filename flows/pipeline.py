@@ -41,16 +41,23 @@ LOCK = Path(".dvc/tmp/flow.lock")  # held for a whole flow run (DVC's own lock o
 PARAMS_BACKUP = Path(".dvc/tmp/flow-params.yaml")  # the checkout's params.yaml while a run's overrides are in
 
 
-def dvc_methods(dvc_yaml: Path) -> tuple[str, ...]:
-    """The method names: the `foreach` keys of dvc.yaml's stages (`sample@baseline` → baseline)."""
+def dvc_methods(dvc_yaml: Path, strict: bool = True) -> tuple[str, ...]:
+    """The method names: the `foreach` keys of dvc.yaml's stages (`sample@baseline` → baseline), a `${methods}`
+    foreach read from the params.yaml beside it; strict=False leaves out what an unreadable params.yaml hides."""
+    from pipeline.config import foreach_names
+
     names: set[str] = set()
-    for spec in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).values():
-        each = spec.get("foreach") if isinstance(spec, dict) else None
-        names |= {str(k) for k in each} if isinstance(each, dict | list) else set()
+    for stage, spec in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).items():
+        if isinstance(spec, dict) and "foreach" in spec:
+            try:
+                names |= set(foreach_names(dvc_yaml, stage, dvc_yaml.parent / "params.yaml"))
+            except UserError:
+                if strict:
+                    raise
     return tuple(sorted(names))
 
 
-METHODS = dvc_methods(PROJECT / "dvc.yaml")
+METHODS = dvc_methods(PROJECT / "dvc.yaml", strict=False)  # at import: a bad params.yaml is reported by main()
 Method = Literal[METHODS]  # the UI form offers these as a choice
 
 
@@ -152,16 +159,14 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 def overridden_params(root: Path, overrides: dict[str, Any]) -> str:
     """params.yaml's text with `overrides` (dotted keys) applied, validated against the typed params."""
-    from pipeline.config import parse_params, set_override
+    from pipeline.config import apply_overrides
 
     path = root / "params.yaml"
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    for key, value in overrides.items():
-        raw = set_override(raw, key, value)
-    parse_params(raw, f"{path} with overrides")  # raises UserError (one line) before anything is written
+    raw = apply_overrides(raw, overrides, f"{path} with overrides")  # one-line UserError before anything is written
     return yaml.safe_dump(raw, sort_keys=False)
 
 

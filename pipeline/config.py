@@ -6,6 +6,7 @@ with one line that names the key (`data.bias_ratio`) and what was expected.
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Literal
@@ -327,6 +328,28 @@ class MlflowParams(_Section):
         return v
 
 
+class MethodDag(_Section):
+    """An inference-time method in the DAG (params.yaml `methods`; its code: pipeline/methods/registry.py)."""
+
+    fitted: str  # the folder its fit stage writes (the baseline: the model): a dep of sample@<name>, read by its hooks
+    knobs: str   # the params its sampling reads (a section or a dotted key): the params of sample@<name>
+
+
+# The DAG's methods (dvc.yaml's sample/score `foreach: ${methods}`) and those with a sweep (`foreach: ${sweeps}`:
+# the params section the sweep reads). The defaults are params.yaml's, like every other section's.
+DEFAULT_METHODS = {
+    "baseline": MethodDag(fitted="data/models/diffusion", knobs="sample"),
+    "latentdir": MethodDag(fitted="data/methods/latentdir", knobs="latentdir"),
+    "invdiff": MethodDag(fitted="data/methods/invdiff", knobs="invdiff.strength"),
+    "invdiff_lambda0": MethodDag(fitted="data/methods/invdiff_lambda0", knobs="invdiff.strength"),
+    "invdiff_oracle": MethodDag(fitted="data/methods/invdiff_oracle", knobs="invdiff.strength"),
+    "distguide": MethodDag(fitted="data/methods/distguide", knobs="distguide"),
+}
+DEFAULT_SWEEPS = {"latentdir": "latentdir", "invdiff": "invdiff", "invdiff_lambda0": "invdiff",
+                  "invdiff_oracle": "invdiff", "distguide": "distguide"}
+NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # a method's name becomes a stage name and a path (data/samples/<name>)
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0, lt=2**31)
     data: DataParams = DataParams()
@@ -340,6 +363,30 @@ class Params(_Section):
     ddb: DdbParams = DdbParams()
     report: ReportParams = ReportParams()
     mlflow: MlflowParams = MlflowParams()
+    methods: dict[str, MethodDag] = Field(default_factory=lambda: dict(DEFAULT_METHODS), min_length=1)
+    sweeps: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_SWEEPS))
+
+    @model_validator(mode="after")
+    def _dag_methods(self):
+        """Names a stage and a path can carry; knobs and sweep sections that exist; fitted folders under data/."""
+        for name, entry in self.methods.items():
+            if not NAME.fullmatch(name):
+                raise ValueError(f"methods.{_clip(name)}: a method name is lower-case letters, digits and _, "
+                                 "starting with a letter")
+            if not _has_key(type(self), entry.knobs):
+                raise ValueError(f"methods.{name}.knobs: {_clip(entry.knobs)!r} is not a params key")
+            parts = Path(entry.fitted).parts
+            if Path(entry.fitted).is_absolute() or ".." in parts or parts[:1] != ("data",):
+                raise ValueError(f"methods.{name}.fitted: {_clip(entry.fitted)!r} must be a folder under data/")
+        for name, section in self.sweeps.items():
+            if name not in self.methods:
+                raise ValueError(f"sweeps.{_clip(name)}: not a method of `methods`")
+            field = type(self).model_fields.get(section)
+            model = field.annotation if field is not None else None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)
+                    and "sweep_per_class" in model.model_fields):
+                raise ValueError(f"sweeps.{name}: {_clip(section)!r} is not a params section with sweep_per_class")
+        return self
 
     @model_validator(mode="after")
     def _across_sections(self):
@@ -361,6 +408,16 @@ class Params(_Section):
         if hi >= t:
             raise ValueError(f"invdiff.loss_timesteps [{lo}, {hi}] must be < diffusion.num_train_timesteps {t}")
         return self
+
+
+def _has_key(model: type[BaseModel], dotted: str) -> bool:
+    """Whether `a.b` names a field of the typed params (a section or a knob in one)."""
+    for part in dotted.split("."):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return False
+        model = field.annotation
+    return True
 
 
 ECHO = 80  # characters of a bad value echoed in an error (an alias bomb's repr runs to 100s of MB)
@@ -437,8 +494,8 @@ def _expanded_size(node, budget: int) -> int:
     return count
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml (the DVC-tracked file in the working directory).
+def read_params(path: str | Path = "params.yaml") -> dict:
+    """The raw mapping of a params file, not yet validated.
 
     Refused with one line: a missing, empty or non-UTF-8 file, invalid YAML, a duplicated key, more than
     MAX_NODES values once aliases are expanded, anything but a mapping at the top."""
@@ -465,7 +522,27 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise UserError(f"{path}: empty; it must hold the params sections (copy the project's params.yaml)")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return parse_params(raw, str(path))
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml (the DVC-tracked file in the working directory); refusals: read_params."""
+    return parse_params(read_params(path), str(path))
+
+
+def foreach_names(dvc_yaml: str | Path, stage: str, params: str | Path = "params.yaml") -> list[str]:
+    """The item names of a dvc.yaml stage's `foreach`: its keys (or list items), or, for `foreach: ${methods}`,
+    the keys of that params map in `params` (what DVC expands; the stage names sample@<name>)."""
+    loop = yaml.safe_load(Path(dvc_yaml).read_text())["stages"][stage]["foreach"]
+    ref = re.fullmatch(r"\$\{\s*([\w.]+)\s*\}", loop) if isinstance(loop, str) else None
+    if ref:
+        loop = read_params(params)
+        for part in ref.group(1).split("."):
+            loop = loop.get(part) if isinstance(loop, dict) else None
+        if not isinstance(loop, dict | list):
+            raise UserError(f"{params}: {ref.group(1)}: missing or not a mapping (dvc.yaml's {stage} stages are its "
+                            "keys)")
+    return [str(k) for k in loop]
 
 
 def set_override(raw: dict, dotted_key: str, value) -> dict:
@@ -481,3 +558,109 @@ def set_override(raw: dict, dotted_key: str, value) -> dict:
             raise UserError(f"override {dotted_key}: {p} is not a section")
     node[leaf] = value
     return out
+
+
+def override_keys(raw: dict, prefix: str = "") -> dict:
+    """A profile's keys as dotted overrides: its mappings followed down to the leaves (a scalar or a list), so
+    `{data: {resolution: 32}}` is `{"data.resolution": 32}` and sets that key alone."""
+    out = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        out.update(override_keys(value, dotted + ".") if isinstance(value, dict) and value else {dotted: value})
+    return out
+
+
+def apply_overrides(raw: dict, overrides: dict, origin: str) -> dict:
+    """`raw` with every dotted override set (set_override), validated as a whole before it is returned (one
+    UserError line naming `origin` and the key): the Prefect flow's overrides and the profiles both come here."""
+    try:
+        for key, value in overrides.items():
+            raw = set_override(raw, key, value)
+    except UserError as exc:
+        raise UserError(f"{origin}: {exc}") from None
+    parse_params(raw, origin)
+    return raw
+
+
+# Profiles (docs/profiles.md): a params_<name>.yaml holds only the keys it changes relative to params.yaml.
+PROFILE_MARK = "# profile: "  # the first line of a params.yaml that a profile was applied to
+
+
+def applied_profile(path: str | Path = "params.yaml") -> str | None:
+    """The profile already applied to a params file (its first line names it), else None."""
+    first = Path(path).read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
+    return first.removeprefix(PROFILE_MARK).split()[0] if first.startswith(PROFILE_MARK) else None
+
+
+def merge_profile(profile: str | Path, base: str | Path = "params.yaml") -> dict:
+    """The raw params of `profile` applied to `base`: every key of the profile set (override_keys, apply_overrides)
+    on the base's mapping, the whole validated. A base that already carries a profile is refused (the result
+    would mix two profiles)."""
+    profile, base = Path(profile), Path(base)
+    if profile.resolve() == base.resolve():
+        raise UserError(f"{profile}: is the base params file itself, not a profile")
+    done = applied_profile(base) if base.is_file() else None
+    if done:
+        raise UserError(f"{base}: profile {done} is applied already; restore the base first "
+                        f"(git checkout {base.name}), then apply {profile.name}")
+    return apply_overrides(read_params(base), override_keys(read_params(profile)), f"{profile} on {base}")
+
+
+def apply_profile(profile: str | Path, params: str | Path = "params.yaml") -> int:
+    """Write `profile` applied to `params` back to `params` (comments kept; the first line names the profile);
+    returns the number of keys set. The written file is read back and must equal merge_profile's mapping."""
+    import io
+    import os
+
+    from ruamel.yaml import YAML
+
+    profile, params = Path(profile), Path(params)
+    merged = merge_profile(profile, params)
+    rt = YAML()  # round trip: params.yaml keeps its comments and layout, the profile's lists their flow style
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc, keys = rt.load(params.read_text()), override_keys(rt.load(profile.read_text()))
+    for dotted, value in keys.items():
+        node = doc
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    out = io.StringIO()
+    rt.dump(doc, out)
+    text = (f"{PROFILE_MARK}{profile.name} applied to the base params (python -m pipeline.config apply); "
+            f"`git checkout {params.name}` restores the base\n" + out.getvalue())
+    if yaml.safe_load(text) != merged:  # YAML 1.1 (PyYAML, DVC's reader) and 1.2 (the writer) read it alike
+        raise UserError(f"{profile}: its values do not survive a YAML round trip unchanged; write them as the "
+                        "base file does")
+    tmp = params.with_name(f".{params.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, params)
+    return len(keys)
+
+
+def main(argv=None) -> None:
+    """`python -m pipeline.config apply params_gpu.yaml`: apply a profile to params.yaml (docs/profiles.md);
+    `show` prints the merged params without writing them."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.config", description=main.__doc__)
+    ap.add_argument("command", choices=["apply", "show"])
+    ap.add_argument("profile", help="a profile file, e.g. params_gpu.yaml")
+    ap.add_argument("--params", default="params.yaml", help="the base params file (default: params.yaml)")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "show":
+            print(yaml.safe_dump(merge_profile(args.profile, args.params), sort_keys=False), end="")
+        else:
+            n = apply_profile(args.profile, args.params)
+            print(f"{args.params}: {args.profile} applied ({n} keys set); `git checkout {args.params}` restores it")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

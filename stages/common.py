@@ -73,13 +73,13 @@ def _tracking(params: Params) -> tuple[str, str]:
 
 
 def check_name(stage: str, option: str, name: str) -> str:
-    """A CLI name that becomes a path (data/scores/<name>) must be one dvc.yaml declares for the stage's foreach,
-    so `--method ../samples/baseline` can never write outside the stage's own outputs."""
+    """A CLI name that becomes a path (data/scores/<name>) must be one dvc.yaml declares for the stage's foreach
+    (for `foreach: ${methods}`: a key of params.yaml's methods), so `--method ../samples/baseline` can never write
+    outside the stage's own outputs."""
     import yaml
 
     try:
-        loop = yaml.safe_load(DVC_YAML.read_text())["stages"][stage]["foreach"]
-        known = list(loop)
+        known = config.foreach_names(DVC_YAML, stage)
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         known = []
     if name not in known:

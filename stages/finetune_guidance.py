@@ -33,10 +33,9 @@ from pipeline.methods.invdiff import (
 )
 from pipeline.pretrained import load_model
 from pipeline.sampling import make_scheduler
-from stages.common import UserError, device, load_params, mlflow_run, stage_main
+from stages.common import check_name, device, load_params, mlflow_run, stage_main
 
 DATA, MODEL, GROUPS = Path("data/prepared"), Path("data/models/diffusion"), Path("data/methods/invdiff_groups")
-VARIANTS = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
 
 
 def groups_for(variant: str, p) -> tuple[np.ndarray, np.ndarray | None]:
@@ -60,8 +59,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--variant", default="invdiff")
     args = ap.parse_args(argv)
-    if args.variant not in VARIANTS:
-        raise UserError(f"--variant {args.variant!r}: expected one of {', '.join(VARIANTS)}")
+    check_name("finetune_guidance", "--variant", args.variant)  # the variants: dvc.yaml's foreach
     from accelerate import Accelerator
 
     params = load_params()

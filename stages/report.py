@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline.data import load_meta
 from pipeline.io import atomic_path, load_json, load_npz, load_parquet, save_json
 from pipeline.methods.diffusing_debias import CLASSIFIER_METHODS
+from pipeline.methods.registry import REGISTRY
 from pipeline.metrics import frechet_distance, uniform_bias_floor
 from pipeline.report import (
     add_bias_removed,
@@ -24,7 +25,6 @@ from stages.common import UserError, load_params, mlflow_run, stage_main
 
 SCORES, SAMPLES, OUT = Path("data/scores"), Path("data/samples"), Path("data/report")
 SWEEPS, METHODS, REFERENCE = Path("data/sweeps"), Path("data/methods"), Path("data/reference")
-LABELS = {"invdiff_lambda0": "ablation: λ = 0", "invdiff_oracle": "ablation: true groups, uses bias labels"}
 DDB_LABELS = {"erm": "baseline", "lff": "baseline: LfF, GCE bias model on real data",
               "recipe1": "GroupDRO on the synthetic amplifier's pseudo-groups",
               "recipe2": "LfF-style weights from the synthetic amplifier",
@@ -72,43 +72,10 @@ def main() -> None:
             grids[m] = f"samples_{m}.png"
         sweeps = [r for f in sorted(SWEEPS.glob("*.json")) for r in load_json(f)]
         bias_fid_scatter(rows, tmp / "bias_vs_fid.png", sweeps=sweeps)
-        extras = {}
-        accuracy_png = METHODS / "latentdir" / "svm_accuracy.png"
-        if "latentdir" in methods and accuracy_png.is_file():
-            shutil.copy(accuracy_png, tmp / "latentdir_svm_accuracy.png")
-            p = params.latentdir
-            extras["latentdir"] = [
-                f"Latent Directions: z_T + w·d with w = {p.weight:g}, directions fitted on x_t at step "
-                f"{p.source_step} (SVM on {p.pool}×{p.pool}-pooled latents). Held-out SVM accuracy per step:", "",
-                "![SVM accuracy per step](latentdir_svm_accuracy.png)", ""]
-        adp_png = METHODS / "distguide" / "adp_accuracy.png"
-        if "distguide" in methods and adp_png.is_file():
-            shutil.copy(adp_png, tmp / "distguide_adp_accuracy.png")
-            p, fitted = params.distguide, load_json(METHODS / "distguide" / "summary.json")
-            extras["distguide"] = [
-                f"Distribution Guidance: h ← h − s·∇_h L at steps [{p.steps[0]}, {p.steps[1]}) with s = {p.scale:g}, "
-                f"τ = {p.tau:g}, L = Σ_k (p̂_k − p*_k)² / p*_k over each class's samples in guidance batches of "
-                f"{p.batch_size}; p* {'uniform' if p.target is None else list(p.target)}. ADP: {fitted['chosen']} "
-                f"(mean held-out accuracy {fitted[fitted['chosen'] + '_mean_accuracy']:.3f}), fitted on "
-                "colour-judge pseudo-labels. Held-out accuracy per step:", "",
-                "![ADP accuracy per step](distguide_adp_accuracy.png)", ""]
-        grouper = Path("data/metrics/fit_grouper.json")
-        if "invdiff" in methods and grouper.is_file():
-            shutil.copy(METHODS / "invdiff_groups" / "discovery.png", tmp / "invdiff_discovery.png")
-            q, p = load_json(grouper), params.invdiff
-            shares = ", ".join(f"{v:.3f}" for k, v in q.items() if k.startswith("share_group"))
-            extras["invdiff"] = [
-                f"InvDiff: f_θ + r·δ with r = {p.strength:g}; δ trained {p.steps} steps on mean_k L_k + λ·var_k L_k "
-                f"(λ = {p.lam:g}) over {p.num_groups} groups inferred without bias labels. The ablations: "
-                "`invdiff_lambda0` (λ = 0) and `invdiff_oracle` (the true aligned/conflicting split in place of the "
-                "inferred groups — uses the labels, an upper reference).", "",
-                f"Bias discovery (scored afterwards against the hidden labels): the highest-loss group holds "
-                f"{q['share_group' + str(p.num_groups - 1)]:.1%} of the training set; precision "
-                f"{q['precision_top_group']:.3f} and recall {q['recall_top_group']:.3f} for the bias-conflicting "
-                f"images (base rate {q['conflicting_rate']:.3f}); NMI {q['nmi_conflicting']:.3f}; AUROC of the "
-                f"normalised loss {q.get('auroc_scores', float('nan')):.3f}; group shares {shares}. "
-                "Rows below: training images most firmly in each group (lowest loss first).", "",
-                "![InvDiff bias discovery](invdiff_discovery.png)", ""]
+        # each method's label and the note under its grid: its entry in pipeline/methods/registry.py
+        known = [REGISTRY[m] for m in methods if m in REGISTRY]
+        labels = {m.name: m.label for m in known if m.label}
+        extras = {m.name: lines for m in known if (lines := m.report_note(params, tmp))}
         context = {**params.data.model_dump(), **params.sample.model_dump(),
                    "bias_floor": uniform_bias_floor(params.sample.num_per_class, load_meta(REFERENCE).num_attributes,
                                                  seed=params.seed),
@@ -116,7 +83,7 @@ def main() -> None:
                                                        balanced["sigma"])}
         md = render_markdown(rows, data_bias=load_json("data/reference/summary.json")["train_data_bias"],
                              judges=load_json("data/metrics/train_classifiers.json"), context=context,
-                             grids=grids, scatter="bias_vs_fid.png", sweeps=sweeps, extras=extras, labels=LABELS,
+                             grids=grids, scatter="bias_vs_fid.png", sweeps=sweeps, extras=extras, labels=labels,
                              sections=diffusing_debias_lines(tmp))
         (tmp / "report.md").write_text(md)
     save_json("data/metrics/report_methods.json", rows)

@@ -1,4 +1,5 @@
-"""sample@<method>: draw num_per_class samples per class with the one sampler and the method's hooks.
+"""sample@<method>: draw num_per_class samples per class with the one sampler and the method's hooks (its entry in
+pipeline/methods/registry.py).
 
 Outputs data/samples/<method>/images.npz (uint8 NHWC) and samples.parquet (condition, seed, method, knobs).
 Every method uses the same per-sample seeds, so samples are paired across methods.
@@ -12,40 +13,12 @@ import pandas as pd
 
 from pipeline.data import to_uint8
 from pipeline.io import atomic_path, save_npz
-from pipeline.methods.distribution_guidance import distribution_guidance_hooks
-from pipeline.methods.invdiff import InvDiffHooks, load_delta
-from pipeline.methods.latent_directions import latent_direction_hooks
+from pipeline.methods.registry import get_method
 from pipeline.pretrained import load_model
-from pipeline.sampling import SamplerHooks, check_memory, make_scheduler, sample, sample_seeds
-from stages.common import Params, UserError, check_name, device, load_params, mlflow_run, stage_main
+from pipeline.sampling import check_memory, make_scheduler, sample, sample_seeds
+from stages.common import check_name, device, load_params, mlflow_run, stage_main
 
 MODEL = Path("data/models/diffusion")
-INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
-METHODS = ("baseline", "latentdir", *INVDIFF, "distguide")
-
-
-def hooks_for(method: str, params: Params, conditions, dev="cpu") -> tuple[SamplerHooks, dict]:
-    """(the method's sampler hooks, its knobs for the samples table). The baseline changes nothing.
-    conditions(): the run's class conditions (asked for only by the methods that need them, after the method's own
-    files are found, so a missing fit is what a user is told about first)."""
-    if method == "baseline":
-        return SamplerHooks(), {}
-    if method == "latentdir":
-        p = params.latentdir
-        hooks = latent_direction_hooks(Path("data/methods/latentdir/directions.npz"), conditions(), step=p.source_step,
-                                       weight=p.weight, target=p.target, seed=params.seed,
-                                       renormalise=p.renormalise)
-        return hooks, {"source_step": p.source_step, "weight": p.weight}
-    if method in INVDIFF:
-        return InvDiffHooks(load_delta(Path("data/methods") / method / "delta", dev), params.invdiff.strength), {
-            "strength": params.invdiff.strength}
-    if method == "distguide":
-        p = params.distguide
-        hooks = distribution_guidance_hooks(Path("data/methods/distguide/adp.safetensors"), scale=p.scale, tau=p.tau,
-                                            steps=p.steps, group_size=p.batch_size, target=p.target, device=dev,
-                                            beta_power=p.beta_power)
-        return hooks, {"scale": p.scale, "tau": p.tau, "guidance_batch": p.batch_size}
-    raise UserError(f"--method {method!r}: unknown method (expected one of: {', '.join(METHODS)})")
 
 
 @stage_main
@@ -67,7 +40,7 @@ def main(argv=None) -> None:
         check_memory(k * p.num_per_class, 9 * cfg.in_channels * pixels, "sample.num_per_class")
         return np.repeat(np.arange(k), p.num_per_class)
 
-    hooks, knobs = hooks_for(args.method, params, conditions, dev)
+    hooks, knobs = get_method(args.method).sampler(params, conditions, dev)  # pipeline/methods/registry.py
     cond, model = conditions(), loaded["model"]
     scheduler = make_scheduler(model.scheduler_config, p.scheduler, p.timestep_spacing)
     seeds = sample_seeds(params.seed, len(cond))

@@ -1,55 +1,23 @@
 """sweep@<method>: the method's knob over a grid, each point sampled (fewer samples) and scored, for the report's
 bias-vs-FID plot. The knob at 0 is always included: the baseline at the same sample size, so points compare fairly.
-
-  latentdir                                 weight w (× each of sweep_steps)
-  invdiff, invdiff_lambda0, invdiff_oracle  strength r of f_θ + r·δ (the variants differ in λ and groups)
-  distguide                                 scale s of h − s·∇_h L
+Each method's knob and grid: its entry in pipeline/methods/registry.py (latentdir: the weight w at each of
+sweep_steps; invdiff and its ablations: the strength r of f_θ + r·δ; distguide: the scale s of h − s·∇_h L).
 Rows carry `swept` (the knob's name) and the method's other settings."""
 
 import argparse
-import itertools
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.data import to_uint8
-from pipeline.io import load_json, save_json
-from pipeline.methods.distribution_guidance import distribution_guidance_hooks
-from pipeline.methods.invdiff import InvDiffHooks, load_delta
-from pipeline.methods.latent_directions import latent_direction_hooks
+from pipeline.io import save_json
+from pipeline.methods.registry import get_method
 from pipeline.pretrained import load_model
 from pipeline.sampling import make_scheduler, sample, sample_seeds
 from pipeline.scoring import Scorer
-from stages.common import UserError, check_name, device, load_params, mlflow_run, stage_main
+from stages.common import check_name, device, load_params, mlflow_run, stage_main
 
 MODEL, JUDGES, REF = Path("data/models/diffusion"), Path("data/judges"), Path("data/reference")
-INVDIFF = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
-
-
-def sweep_grid(method: str, params, cond: np.ndarray, dev) -> tuple[str, list[tuple[dict, object]]]:
-    """(params section, [(knobs, hooks)]) for one method."""
-    if method == "latentdir":
-        p = params.latentdir
-        grid = [(p.sweep_steps[0], 0.0), *itertools.product(p.sweep_steps, p.sweep_weights)]
-        return "latentdir", [({"swept": "weight", "source_step": s, "weight": w},
-                              latent_direction_hooks(Path("data/methods/latentdir/directions.npz"), cond, step=s,
-                                                     weight=w, target=p.target, seed=params.seed,
-                                                     renormalise=p.renormalise)) for s, w in grid]
-    if method in INVDIFF:
-        folder = Path("data/methods") / method
-        delta, lam = load_delta(folder / "delta", dev), load_json(folder / "summary.json")["lam"]
-        strengths = sorted({0.0, *params.invdiff.sweep_strengths})
-        return "invdiff", [({"swept": "strength", "lam": lam, "strength": r}, InvDiffHooks(delta, r))
-                           for r in strengths]
-    if method == "distguide":
-        p = params.distguide
-        return "distguide", [({"swept": "scale", "scale": s},
-                              distribution_guidance_hooks(Path("data/methods/distguide/adp.safetensors"), scale=s,
-                                                          tau=p.tau, steps=p.steps, group_size=p.batch_size,
-                                                          target=p.target, device=dev, beta_power=p.beta_power))
-                             for s in sorted({0.0, *p.sweep_scales})]
-    raise UserError(f"--method {method!r}: no sweep defined (expected one of: latentdir, {', '.join(INVDIFF)}, "
-                    "distguide)")
 
 
 @stage_main
@@ -60,13 +28,12 @@ def main(argv=None) -> None:
     check_name("sweep", "--method", args.method)
     params = load_params()
     ps = params.sample
-    per_class = params.invdiff.sweep_per_class if args.method in INVDIFF else params.latentdir.sweep_per_class
-    per_class = params.distguide.sweep_per_class if args.method == "distguide" else per_class
+    method = get_method(args.method)
     dev = device()
     model = load_model(MODEL, dev)
-    cond = np.repeat(np.arange(model.num_classes), per_class)
+    cond = np.repeat(np.arange(model.num_classes), method.sweep_per_class(params))
     seeds = sample_seeds(params.seed, len(cond))
-    section, grid = sweep_grid(args.method, params, cond, dev)
+    section, grid = method.section, method.sweep_grid(params, cond, dev)
     scheduler = make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing)
     scorer = Scorer(JUDGES, REF, device=dev, k=params.score.pr_k, seed=params.seed,
                     batch_size=params.score.batch_size, bootstrap=params.score.bootstrap,

@@ -141,8 +141,12 @@ def test_bools_and_edges_still_accepted(sections):
 
 
 def test_shipped_params_files_still_load():
-    for path in sorted(ROOT.glob("params*.yaml")):
-        load_params(path)
+    """params.yaml, and each profile merged onto it (docs/profiles.md)."""
+    from pipeline.config import merge_profile, parse_params
+
+    load_params(ROOT / "params.yaml")
+    for path in sorted(ROOT.glob("params_*.yaml")):
+        parse_params(merge_profile(path, ROOT / "params.yaml"), path.name)
 
 
 # ------------------------------------------------------------------------------- 3. one line, not a traceback

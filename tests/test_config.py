@@ -34,7 +34,7 @@ def test_real_params_load_and_round_trip():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert set(raw) == set(Params.model_fields)  # every section is written down
     for section, values in raw.items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and section not in ("methods", "sweeps"):  # those two are maps of names
             assert set(values) == set(type(getattr(params, section)).model_fields), section
 
 

@@ -509,14 +509,12 @@ def test_write_image_helper_round_trip(tmp_path):
 
 @pytest.mark.parametrize("name", ["waterbirds", "celeba", "fairface"])
 def test_dataset_profiles_validate_and_spell_out_every_key(name):
-    import yaml
-
-    from pipeline.config import Params, load_params
+    from pipeline.config import Params, merge_profile, parse_params
 
     root = Path(__file__).resolve().parents[1]
-    params = load_params(root / f"params_{name}.yaml")
+    raw = merge_profile(root / f"params_{name}.yaml", root / "params.yaml")  # docs/profiles.md
+    params = parse_params(raw)
     assert params.data.format == name and params.classifiers.arch == "resnet"
-    raw = yaml.safe_load((root / f"params_{name}.yaml").read_text())
     assert set(raw) == set(Params.model_fields)
     assert set(raw["data"]) == set(type(params.data).model_fields)
 
