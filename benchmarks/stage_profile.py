@@ -1,6 +1,7 @@
 """Where each stage's time goes: representative stages, shortened, at the default profile's sizes, each under
 cProfile and split into U-Net forward, backward, optimiser + EMA, scheduler, judges, metrics, data loading and
-the rest (Python around them); then the fixed start-up costs a stage or a repro pays (imports, MLflow, DVC).
+the rest (Python around them), in CPU seconds; then the fixed start-up costs a stage or a repro pays (imports,
+MLflow, DVC).
 
     python benchmarks/stage_profile.py                 # about 2 minutes on one thread
     python benchmarks/stage_profile.py --threads 2
@@ -17,6 +18,7 @@ import cProfile
 import json
 import os
 import pstats
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,8 +45,7 @@ CATEGORIES = {
                       ("accelerate/accelerator.py", ("clip_grad_norm_",))],
     "scheduler": [("diffusers/schedulers/", ("step", "add_noise", "get_velocity", "set_timesteps"))],
     "judges": [("pipeline/models.py", ("judge_outputs",))],
-    "metrics": [("pipeline/metrics.py", ("precision_recall", "frechet_interval", "frechet_distance",
-                                         "feature_statistics")),
+    "metrics": [("pipeline/metrics.py", ("precision_recall", "frechet_interval", "frechet_distance")),
                 ("pipeline/scoring.py", ("bias_measures",))],
     "data": [("pipeline/data.py", ("load_split", "to_tensor")), ("pipeline/io.py", ("load_npz",))],
 }
@@ -67,7 +68,8 @@ def breakdown(prof: cProfile.Profile) -> dict[str, float]:
 
 
 def profiled(fn):
-    prof = cProfile.Profile()
+    # CPU seconds of this process (one torch thread): on a shared machine wall time also counts other jobs' turns
+    prof = cProfile.Profile(time.process_time)
     start = time.perf_counter()
     prof.enable()
     result = fn()
@@ -113,10 +115,10 @@ def stage_segments(project: Path, params, log) -> dict:
     (images, classes), segments["train_diffusion (10 of 1600 steps)"] = profiled(train)
 
     ps = params.sample
-    n = ps.batch_size
+    n = 50  # of a 250-image batch: per image the same work, a fifth of the wait
     cond = np.repeat(np.arange(NUM_CLASSES), -(-n // NUM_CLASSES))[:n]
     log(f"profiling sample ({n} images, {ps.num_inference_steps} steps)")
-    _, segments[f"sample ({n} of 1,100 images)"] = profiled(lambda: sample(
+    _, segments[f"sample ({n} of 1,100 images, {ps.num_inference_steps} steps)"] = profiled(lambda: sample(
         unet, make_scheduler(sched.config, ps.scheduler, ps.timestep_spacing), cond, sample_seeds(params.seed, n),
         num_inference_steps=ps.num_inference_steps, guidance_scale=ps.guidance_scale, batch_size=n,
         null_class=null_class(unet), progress=False))
@@ -154,19 +156,20 @@ def stage_segments(project: Path, params, log) -> dict:
     log("profiling finetune_guidance (5 steps)")
     _, segments["finetune_guidance (5 of 1500 steps)"] = profiled(finetune)
 
-    def score():
-        from pipeline.metrics import feature_statistics
-        from pipeline.scoring import score_samples
+    from pipeline.metrics import feature_statistics
+    from pipeline.scoring import score_samples
 
-        s = params.score
-        colour, digit = Judge(NUM_CLASSES, params.classifiers.width), Judge(NUM_CLASSES, params.classifiers.width)
-        _, feats = judge_outputs(digit.eval(), images[: s.max_reference], s.batch_size)
-        mu, sigma = feature_statistics(feats)
-        ref = {"mu": mu, "sigma": sigma, "features": feats}
-        gen = np.random.default_rng(params.seed)
-        m = 10 * ps.num_per_class
-        fake = gen.integers(0, 256, (m, params.data.resolution, params.data.resolution, 3), dtype=np.uint8)
-        score_samples(fake, np.arange(m) % NUM_CLASSES, colour.eval(), digit, ref, k=s.pr_k, seed=params.seed,
+    s = params.score
+    colour, digit = Judge(NUM_CLASSES, params.classifiers.width).eval(), Judge(NUM_CLASSES, params.classifiers.width)
+    _, feats = judge_outputs(digit.eval(), images[: s.max_reference], s.batch_size)  # fid_reference's job
+    mu, sigma = feature_statistics(feats)
+    ref = {"mu": mu, "sigma": sigma, "features": feats}
+    m = 10 * ps.num_per_class
+    fake = np.random.default_rng(params.seed).integers(0, 256, (m, params.data.resolution, params.data.resolution, 3),
+                                                       dtype=np.uint8)
+
+    def score():
+        score_samples(fake, np.arange(m) % NUM_CLASSES, colour, digit, ref, k=s.pr_k, seed=params.seed,
                       batch_size=s.batch_size, balanced_ref=ref, bootstrap=s.bootstrap,
                       bootstrap_fid=s.bootstrap_fid)
 
@@ -175,51 +178,57 @@ def stage_segments(project: Path, params, log) -> dict:
     return segments
 
 
-def median_seconds(cmd: list[str], cwd: Path, runs: int = 3, env=None) -> float:
-    times = []
+def child_seconds(cmd: list[str], cwd: Path, env=None) -> tuple[float, float]:
+    """(CPU seconds, user + system, of the child process; wall seconds) of one run of cmd."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=env)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, wall
+
+
+def median_seconds(cmd: list[str], cwd: Path, runs: int = 3, env=None, setup=None) -> dict[str, float]:
+    """Medians over `runs` runs of cmd's CPU seconds (robust to a busy machine) and wall seconds."""
+    cpu, wall = [], []
     for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=env)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if setup is not None:
+            setup()
+        c, w = child_seconds(cmd, cwd, env)
+        cpu.append(c)
+        wall.append(w)
+    return {"cpu": statistics.median(cpu), "wall": statistics.median(wall)}
 
 
 def startup_costs(log) -> dict:
-    """Medians of 3 fresh interpreters: the imports a stage pays before any work, and one MLflow run (SQLite, as a
-    stage opens it) in a new and in an existing database."""
+    """Medians of 3 fresh interpreters: the imports a stage pays before any work, `dvc --version`, and one MLflow
+    run (SQLite, as a stage opens it) in a new and in an existing database."""
     py = [sys.executable]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = {}
     checks = {
-        "python -c pass": "pass",
-        "import torch": "import torch",
-        "import diffusers.UNet2DModel": "from diffusers import UNet2DModel",
-        "import mlflow": "import mlflow",
-        "import prefect": "import prefect",
-        "import a stage (stages.sample)": "import stages.sample",
+        "python -c pass": [*py, "-c", "pass"],
+        "import torch": [*py, "-c", "import torch"],
+        "import diffusers.UNet2DModel": [*py, "-c", "from diffusers import UNet2DModel"],
+        "import mlflow": [*py, "-c", "import mlflow"],
+        "import prefect": [*py, "-c", "import prefect"],
+        "import a stage (stages.sample)": [*py, "-c", "import stages.sample"],
+        "dvc --version": [*py, "-m", "dvc", "--version"],
     }
-    for name, code in checks.items():
-        out[name] = median_seconds([*py, "-c", code], ROOT, env=env)
-        log(f"  {name:36s} {out[name]:6.2f} s")
-    out["dvc --version"] = median_seconds([*py, "-m", "dvc", "--version"], ROOT, env=env)
-    log(f"  {'dvc --version':36s} {out['dvc --version']:6.2f} s")
+    out = {}
+    for name, cmd in checks.items():
+        out[name] = median_seconds(cmd, ROOT, env=env)
+        log(f"  {name:44s} {out[name]['cpu']:6.2f} s CPU  {out[name]['wall']:6.2f} s wall")
     code = ("import sys; from stages.common import load_params, mlflow_run\n"
             "with mlflow_run('bench', load_params(sys.argv[1]), ('seed',)) as run: run.metrics({'x': 1.0})")
     with tempfile.TemporaryDirectory() as tmp:
-        params = Path(tmp) / "params.yaml"
+        params, db = Path(tmp) / "params.yaml", Path(tmp) / "mlflow.db"
         params.write_text((ROOT / "params.yaml").read_text())
-        runs = []
-        for _ in range(3):
-            db = Path(tmp) / "mlflow.db"
-            db.unlink(missing_ok=True)
-            start = time.perf_counter()
-            subprocess.run([*py, "-c", code, str(params)], cwd=tmp, check=True, capture_output=True, env=env)
-            runs.append(time.perf_counter() - start)
-        out["mlflow run, new mlflow.db (imports included)"] = statistics.median(runs)
-        out["mlflow run, existing mlflow.db (imports included)"] = median_seconds([*py, "-c", code, str(params)],
-                                                                                  Path(tmp), env=env)
-    for k in ("mlflow run, new mlflow.db (imports included)", "mlflow run, existing mlflow.db (imports included)"):
-        log(f"  {k:36s} {out[k]:6.2f} s")
+        cmd = [*py, "-c", code, str(params)]
+        out["mlflow run, new mlflow.db"] = median_seconds(cmd, Path(tmp), env=env,
+                                                          setup=lambda: db.unlink(missing_ok=True))
+        out["mlflow run, existing mlflow.db"] = median_seconds(cmd, Path(tmp), env=env)
+    for k in ("mlflow run, new mlflow.db", "mlflow run, existing mlflow.db"):
+        log(f"  {k + ' (imports incl.)':44s} {out[k]['cpu']:6.2f} s CPU  {out[k]['wall']:6.2f} s wall")
     return out
 
 
@@ -244,7 +253,7 @@ def main(argv=None) -> None:
     print(f"\n{'segment':58s} {'total s':>8s} " + " ".join(f"{c[:9]:>9s}" for c in cats))
     for name, b in segments.items():
         print(f"{name:58s} {b['total']:8.2f} " + " ".join(f"{100 * b[c] / b['total']:8.0f}%" for c in cats))
-    print("\nstart-up costs (median of 3 fresh interpreters):")
+    print("\nstart-up costs (medians of 3 fresh interpreters):")
     startup = startup_costs(print)
     result = {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "torch": torch.__version__, "load_average": list(os.getloadavg())},

@@ -9,7 +9,8 @@ fp32 loop, in one run; medians of interleaved repeats and their ratios (docs/res
 (b) sampling images/s: pipeline.sampling.sample against a plain DDIMScheduler loop with the same per-sample
     generators, at guidance scale 1 and > 1 (classifier-free guidance doubles the U-Net batch); the two must give
     the same images bit for bit (max_abs_diff in the JSON), so the comparison is apples to apples;
-(c) InvDiff (f_θ + r·δ) and Distribution Guidance (h-space gradient step) sampling time against the plain sampler.
+(c) InvDiff (f_θ + r·δ) and Distribution Guidance (h-space gradient step) sampling time against the plain sampler,
+    at Distribution Guidance's guidance batch (distguide.batch_size images: one group).
 δ and the ADP are built untrained (δ: make_delta of the U-Net; ADP: random probe weights): their cost does not
 depend on what they learnt. Training images are seeded random tensors of the profile's shape, for the same reason.
 Both arms run on one thread (torch.set_num_threads(1), `--threads`) so a shared machine treats them alike; arms
@@ -43,8 +44,8 @@ from pipeline.diffusion import make_noise_scheduler, optimisers, train_step  # n
 from pipeline.models import build_unet, null_class  # noqa: E402
 from pipeline.sampling import make_scheduler, sample, sample_seeds  # noqa: E402
 
-QUICK = {"block_out_channels": [16, 32], "train_batch": 8, "train_steps": 2, "sample_n": 4, "sample_steps": 3,
-         "distguide_steps": [0, 2], "reps": 2}
+QUICK = {"block_out_channels": [16, 32], "train_batch": 8, "train_steps": 2, "sample_n": 4, "method_n": 4,
+         "sample_steps": 3, "distguide_steps": [0, 2], "reps": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,8 +159,8 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
     params = load_params(params_path)
     d, s = params.diffusion.model_dump(), params.sample
     cfg = {"block_out_channels": d["block_out_channels"], "train_batch": d["batch_size"], "train_steps": 4,
-           "sample_n": 50, "sample_steps": s.num_inference_steps, "distguide_steps": list(params.distguide.steps),
-           "reps": 3}
+           "sample_n": 50, "method_n": params.distguide.batch_size, "sample_steps": s.num_inference_steps,
+           "distguide_steps": list(params.distguide.steps), "reps": 4}
     if quick:
         cfg.update(QUICK)
     reps = reps or cfg["reps"]
@@ -214,21 +215,26 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
     # (b) sampling, (c) methods
     unet = new_unet().eval()
     null = null_class(unet)
-    n, steps = cfg["sample_n"], cfg["sample_steps"]
-    cond = np.repeat(np.arange(NUM_CLASSES), -(-n // NUM_CLASSES))[:n]
-    seeds = sample_seeds(params.seed, n)
+    n, m, steps = cfg["sample_n"], cfg["method_n"], cfg["sample_steps"]
+
+    def inputs(k):
+        return np.repeat(np.arange(NUM_CLASSES), -(-k // NUM_CLASSES))[:k], sample_seeds(params.seed, k)
+
+    cond, seeds = inputs(n)
     ours_sched = make_scheduler(sched.config, s.scheduler, s.timestep_spacing)
     peer_sched = make_scheduler(sched.config, "ddim", s.timestep_spacing)
     invdiff, distguide = untrained_methods(unet, make_scheduler(sched.config, s.scheduler, s.timestep_spacing),
-                                           params, steps=steps, group=n, dg_steps=cfg["distguide_steps"],
+                                           params, steps=steps, group=m, dg_steps=cfg["distguide_steps"],
                                            seed=params.seed)
     diffs = {}
 
-    def ours(w, hooks=None):
+    def ours(w, hooks=None, k=n):
+        c, sd = inputs(k)
+
         def fn():
-            sample(unet, ours_sched, cond, seeds, num_inference_steps=steps, guidance_scale=w, eta=0.0,
-                   batch_size=n, null_class=null, hooks=hooks, progress=False)
-            return n
+            sample(unet, ours_sched, c, sd, num_inference_steps=steps, guidance_scale=w, eta=0.0,
+                   batch_size=k, null_class=null, hooks=hooks, progress=False)
+            return k
         return fn
 
     def peer(w):
@@ -242,11 +248,18 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
                    batch_size=n, null_class=null, progress=False)
         b = peer_ddim(unet, peer_sched, cond, seeds, steps=steps, guidance_scale=w, null=null)
         diffs[f"w{w:g}"] = float((a - b).abs().max())
-    log(f"(b, c) sampling: {n} images per timing, {steps} steps, guidance 1 and {guidance:g}; "
+    log(f"(b) sampling: {n} images per timing, {steps} steps, guidance 1 and {guidance:g}; "
         f"ours vs peer max |Δ|: {diffs}")
     arms = {"ours_w1": ours(1.0), "peer_w1": peer(1.0), f"ours_w{guidance:g}": ours(guidance),
-            f"peer_w{guidance:g}": peer(guidance), "invdiff": ours(1.0, invdiff), "distguide": ours(1.0, distguide)}
+            f"peer_w{guidance:g}": peer(guidance)}
     sample_rates, sample_wall = interleaved(arms, reps)
+    # (c) at the guidance batch of Distribution Guidance (its groups are whole batches), guidance scale 1
+    log(f"(c) methods: {m} images per timing (one guidance group), {steps} steps, guided steps "
+        f"{cfg['distguide_steps']}")
+    rates, wall = interleaved({"baseline": ours(1.0, None, m), "invdiff": ours(1.0, invdiff, m),
+                               "distguide": ours(1.0, distguide, m)}, reps)
+    sample_rates.update(rates)
+    sample_wall.update(wall)
 
     med = {f"train_{k}": statistics.median(v) for k, v in train_rates.items()}
     med.update({k: statistics.median(v) for k, v in sample_rates.items()})
@@ -256,8 +269,17 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
               "sample_w1_ours_over_peer": med["ours_w1"] / med["peer_w1"],
               f"sample_w{guidance:g}_ours_over_peer": med[f"ours_w{guidance:g}"] / med[f"peer_w{guidance:g}"],
               # time ratios (method / baseline sampler): the inverse of the rate ratio
-              "invdiff_time_over_baseline": med["ours_w1"] / med["invdiff"],
-              "distguide_time_over_baseline": med["ours_w1"] / med["distguide"]}
+              "invdiff_time_over_baseline": med["baseline"] / med["invdiff"],
+              "distguide_time_over_baseline": med["baseline"] / med["distguide"]}
+    # the noise: range over repeats of the paired ratio (same round, adjacent timings)
+    pairs = {"train_ours_over_peer": (train_rates["ours"], train_rates["peer"]),
+             "sample_w1_ours_over_peer": (sample_rates["ours_w1"], sample_rates["peer_w1"]),
+             f"sample_w{guidance:g}_ours_over_peer": (sample_rates[f"ours_w{guidance:g}"],
+                                                      sample_rates[f"peer_w{guidance:g}"]),
+             "invdiff_time_over_baseline": (sample_rates["baseline"], sample_rates["invdiff"]),
+             "distguide_time_over_baseline": (sample_rates["baseline"], sample_rates["distguide"])}
+    paired = {k: [a / b for a, b in zip(*v, strict=True)] for k, v in pairs.items()}
+    spread = {k: [min(v), max(v)] for k, v in paired.items()}
     targets = {"train_ge_1": ratios["train_ours_over_peer"] >= 1.0,
                "sample_ge_1": min(ratios["sample_w1_ours_over_peer"],
                                   ratios[f"sample_w{guidance:g}_ours_over_peer"]) >= 1.0,
@@ -267,7 +289,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
               "timing": "rates per CPU second of the process (one torch thread); wall-clock rates alongside",
               "rates": {"train": train_rates, "sample": sample_rates},
               "wall_rates": {"train": train_wall, "sample": sample_wall}, "medians": med, "wall_medians": wall_med,
-              "ratios": ratios,
+              "ratios": ratios, "ratio_range_over_repeats": spread,
               "targets_met": targets, "ours_vs_peer_max_abs_diff": diffs,
               "note": "δ and ADP untrained, training images random: cost does not depend on either"}
     log(f"{'arm':<24}{'median':>10}  unit (per CPU s)  runs  [wall-clock median]")
@@ -276,7 +298,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
         log(f"{name:<24}{med[name]:>10.3f}  {unit:<15}  {', '.join(f'{r:.3f}' for r in v)}  "
             f"[{wall_med[name]:.3f}]")
     for name, r in ratios.items():
-        log(f"{name:<34}{r:.3f}")
+        log(f"{name:<34}{r:.3f}  (per-repeat range {spread[name][0]:.3f}–{spread[name][1]:.3f})")
     log(f"targets met: {targets}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

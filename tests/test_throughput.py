@@ -35,4 +35,5 @@ def test_quick_run_writes_valid_json(tmp_path, one_thread):
     assert result["ours_vs_peer_max_abs_diff"] == {"w1": 0.0, "w3": 0.0}
     for name, ratio in result["ratios"].items():
         assert math.isfinite(ratio) and ratio > 0, name
-    assert set(result["rates"]["sample"]) == {"ours_w1", "peer_w1", "ours_w3", "peer_w3", "invdiff", "distguide"}
+    assert set(result["rates"]["sample"]) == {"ours_w1", "peer_w1", "ours_w3", "peer_w3", "baseline", "invdiff",
+                                              "distguide"}
