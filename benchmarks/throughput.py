@@ -1,7 +1,7 @@
 """Our training and sampling loops side by side with the obvious peer, the same diffusers U-Net in a plain eager
 fp32 loop, in one run; medians of interleaved repeats and their ratios (docs/results.md "Throughput").
 
-    python benchmarks/throughput.py              # the default profile's U-Net and batches (about 3 minutes)
+    python benchmarks/throughput.py              # the default profile's U-Net and batches (~3 CPU minutes)
     python benchmarks/throughput.py --quick      # a tiny U-Net, to check the script (seconds)
 
 (a) training steps/s: pipeline.diffusion.train_step (AdamW, warm-up schedule, grad clipping, EMA, label dropout,
