@@ -1,5 +1,5 @@
 """Our training and sampling loops side by side with the obvious peer, the same diffusers U-Net in a plain eager
-fp32 loop, in one run; medians of interleaved repeats and their ratios (docs/results.md "Throughput").
+fp32 loop, in one run; medians of interleaved repeats and their ratios (docs/results.md, "Where the time goes").
 
     python benchmarks/throughput.py              # the default profile's U-Net and batches (~3 CPU minutes)
     python benchmarks/throughput.py --quick      # a tiny U-Net, to check the script (seconds)
