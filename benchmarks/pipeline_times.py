@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -28,12 +30,18 @@ from flows.pipeline import select_stages, stage_graph  # noqa: E402
 from tests.test_dag import _env, make_project  # noqa: E402
 
 
-def timed(cmd: list[str], cwd: Path) -> float:
+def timed(cmd: list[str], cwd: Path, cpu: list[float] | None = None) -> float:
+    """Wall seconds of cmd; with `cpu`, its CPU seconds (user + system of the child and its children) are appended
+    there: on a shared machine the wall clock also counts other jobs' turns on the cores."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=_env(cwd), capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    if cpu is not None:
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return elapsed
 
 
@@ -57,10 +65,11 @@ def main() -> None:
             print(f"  {name:22s} {stage_times[name]:8.1f} s", flush=True)
         total = sum(stage_times.values())
         print(f"  {'total':22s} {total:8.1f} s  ({total / 60:.1f} min)")
-        noop = [timed([*dvc, "repro"], tmp) for _ in range(args.runs)]
-        flow = [timed([sys.executable, "-m", "flows.pipeline", "--project-dir", str(tmp)], tmp)
+        cpu = {"noop": [], "flow": [], "status": []}
+        noop = [timed([*dvc, "repro"], tmp, cpu["noop"]) for _ in range(args.runs)]
+        flow = [timed([sys.executable, "-m", "flows.pipeline", "--project-dir", str(tmp)], tmp, cpu["flow"])
                 for _ in range(max(3, args.runs // 2))]
-        status = [timed([*dvc, "status"], tmp) for _ in range(args.runs)]
+        status = [timed([*dvc, "status"], tmp, cpu["status"]) for _ in range(args.runs)]
         summary = {
             "stage_seconds": {k: round(v, 2) for k, v in stage_times.items()},
             "total_seconds": round(total, 1),
@@ -68,6 +77,8 @@ def main() -> None:
             "dvc_status_median_s": round(statistics.median(status), 2),
             "cached_prefect_flow_median_s": round(statistics.median(flow), 2),
         }
+        summary["cpu_median_s"] = {k: round(statistics.median(v), 2) for k, v in cpu.items()}
+        summary["load_average"] = list(os.getloadavg())
         summary["flow_minus_noop_s"] = round(summary["cached_prefect_flow_median_s"]
                                              - summary["noop_dvc_repro_median_s"], 2)
         print(f"no-op dvc repro:      median {summary['noop_dvc_repro_median_s']:.2f} s over {len(noop)} runs")

@@ -59,6 +59,47 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
     return x0
 
 
+def optimisers(unet, cfg: dict):
+    """(EMA of the weights, AdamW, linear LR warm-up over cfg["warmup_steps"]) for the `diffusion` params."""
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(unet.parameters(), decay=cfg["ema_decay"], use_ema_warmup=True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    warmup = max(1, cfg["warmup_steps"])
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    return ema, opt, lr_sched
+
+
+def train_step(unet, opt, lr_sched, ema, scheduler, images: torch.Tensor, classes: torch.Tensor,
+               gen: torch.Generator, *, batch: int, label_dropout: float, null: int, conditioning: Conditioning,
+               accelerator, step: int) -> torch.Tensor:
+    """One optimisation step, (1)–(5) of the module docstring, then AdamW, the LR schedule and the EMA;
+    returns the detached loss (benchmarks/throughput.py times exactly this against a plain diffusers loop)."""
+    # Every process draws the same global batch and keeps its own slice: the result does not depend on
+    # the number of processes (gradients are averaged across them by accelerate).
+    idx = torch.randint(0, len(images), (batch,), generator=gen)
+    noise = torch.randn((batch, *images.shape[1:]), generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+    drop = torch.rand(batch, generator=gen) < label_dropout
+    sl = slice(accelerator.process_index, None, accelerator.num_processes)
+    x0 = images[idx][sl].to(accelerator.device)
+    noise, t = noise[sl].to(accelerator.device), t[sl].to(accelerator.device)
+    y = torch.where(drop, torch.full_like(classes[idx], null), classes[idx])[sl].to(accelerator.device)
+    x_t = scheduler.add_noise(x0, noise, t)
+    target = training_target(scheduler, x0, noise, t)
+    with accelerator.autocast():
+        pred = unet(x_t, t, **conditioning.with_labels(y).unet_kwargs()).sample
+    loss = F.mse_loss(pred.float(), target.float())
+    check_finite(loss, "train_diffusion", step, "lower diffusion.lr")
+    opt.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    lr_sched.step()
+    ema.step(accelerator.unwrap_model(unet).parameters())
+    return loss.detach()
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -82,8 +123,6 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     label dropout); `save_extra(dir)` writes whatever else the model directory needs (the VAE, the prompts).
     """
     from accelerate import Accelerator
-    from diffusers.training_utils import EMAModel
-
     accelerator = accelerator or Accelerator(mixed_precision=resolve_mixed_precision(cfg["mixed_precision"]))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -92,10 +131,7 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
         unet = build_unet(resolution=images.shape[-1], num_classes=num_classes,
                           block_out_channels=cfg["block_out_channels"], layers_per_block=cfg["layers_per_block"],
                           attention=cfg["attention"])
-    ema = EMAModel(unet.parameters(), decay=cfg["ema_decay"], use_ema_warmup=True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    warmup = max(1, cfg["warmup_steps"])
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    ema, opt, lr_sched = optimisers(unet, cfg)
     if scheduler_config is None:
         scheduler = make_noise_scheduler(cfg["num_train_timesteps"], cfg["beta_schedule"], cfg["prediction_type"])
     else:
@@ -135,34 +171,14 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     ema.to(accelerator.device)
 
     total, batch = cfg["train_steps"], cfg["batch_size"]
-    rank, world = accelerator.process_index, accelerator.num_processes
     bar = tqdm(range(start, total), initial=start, total=total, desc="train_diffusion",
                disable=not accelerator.is_local_main_process)
     unet.train()
     for step in bar:
-        # Every process draws the same global batch and keeps its own slice: the result does not depend on
-        # the number of processes (gradients are averaged across them by accelerate).
-        idx = torch.randint(0, len(images), (batch,), generator=gen)
-        noise = torch.randn((batch, *images.shape[1:]), generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        drop = torch.rand(batch, generator=gen) < cfg["label_dropout"]
-        sl = slice(rank, None, world)
-        x0 = images[idx][sl].to(accelerator.device)
-        noise, t = noise[sl].to(accelerator.device), t[sl].to(accelerator.device)
-        y = torch.where(drop, torch.full_like(classes[idx], null), classes[idx])[sl].to(accelerator.device)
-        x_t = scheduler.add_noise(x0, noise, t)
-        target = training_target(scheduler, x0, noise, t)
-        with accelerator.autocast():
-            pred = unet(x_t, t, **conditioning.with_labels(y).unet_kwargs()).sample
-        loss = F.mse_loss(pred.float(), target.float())
-        check_finite(loss, "train_diffusion", step, "lower diffusion.lr")
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        ema.step(accelerator.unwrap_model(unet).parameters())
-        history.add(accelerator.gather(loss.detach()[None]).mean().item())
+        loss = train_step(unet, opt, lr_sched, ema, scheduler, images, classes, gen, batch=batch,
+                          label_dropout=cfg["label_dropout"], null=null, conditioning=conditioning,
+                          accelerator=accelerator, step=step)
+        history.add(accelerator.gather(loss[None]).mean().item())
         if (step + 1) % 50 == 0 or step + 1 == total:
             metrics = history.close_window(step + 1)
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
