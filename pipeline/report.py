@@ -105,8 +105,14 @@ def sweep_label(row: dict) -> str:
     return " ".join(f"{SHORT.get(k, k)}={v:g}" for k, v in row.items() if k not in skip and isinstance(v, (int, float)))
 
 
+def _num(x: float) -> str:
+    """Three decimals; a value that rounds to zero prints as 0.000, never -0.000."""
+    text = f"{x:.3f}"
+    return "0.000" if text == "-0.000" else text
+
+
 def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    return "–" if v is None else _num(v) if isinstance(v, float) else str(v)
 
 
 def overlaps(a, b) -> bool:
@@ -120,7 +126,7 @@ def cell(row: dict, key: str, base: dict | None = None) -> str:
     if ci is None or row.get(key) is None:
         return text
     near = base is not None and base is not row and f"{key}_ci95" in base and overlaps(ci, base[f"{key}_ci95"])
-    return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" + (" ≈" if near else "")
+    return f"{text} [{_num(ci[0])}, {_num(ci[1])}]" + (" ≈" if near else "")
 
 
 def add_bias_removed(rows: list[dict], counts: dict[str, np.ndarray], *, seed: int,

@@ -295,3 +295,11 @@ def test_report_marks_overlaps_and_adds_bias_removed():
     lines = {line.split(" |")[0]: line for line in md.splitlines() if line.startswith("| ")}
     assert "5.500 [5.200, 5.900] ≈" in lines["| close"] and "9.000 [8.000, 10.000] |" in lines["| far"]
     assert "5.000 [4.000, 6.000] |" in lines["| baseline"] and "12.500" in md
+
+
+def test_report_cell_prints_an_interval_that_rounds_to_zero_without_a_sign():
+    from pipeline.report import cell
+
+    row = {"aligned_fraction_corrected": 0.0, "aligned_fraction_corrected_ci95": [-1e-9, 4e-4]}
+    assert cell(row, "aligned_fraction_corrected") == "0.000 [0.000, 0.000]"
+    assert cell({"x": -0.25, "x_ci95": [-0.5, -0.1]}, "x") == "-0.250 [-0.500, -0.100]"
