@@ -52,6 +52,7 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads xdist_group into the node ids
 def pytest_collection_modifyitems(items):
     """The session's tiny-DAG build runs inside whichever test first asks for it: such tests get room for it on a
     busy 2-core machine (pyproject's --timeout covers one test's own work), and one xdist group with the other
