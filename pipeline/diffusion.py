@@ -31,8 +31,32 @@ from pipeline.checkpoints import (
     tensor_digest,
 )
 from pipeline.conditioning import Conditioning
+from pipeline.errors import UserError
 from pipeline.io import atomic_path
-from pipeline.models import build_unet, null_class
+
+
+def build_unet(*, resolution: int, num_classes: int, block_out_channels, layers_per_block: int, attention: bool):
+    """Class-conditional diffusers UNet2DModel; class index `num_classes` is the null (unconditional) class."""
+    from diffusers import UNet2DModel
+
+    n = len(block_out_channels)
+    if resolution % (2 ** (n - 1)):
+        raise UserError(f"diffusion.block_out_channels: {n} levels need data.resolution divisible by {2 ** (n - 1)}")
+    down = ["DownBlock2D"] * n
+    up = ["UpBlock2D"] * n
+    if attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(
+        sample_size=resolution, in_channels=3, out_channels=3,
+        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+        down_block_types=tuple(down), up_block_types=tuple(up),
+        num_class_embeds=num_classes + 1, norm_num_groups=8, attention_head_dim=8,
+    )
+
+
+def null_class(unet) -> int:
+    """The null-class index of a model built by build_unet (the last class embedding)."""
+    return int(unet.config.num_class_embeds) - 1
 
 
 def resolve_mixed_precision(setting: str) -> str:

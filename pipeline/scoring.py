@@ -6,6 +6,7 @@ import pandas as pd
 
 from pipeline.data import MNIST_META, DatasetMeta, load_meta, to_tensor
 from pipeline.errors import UserError
+from pipeline.judges import judge_outputs
 from pipeline.metrics import (
     attribute_samples,
     bootstrap_interval,
@@ -17,7 +18,6 @@ from pipeline.metrics import (
     precision_recall,
     wilson_interval,
 )
-from pipeline.models import judge_outputs
 
 # Each interval has its own random stream (seed, stream), so adding a metric never moves another's interval.
 STREAMS = {"counts": 1, "fid_indomain": 2, "fid_balanced": 3, "fid_inception": 4}
@@ -133,8 +133,8 @@ class Scorer:
         from pathlib import Path
 
         from pipeline.io import load_json, load_npz
+        from pipeline.judges import load_judge
         from pipeline.metrics import InceptionFeatures, confusion_rates
-        from pipeline.models import load_judge
 
         judges_dir, reference_dir = Path(judges_dir), Path(reference_dir)
         self.meta = load_meta(reference_dir)  # fid_reference copies the prepared data's meta.json, if any

@@ -18,7 +18,7 @@ from pipeline.methods.distribution_guidance import distribution_guidance_hooks
 from pipeline.methods.invdiff import InvDiffHooks, load_delta
 from pipeline.methods.latent_directions import latent_direction_hooks
 from pipeline.pretrained import load_model
-from pipeline.sampling import make_scheduler, sample, sample_seeds
+from pipeline.sampling import SamplerSettings, sample, sample_seeds
 from pipeline.scoring import Scorer
 from stages.common import UserError, check_name, device, load_params, mlflow_run, stage_main
 
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     cond = np.repeat(np.arange(model.num_classes), per_class)
     seeds = sample_seeds(params.seed, len(cond))
     section, grid = sweep_grid(args.method, params, cond, dev)
-    scheduler = make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing)
+    settings = SamplerSettings.from_params(ps)
     scorer = Scorer(JUDGES, REF, device=dev, k=params.score.pr_k, seed=params.seed,
                     batch_size=params.score.batch_size, bootstrap=params.score.bootstrap,
                     bootstrap_fid=params.score.bootstrap_fid)
@@ -75,10 +75,7 @@ def main(argv=None) -> None:
     with mlflow_run("sweep", params, (section, "sample", "score"), run_name=f"sweep@{args.method}",
                     extra_tags={"method": args.method}) as run:
         for i, (knobs, hooks) in enumerate(grid):
-            images = sample(model.unet, scheduler, cond, seeds, num_inference_steps=ps.num_inference_steps,
-                            guidance_scale=ps.guidance_scale, eta=ps.eta, batch_size=ps.batch_size,
-                            null_class=model.null_class, hooks=hooks, device=dev, progress=False,
-                            conditioning=model.conditioning, vae=model.vae)
+            images = sample(model, cond, seeds, settings, hooks=hooks, progress=False)
             metrics, _ = scorer(to_uint8(images), cond)
             rows.append({"method": args.method, **knobs, **metrics})
             run.metrics(metrics, step=i)

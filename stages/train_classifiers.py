@@ -10,9 +10,8 @@ import torch
 
 from pipeline.data import load_meta, load_split, to_tensor
 from pipeline.io import atomic_path, save_json
-from pipeline.judges import adopt_judge
+from pipeline.judges import adopt_judge, judge_outputs, save_judge, train_judge
 from pipeline.metrics import confusion_matrix
-from pipeline.models import judge_outputs, save_judge, train_judge
 from stages.common import device, load_params, mlflow_run, stage_main
 
 PREPARED, OUT, CKPT = Path("data/prepared"), Path("data/judges"), Path("data/checkpoints/classifiers")

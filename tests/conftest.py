@@ -4,7 +4,7 @@ built once per session (through the Prefect flow; tests/dag.py)."""
 import pytest
 import torch
 
-from pipeline.models import build_unet
+from pipeline.diffusion import build_unet
 
 
 @pytest.fixture(scope="module")
