@@ -13,24 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import load_split, to_tensor
+from pipeline.data import balanced_subset, load_split, to_tensor
 from pipeline.io import atomic_path, save_json
 from pipeline.judges import judge_outputs, load_judge
 from pipeline.methods.distribution_guidance import RecordH, save_adp, train_adp
 from pipeline.pretrained import load_model
 from pipeline.report import line_plot
 from pipeline.sampling import SamplerSettings, invert, sample, sample_seeds
+from pipeline.seeds import key, stream
 from stages.common import device, load_params, mlflow_run, stage_main
 
 MODEL, JUDGES, OUT = Path("data/models/diffusion"), Path("data/judges"), Path("data/methods/distguide")
 PREPARED = Path("data/prepared")
-
-
-def balanced_subset(classes: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Indices of `per_class` images of each class, a seeded draw (the split is class × attribute balanced)."""
-    rng = np.random.default_rng([seed, 11])
-    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(classes == y))[:per_class]
-                                   for y in np.unique(classes)]))
 
 
 @stage_main
@@ -45,13 +39,13 @@ def main() -> None:
     recorder = RecordH(p.h_module, p.pool, p.pool_weights)
     if p.fit_on == "balanced":  # h along the DDIM inversion of labelled, attribute-balanced real images
         split = load_split(PREPARED, "judge", with_bias=True)
-        idx = balanced_subset(split.classes, p.fit_per_class, params.seed)
+        idx = balanced_subset(split.classes, p.fit_per_class, key(params.seed, "distguide_subset"))
         cond, labels = split.classes[idx], split.bias[idx]
         invert(model, to_tensor(split.images[idx]), cond, settings, hooks=recorder)
     else:
         cond = np.repeat(np.arange(num_classes), p.fit_per_class)
-        seeds = sample_seeds(params.seed + 2, len(cond))  # a stream of its own, disjoint from the scored samples
-        images = sample(model, cond, seeds, settings, hooks=recorder)
+        fit_seeds = sample_seeds(stream(params.seed, "distguide_fit"), len(cond))  # not the scored seeds
+        images = sample(model, cond, fit_seeds, settings, hooks=recorder)
         labels, _ = judge_outputs(colour, images.to(dev))
     h = recorder.stacked()
     timesteps = [recorder.timesteps[s] for s in sorted(recorder.timesteps)]

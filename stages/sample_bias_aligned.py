@@ -17,6 +17,7 @@ from pipeline.metrics import aligned_fraction
 from pipeline.pretrained import load_model
 from pipeline.report import sample_grid, save_png
 from pipeline.sampling import SamplerSettings, sample, sample_seeds
+from pipeline.seeds import stream
 from stages.common import device, load_params, mlflow_run, stage_main
 
 MODEL, JUDGES, PREPARED = Path("data/models/diffusion"), Path("data/judges"), Path("data/prepared")
@@ -31,7 +32,7 @@ def main() -> None:
     model = load_model(MODEL, dev)  # pixel or latent (then sampled in latent space and decoded)
     aligned = np.asarray(load_meta(PREPARED).aligned)  # class y's bias-aligned attribute value
     cond = np.repeat(np.arange(model.num_classes), p.num_per_class)
-    seeds = sample_seeds(1000 + p.seed, len(cond))  # a stream of its own, disjoint from the scored samples
+    seeds = sample_seeds(stream(p.seed, "ddb_synthetic"), len(cond))  # not the scored samples' seeds
     with mlflow_run("sample_bias_aligned", params, ("ddb",), extra_tags={"bias_ratio": str(params.data.bias_ratio),
                                                                          "ddb_seed": str(p.seed)}) as run:
         settings = SamplerSettings.from_params(ps, num_inference_steps=p.num_inference_steps,
