@@ -64,6 +64,7 @@ from pipeline.diffusion import training_target
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
 from pipeline.sampling import SamplerHooks, StepContext
+from pipeline.targets import target_distribution
 
 # ----------------------------------------------------------------------------------------------------------------
 # any diffusers U-Net: UNet2DModel (class labels) or UNet2DConditionModel (class labels and/or text embeddings)
@@ -300,10 +301,8 @@ def group_targets(target, num_groups: int, aligned: tuple[int, ...], num_attribu
     if isinstance(target, str) and target == "uniform":
         p = np.full(num_attributes, 1.0 / num_attributes)
     else:
-        p = np.asarray(target, np.float64)
-        if p.shape != (num_attributes,):
-            raise UserError(f"invdiff.target: expected 'uniform', 'equal' or {num_attributes} shares (one per "
-                            f"attribute value), got {len(p)}")
+        p = target_distribution(target, num_attributes, "invdiff.target ('uniform', 'equal' or one share per "
+                                "attribute value)")
     if attribute_groups:
         if num_groups != num_attributes:
             raise UserError(f"attribute groups: W has {num_groups} columns for {num_attributes} attribute values")
