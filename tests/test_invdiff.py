@@ -219,13 +219,13 @@ def test_works_on_a_saved_unet2dconditionmodel(tmp_path, one_thread, class_embed
     assert call_unet(trained, x, t, cond.select([0, 1, 2])).abs().sum() > 0
 
 
-def test_grouper_stage_refuses_a_view_with_the_bias_attribute():
-    from stages.fit_grouper import infer_groups
+def test_the_max_step_refuses_a_view_with_the_bias_attribute():
+    from pipeline.methods.invdiff import infer_groups
 
     view = ScoredImages(np.zeros((2, 16, 16, 3), np.uint8), np.zeros(2, np.int64), np.zeros(2, np.int64),
                         np.ones(2, bool))
     with pytest.raises(UserError, match="bias attribute"):
-        infer_groups(view, None, None, None, 0, "cpu")
+        infer_groups(view, None, None, 0, "cpu")
     assert not hasattr(LabelledImages(view.images, view.classes), "bias")
 
 

@@ -63,7 +63,7 @@ from pipeline.conditioning import Conditioning, call_unet
 from pipeline.diffusion import training_target
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
-from pipeline.sampling import SamplerHooks, StepContext
+from pipeline.sampling import SamplerHooks, StepContext, make_scheduler
 from pipeline.targets import target_distribution
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -420,6 +420,34 @@ def grouping_quality(W: np.ndarray, conflicting: np.ndarray, scores: np.ndarray 
     if scores is not None and 0 < conflicting.sum() < len(conflicting):
         out["auroc_scores"] = float(roc_auc_score(conflicting, scores))
     return out
+
+
+def infer_groups(train, model, p, seed: int, device) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The whole max step on a dataset view that must not carry the bias attribute (`train`: images, classes only),
+    for a pipeline.pretrained.DiffusionModel and the `invdiff` params section `p`: the frozen model's losses
+    l[i, d] = pixel-mean ‖ε̂_θ(x_t, t_d, y_i) − ε‖² at the loss_timesteps draws (denoising_losses; with
+    p.loss_contrast also r[i, d] under ∅), the normalised scores s_i (normalised_scores), then the soft groups W
+    (fit_grouper). Returns (W [N, G], scores [N], losses [N, D] or with the null-class reference [N, D, 2],
+    {timesteps, objective, min_group_share})."""
+    if hasattr(train, "bias") or hasattr(train, "aligned"):
+        raise UserError("infer_groups: the training view carries the bias attribute; the grouper must infer groups "
+                        "without it (load_split(..., with_bias=False))")
+    from pipeline.data import to_tensor
+
+    scheduler = make_scheduler(model.scheduler_config, "ddpm")
+    ts = loss_timesteps(*p.loss_timesteps, p.loss_draws)
+    classes, table = torch.from_numpy(train.classes), model.prompt_embeds
+    reference = (Conditioning(class_labels=torch.full_like(classes, model.null_class), prompt_embeds=table)
+                 if p.loss_contrast else None)
+    losses, ref = denoising_losses(model.unet, scheduler, model.to_model_space(to_tensor(train.images)),
+                                   Conditioning(class_labels=classes, prompt_embeds=table), ts,
+                                   reference=reference, seed=seed, batch_size=p.loss_batch_size, device=device)
+    scores = normalised_scores(losses, train.classes, ref)
+    share = estimate_minority_share(scores) if p.min_group_share == "auto" else p.min_group_share
+    fit = fit_grouper(scores, p.num_groups, min_share=min(share, 1 / p.num_groups), steps=p.grouper_steps,
+                      lr=p.grouper_lr, init=p.grouper_init, seed=seed)
+    losses = losses if ref is None else np.stack([losses, ref], -1)
+    return fit.W, scores, losses, {"timesteps": ts, "objective": fit.objective, "min_group_share": share}
 
 
 # ----------------------------------------------------------------------------------------------------------------
