@@ -21,15 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline.checkpoints import (
-    check_finite,
-    config_fingerprint,
-    latest_checkpoint,
-    load_checkpoint,
-    restoring,
-    save_checkpoint,
-    tensor_digest,
-)
+from pipeline.checkpoints import Checkpointer, check_finite, config_fingerprint, tensor_digest
 from pipeline.conditioning import Conditioning
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
@@ -134,22 +126,22 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     cfg_fp = {k: v for k, v in cfg.items() if not (k in ("pretrained", "prompt_template") and v is None)}
     fingerprint = config_fingerprint({**cfg_fp, "seed": seed, "num_classes": num_classes,
                                       "data": tensor_digest(images, classes), **extra})
-    start = 0
-    if accelerator.is_main_process:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)  # exists even when no step is checkpointed (a DVC output)
-    ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=cfg["train_steps"])
-    if ckpt is not None:
-        weights, state, start = load_checkpoint(ckpt, ("model", "ema"))
-        with restoring(ckpt):
-            unet.load_state_dict(weights["model"])
-            for i, p in enumerate(ema.shadow_params):
-                p.data.copy_(weights["ema"][f"p{i}"])
-            ema.optimization_step = int(state["ema_step"])
-            opt.load_state_dict(state["optimizer"])
-            lr_sched.load_state_dict(state["lr_scheduler"])
-            gen.set_state(state["data_rng"])
-            torch.set_rng_state(state["torch_rng"])
-        accelerator.print(f"resuming from {ckpt} (step {start})")
+    ckpt = Checkpointer(ckpt_dir, fingerprint, total=cfg["train_steps"], every=cfg["checkpoint_every"],
+                        names=("model", "ema"), is_main=accelerator.is_main_process)
+
+    def restore(weights, state):
+        unet.load_state_dict(weights["model"])
+        for i, p in enumerate(ema.shadow_params):
+            p.data.copy_(weights["ema"][f"p{i}"])
+        ema.optimization_step = int(state["ema_step"])
+        opt.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+
+    start = ckpt.resume(restore)
+    if ckpt.path is not None:
+        accelerator.print(f"resuming from {ckpt.path} (step {start})")
     unet, opt = accelerator.prepare(unet, opt)
     ema.to(accelerator.device)
 
@@ -191,8 +183,8 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
             bar.set_postfix(loss=f"{mean:.4f}")
             if log is not None and accelerator.is_main_process:
                 log(step + 1, {"train_loss": mean})
-        if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < total and accelerator.is_main_process:
-            save_checkpoint(ckpt_dir, step + 1, fingerprint, weights={
+        if ckpt.due(step + 1):
+            ckpt.save(step + 1, weights={
                 "model": accelerator.unwrap_model(unet).state_dict(),
                 "ema": {f"p{i}": p for i, p in enumerate(ema.shadow_params)},
             }, state={"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),

@@ -84,15 +84,7 @@ def train_judge(images: torch.Tensor, targets: torch.Tensor, num_outputs: int, *
     """Cross-entropy training with Adam and a one-cycle schedule; batches drawn from a generator seeded by
     `seed`. With `ckpt_dir`, a checkpoint after every epoch, and a re-run resumes from the latest.
     `arch`: "cnn" (Judge) or "resnet" (ResNetJudge with `blocks` per stage)."""
-    from pipeline.checkpoints import (
-        check_finite,
-        config_fingerprint,
-        latest_checkpoint,
-        load_checkpoint,
-    restoring,
-        save_checkpoint,
-        tensor_digest,
-    )
+    from pipeline.checkpoints import Checkpointer, check_finite, config_fingerprint, tensor_digest
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -104,17 +96,15 @@ def train_judge(images: torch.Tensor, targets: torch.Tensor, num_outputs: int, *
                                       "seed": seed, "schedule": epochs * per_epoch,
                                       "data": tensor_digest(images, targets),
                                       **({} if arch == "cnn" else {"arch": judge.config})})
-    start = 0
-    if ckpt_dir is not None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)  # exists even when no epoch is checkpointed (a DVC output)
-    ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=epochs) if ckpt_dir else None
-    if ckpt is not None:
-        weights, state, start = load_checkpoint(ckpt, ("model",))
-        with restoring(ckpt):
-            judge.load_state_dict(weights["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["lr_scheduler"])
-            gen.set_state(state["data_rng"])
+    ckpt = Checkpointer(ckpt_dir, fingerprint, total=epochs, every=1, names=("model",))
+
+    def restore(weights, state):
+        judge.load_state_dict(weights["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+        gen.set_state(state["data_rng"])
+
+    start = ckpt.resume(restore)
     bar = tqdm(total=epochs * per_epoch, initial=start * per_epoch, desc=desc, leave=False)
     for epoch in range(start, epochs):
         for idx in torch.randperm(len(images), generator=gen).split(batch_size):
@@ -127,10 +117,10 @@ def train_judge(images: torch.Tensor, targets: torch.Tensor, num_outputs: int, *
             sched.step()
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if ckpt_dir is not None and epoch + 1 < epochs:
-            save_checkpoint(ckpt_dir, epoch + 1, fingerprint, weights={"model": judge.state_dict()},
-                            state={"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
-                                   "data_rng": gen.get_state()})
+        if ckpt.due(epoch + 1):
+            ckpt.save(epoch + 1, weights={"model": judge.state_dict()},
+                      state={"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+                             "data_rng": gen.get_state()})
     bar.close()
     return judge.eval()
 

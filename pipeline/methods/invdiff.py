@@ -50,15 +50,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.checkpoints import (
-    check_finite,
-    config_fingerprint,
-    latest_checkpoint,
-    load_checkpoint,
-    restoring,
-    save_checkpoint,
-    tensor_digest,
-)
+from pipeline.checkpoints import Checkpointer, check_finite, config_fingerprint, tensor_digest
 from pipeline.conditioning import Conditioning, call_unet
 from pipeline.diffusion import training_target
 from pipeline.errors import UserError
@@ -529,22 +521,23 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
                                       "base": tensor_digest(*[p.detach().cpu() for p in base.parameters()]),
                                       "delta": dict(delta.config), "null": null_class,
                                       "targets": None if targets is None else np.asarray(targets).tolist()})
-    start = 0
-    if accelerator.is_main_process:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=cfg["steps"])
-    if ckpt is not None:
-        weights, state, start = load_checkpoint(ckpt, ("delta", "ema") if ema_decay else ("delta",))
-        with restoring(ckpt):
-            delta.load_state_dict(weights["delta"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["data_rng"])
-            torch.set_rng_state(state["torch_rng"])
-        accelerator.print(f"resuming from {ckpt} (step {start})")
+    ckpt = Checkpointer(ckpt_dir, fingerprint, total=cfg["steps"], every=cfg["checkpoint_every"],
+                        names=("delta", "ema") if ema_decay else ("delta",), is_main=accelerator.is_main_process)
     # the EMA starts at δ's (zero-output) initialisation, or at the checkpoint's
     ema = [p.detach().float().clone() for p in delta.parameters()] if ema_decay else None
-    if ema is not None and ckpt is not None:
-        ema = [weights["ema"][name].float().clone() for name, _ in delta.named_parameters()]
+
+    def restore(weights, state):
+        nonlocal ema
+        delta.load_state_dict(weights["delta"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if ema is not None:
+            ema = [weights["ema"][name].float().clone() for name, _ in delta.named_parameters()]
+
+    start = ckpt.resume(restore)
+    if ckpt.path is not None:
+        accelerator.print(f"resuming from {ckpt.path} (step {start})")
     delta, opt = accelerator.prepare(delta, opt)
     base.to(accelerator.device)
     total, batch = cfg["steps"], cfg["batch_size"]
@@ -609,13 +602,13 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
             bar.set_postfix(loss=f"{mean:.4f}")
             if log is not None and accelerator.is_main_process:
                 log(step + 1, {"train_loss": mean, **{f"group_loss_{k}": v for k, v in enumerate(gl)}})
-        if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < total and accelerator.is_main_process:
+        if ckpt.due(step + 1):
             inner = accelerator.unwrap_model(delta)
             extra = {} if ema is None else {"ema": {n: e for (n, _), e in zip(inner.named_parameters(), ema,
                                                                              strict=True)}}
-            save_checkpoint(ckpt_dir, step + 1, fingerprint, weights={"delta": inner.state_dict(), **extra},
-                            state={"optimizer": opt.state_dict(), "data_rng": gen.get_state(),
-                                   "torch_rng": torch.get_rng_state()})
+            ckpt.save(step + 1, weights={"delta": inner.state_dict(), **extra},
+                      state={"optimizer": opt.state_dict(), "data_rng": gen.get_state(),
+                             "torch_rng": torch.get_rng_state()})
     bar.close()
     final = accelerator.unwrap_model(delta).eval()
     if ema is not None:  # the saved δ is the EMA
