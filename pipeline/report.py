@@ -44,6 +44,21 @@ def sample_grid(images: np.ndarray, cond: np.ndarray, per_class: int, scale: int
     return grid.repeat(scale, 0).repeat(scale, 1)
 
 
+def discovery_grid(images: np.ndarray, classes: np.ndarray, W: np.ndarray, scores: np.ndarray,
+                   per_group: int) -> np.ndarray:
+    """InvDiff's discovery grid. Row k: the training images most firmly in group k (ties broken by score: the
+    highest-loss group shows its highest scores, the others their lowest), round-robin over the classes (class 0's
+    firmest, class 1's, …, then each class's second), so every digit shows."""
+    rows = []
+    for k in range(W.shape[1]):
+        sign = 1.0 if k == W.shape[1] - 1 else -1.0
+        ranked = [np.flatnonzero(m)[np.lexsort((-sign * scores[m], -W[m, k].round(3)))]
+                  for m in (classes == y for y in np.unique(classes))]
+        rows.append([r[j] for j in range(max(map(len, ranked))) for r in ranked if j < len(r)][:per_group])
+    return sample_grid(images[np.concatenate(rows)], np.repeat(np.arange(W.shape[1]), [len(r) for r in rows]),
+                       per_group)
+
+
 def save_png(array: np.ndarray, path: str | Path) -> None:
     from PIL import Image
 

@@ -35,13 +35,11 @@ def main() -> None:
     adopted = {}
     if cfg["pretrained"] is not None:
         from pipeline.pretrained import adopt_pretrained
-        from pipeline.sampling import encode_latents
 
         model = adopt_pretrained(cfg["pretrained"], class_names=meta.class_names,
                                  prompt_template=cfg["prompt_template"], resolution=images.shape[-1],
                                  device=accelerator.device)
-        if model.vae is not None:
-            images = encode_latents(model.vae, images)
+        images = model.to_model_space(images)
         adopted = {"unet": model.unet, "conditioning": model.conditioning,
                    "scheduler_config": model.scheduler_config, "save_extra": model.save_extra}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flows  # noqa: F401  (sets Prefect's ephemeral-API start-up timeout before any test imports prefect)
-from pipeline.models import build_unet
+from pipeline.diffusion import build_unet
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def tiny_dag(tmp_path_factory):
 
 
 # test files that run the Prefect flow or server without the shared DAG: with it on one xdist worker
-PREFECT_FILES = ("test_flows.py", "test_serve.py")
+PREFECT_FILES = ("test_flows.py", "test_serve.py", "test_concurrent.py")
 
 
 def pytest_configure(config):
@@ -52,6 +52,7 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads xdist_group into the node ids
 def pytest_collection_modifyitems(items):
     """The session's tiny-DAG build runs inside whichever test first asks for it: such tests get room for it on a
     busy 2-core machine (pyproject's --timeout covers one test's own work), and one xdist group with the other
