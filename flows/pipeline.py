@@ -7,6 +7,7 @@ a flow run and `dvc repro` leave the same dvc.lock. What a run does to the check
 
     python -m flows.pipeline                      # run once, locally (Prefect's ephemeral API)
     python -m flows.pipeline --set sample.guidance_scale=2 --methods baseline
+    python -m flows.pipeline --max-parallel 2     # independent branches two at a time (flows/concurrent.py)
     python -m flows.serve                         # register a deployment for the UI of `prefect server start`
 """
 
