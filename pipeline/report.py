@@ -252,3 +252,28 @@ def line_plot(rows: list[dict], x: str, y: str, path: str | Path, title: str = "
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def loss_curves(curves: dict[str, list[dict]], path: str | Path) -> None:
+    """Training loss against step, one line per training stage (`name` → [{step, train_loss}]), log-scaled y."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, points in curves.items():
+        points = [p for p in points if "train_loss" in p]
+        ax.plot([p["step"] for p in points], [p["train_loss"] for p in points], label=name, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    if curves:
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
