@@ -241,7 +241,8 @@ def run_stage(name: str, root: str, run_id: str) -> str:
     if not changed:
         logger.info("%s: up to date", name)
         return "up to date"
-    env = {**os.environ, "PIPELINE_RUN_ID": run_id,
+    # The stages' MLflow runs nest under one parent run per flow run, named like the flow run (docs/tracking.md).
+    env = {**os.environ, "PIPELINE_RUN_ID": run_id, "PIPELINE_RUN_NAME": f"flow {flow_run.get_name() or run_id}",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", name], cwd=root, env=env,
                           capture_output=True, text=True)

@@ -266,7 +266,7 @@ def loss_curves(curves: dict[str, list[dict]], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, points in curves.items():
         points = [p for p in points if "train_loss" in p]
-        ax.plot([p["step"] for p in points], [p["train_loss"] for p in points], label=name, lw=1)
+        ax.plot([p["step"] for p in points], [p["train_loss"] for p in points], ".-", ms=3, label=name, lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     if curves:
