@@ -196,6 +196,28 @@ class _Run:
     def image(self, image, key: str) -> None:
         self._mlflow.log_image(image, key=key, step=0)
 
+    def model(self, files, name: str, kind: str) -> None:
+        """Log `files` (a directory of safetensors and JSON, or one file) as an MLflow model `name`, loaded by
+        stages.mlflow_models (no pickle; docs/tracking.md); `mlflow.register_model` takes it as it is."""
+        import shutil
+        from importlib.metadata import PackageNotFoundError, version
+
+        files = Path(files)
+        reqs = []
+        for pkg in ("torch", "diffusers", "safetensors", "numpy"):
+            with suppress(PackageNotFoundError):
+                reqs.append(f"{pkg}=={version(pkg)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "data"
+            if files.is_dir():
+                shutil.copytree(files, data)
+            else:
+                data.mkdir()
+                shutil.copy(files, data)
+            (data / "debias_model.json").write_text(f'{{"kind": "{kind}"}}')
+            self._mlflow.pyfunc.log_model(name=name, loader_module="stages.mlflow_models", data_path=str(data),
+                                          pip_requirements=reqs)
+
 
 class _NoRun:
     """Tracking off: metrics and artifacts are dropped; the stage writes its outputs as usual."""
@@ -207,6 +229,9 @@ class _NoRun:
         pass
 
     def image(self, image, key: str) -> None:
+        pass
+
+    def model(self, files, name: str, kind: str) -> None:
         pass
 
 

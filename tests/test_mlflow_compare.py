@@ -117,3 +117,34 @@ def test_report_runs_log_each_methods_own_knobs(monkeypatch, tmp_path):
     lam0 = report.method_knobs("invdiff_lambda0", dumped)["invdiff"]
     assert lam0["lam"] == 0.0 != dumped["invdiff"]["lam"] and lam0["strength"] == dumped["invdiff"]["strength"]
     assert lam0["group_source"] == "data/methods/invdiff_groups"
+
+
+def test_fitted_models_are_mlflow_models_without_pickle(monkeypatch, tmp_path, unet):
+    """The U-Net as train_diffusion writes it, logged as an MLflow model: no pickle in the store, loaded back by
+    mlflow.pyfunc it gives the U-Net's own output, and it can be registered."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from pipeline.diffusion import make_noise_scheduler
+    from stages.common import mlflow_run
+
+    model_dir = tmp_path / "model"
+    unet.save_pretrained(model_dir / "unet", safe_serialization=True)
+    make_noise_scheduler(100, "linear", "epsilon").save_config(model_dir / "scheduler")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("PIPELINE_RUN_ID", raising=False)
+    with mlflow_run("train_diffusion", _params(tmp_path), ("diffusion",)) as run:
+        run.model(model_dir, "diffusion", "diffusion")
+    _, exp, _ = _client(tmp_path)
+    (logged,) = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    stored = [p for p in (tmp_path / "mlruns").rglob("*") if p.is_file()]
+    assert stored and not [p for p in stored if p.suffix in (".pkl", ".pickle", ".bin", ".pt")], stored
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype("float32")
+    got = mlflow.pyfunc.load_model(logged.model_uri).predict({"x_t": x, "timestep": [3, 50], "class_label": [0, 7]})
+    with torch.no_grad():
+        want = unet(torch.from_numpy(x), torch.tensor([3, 50]), class_labels=torch.tensor([0, 7])).sample.numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert str(mlflow.register_model(logged.model_uri, "debias-unet").version) == "1"
