@@ -65,8 +65,11 @@ def bias_fid_scatter(rows: list[dict], path: str | Path, fid_key: str = "fid_bal
     from pipeline.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    # One colour per method, shared by its point and its sweep lines.
+    names = list(dict.fromkeys([r["method"] for r in rows] + [r["method"] for r in sweeps]))
+    colour = {m: f"C{i % 10}" for i, m in enumerate(names)}
     for row in rows:
-        ax.scatter(row[fid_key], row["bias_score_normalised"], s=40)
+        ax.scatter(row[fid_key], row["bias_score_normalised"], s=40, color=colour[row["method"]])
         ax.annotate(row["method"], (row[fid_key], row["bias_score_normalised"]), xytext=(4, 4),
                     textcoords="offset points", fontsize=8)
     # One line per sweep series (a method at fixed other knobs), in order of its swept knob (`swept`: the weight
@@ -83,7 +86,7 @@ def bias_fid_scatter(rows: list[dict], path: str | Path, fid_key: str = "fid_bal
         start = [r for r in sweeps if r["method"] == method and r[knob] == 0]
         points = start + sorted(points, key=lambda r: r[knob])
         ax.plot([r[fid_key] for r in points], [r["bias_score_normalised"] for r in points], "x:", ms=5,
-                alpha=0.7, label=key)
+                alpha=0.7, label=key, color=colour[method])
         for r in points[len(start):]:
             ax.annotate(f"{SHORT.get(knob, knob)}={r[knob]:g}", (r[fid_key], r["bias_score_normalised"]),
                         xytext=(3, -9), textcoords="offset points", fontsize=6, alpha=0.8)
