@@ -280,7 +280,10 @@ def pipeline_run() -> tuple[str, str] | None:
 
 def _dvc_ancestor():
     """The nearest ancestor process running dvc (`dvc …` or `python -m dvc …`), or None."""
-    import psutil
+    try:
+        import psutil  # installed with dvc and accelerate
+    except ImportError:
+        return None
 
     try:
         for proc in psutil.Process().parents():
