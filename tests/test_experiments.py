@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from tests.dag import copy_project, dvc
+from tests.dag import _env, copy_project, dvc
 from tests.tiny import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -56,11 +56,14 @@ def test_exp_run_temp_reuses_models_and_keeps_mlflow_runs(tiny_dag, tmp_path):
     _git(project, "commit", "-qm", "built")
     assert dvc(project, "status").stdout.strip().endswith("up to date.")
     dry = subprocess.run([sys.executable, str(ROOT / "scripts/exp.py"), "dry", "-S", "report.grid_per_class=3"],
-                         cwd=project, capture_output=True, text=True, env=None)
+                         cwd=project, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert [line for line in dry.stdout.splitlines() if line.startswith("Running stage")] == [
         "Running stage 'report':"], dry.stdout
-    proc = dvc(project, "exp", "run", "--temp", "-n", "grid3", "-S", "report.grid_per_class=3")
+    # The default relative store (sqlite:///mlflow.db), as a user has it: not the tests' absolute one.
+    env = {k: v for k, v in _env(project).items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", "grid3", "-S",
+                           "report.grid_per_class=3"], cwd=project, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = [line for line in proc.stdout.splitlines() if line.startswith("Running stage")]
     assert ran == ["Running stage 'report':"], proc.stdout  # nothing re-trained
