@@ -249,7 +249,8 @@ def run_stage(name: str, root: str, run_id: str, slot: dict[str, str] | None = N
     if not changed:
         logger.info("%s: up to date", name)
         return "up to date"
-    env = {**os.environ, "PIPELINE_RUN_ID": run_id,
+    # The stages' MLflow runs nest under one parent run per flow run, named like the flow run (docs/tracking.md).
+    env = {**os.environ, "PIPELINE_RUN_ID": run_id, "PIPELINE_RUN_NAME": f"flow {flow_run.get_name() or run_id}",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     env.update(slot or {})
     wait = ["--wait-for-lock"] if slot is not None else []

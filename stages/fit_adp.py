@@ -80,6 +80,7 @@ def main() -> None:
         for row in curve:
             run.metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         run.artifact(OUT / "adp_accuracy.png")
+        run.model(OUT / "adp.safetensors", "adp", "adp")  # an MLflow model (docs/tracking.md)
     print(f"ADP: {chosen} (mean held-out accuracy, minority accuracy: " + ", ".join(
         f"{k} {summary[f'{k}_mean_accuracy']:.3f}, {summary[f'{k}_mean_minority_accuracy']:.3f}" for k in fits) + ")")
     print("held-out accuracy per step: " + ", ".join(f"{r['step']}: {r['accuracy']:.3f}" for r in curve))

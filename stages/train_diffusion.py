@@ -55,6 +55,7 @@ def main() -> None:
         summary = {"final_loss": result.final_loss, "steps": result.steps, "resumed_from": result.resumed_from,
                    "num_params": result.num_params, "world_size": accelerator.num_processes}
         run.metrics(summary)
+        run.model(OUT, "diffusion", "diffusion")  # an MLflow model, for the registry (docs/tracking.md)
     save_json("data/metrics/train_diffusion_loss.json",
               [{"step": s, "train_loss": loss} for s, loss in result.losses])
     save_json("data/metrics/train_diffusion.json", summary)
