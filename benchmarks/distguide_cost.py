@@ -23,10 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data import NUM_CLASSES  # noqa: E402
-from pipeline.diffusion import load_diffusion  # noqa: E402
 from pipeline.methods.distribution_guidance import distribution_guidance_hooks  # noqa: E402
-from pipeline.models import null_class  # noqa: E402
-from pipeline.sampling import SamplerHooks, make_scheduler, sample, sample_seeds  # noqa: E402
+from pipeline.pretrained import load_model  # noqa: E402
+from pipeline.sampling import SamplerHooks, SamplerSettings, sample, sample_seeds  # noqa: E402
 
 
 def main() -> None:
@@ -39,9 +38,9 @@ def main() -> None:
     params = load_params(root / "params.yaml")
     ps, p = params.sample, params.distguide
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet, sched_cfg = load_diffusion(root / "data/models/diffusion", dev)
-    scheduler = make_scheduler(sched_cfg, ps.scheduler, ps.timestep_spacing)
+    model = load_model(root / "data/models/diffusion", dev)
     n = args.batch or 2 * p.batch_size
+    settings = SamplerSettings.from_params(ps, batch_size=n)
     cond = np.repeat(np.arange(NUM_CLASSES), -(-n // NUM_CLASSES))[:n]
     seeds = sample_seeds(params.seed, n)
     guided = distribution_guidance_hooks(root / "data/methods/distguide/adp.safetensors", scale=p.scale, tau=p.tau,
@@ -53,9 +52,7 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        sample(unet, scheduler, cond, seeds, num_inference_steps=ps.num_inference_steps,
-               guidance_scale=ps.guidance_scale, eta=ps.eta, batch_size=n, null_class=null_class(unet),
-               hooks=hooks, device=dev, progress=False)
+        sample(model, cond, seeds, settings, hooks=hooks, progress=False)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return n / (time.perf_counter() - start)

@@ -44,7 +44,7 @@ CATEGORIES = {
                       ("pipeline/methods/invdiff.py", ("ema_update",)),
                       ("accelerate/accelerator.py", ("clip_grad_norm_",))],
     "scheduler": [("diffusers/schedulers/", ("step", "add_noise", "get_velocity", "set_timesteps"))],
-    "judges": [("pipeline/models.py", ("judge_outputs",))],
+    "judges": [("pipeline/judges.py", ("judge_outputs",))],
     "metrics": [("pipeline/metrics.py", ("precision_recall", "frechet_interval", "frechet_distance")),
                 ("pipeline/scoring.py", ("bias_measures",))],
     "data": [("pipeline/data.py", ("load_split", "to_tensor")), ("pipeline/io.py", ("load_npz",))],
@@ -80,9 +80,10 @@ def profiled(fn):
 
 def stage_segments(project: Path, params, log) -> dict:
     from pipeline.conditioning import Conditioning
-    from pipeline.diffusion import make_noise_scheduler, optimisers, train_step
-    from pipeline.models import Judge, build_unet, judge_outputs, null_class
-    from pipeline.sampling import make_scheduler, sample, sample_seeds
+    from pipeline.diffusion import build_unet, make_noise_scheduler, null_class, optimisers, train_step
+    from pipeline.judges import Judge, judge_outputs
+    from pipeline.pretrained import DiffusionModel
+    from pipeline.sampling import SamplerSettings, make_scheduler, sample, sample_seeds
 
     d = params.diffusion.model_dump()
     torch.manual_seed(params.seed)
@@ -119,9 +120,8 @@ def stage_segments(project: Path, params, log) -> dict:
     cond = np.repeat(np.arange(NUM_CLASSES), -(-n // NUM_CLASSES))[:n]
     log(f"profiling sample ({n} images, {ps.num_inference_steps} steps)")
     _, segments[f"sample ({n} of 1,100 images, {ps.num_inference_steps} steps)"] = profiled(lambda: sample(
-        unet, make_scheduler(sched.config, ps.scheduler, ps.timestep_spacing), cond, sample_seeds(params.seed, n),
-        num_inference_steps=ps.num_inference_steps, guidance_scale=ps.guidance_scale, batch_size=n,
-        null_class=null_class(unet), progress=False))
+        DiffusionModel(unet=unet, scheduler_config=dict(sched.config)), cond, sample_seeds(params.seed, n),
+        SamplerSettings.from_params(ps, batch_size=n), progress=False))
 
     p = params.invdiff
 

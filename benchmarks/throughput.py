@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 from pipeline.conditioning import Conditioning  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data import NUM_CLASSES  # noqa: E402
-from pipeline.diffusion import make_noise_scheduler, optimisers, train_step  # noqa: E402
-from pipeline.models import build_unet, null_class  # noqa: E402
-from pipeline.sampling import make_scheduler, sample, sample_seeds  # noqa: E402
+from pipeline.diffusion import build_unet, make_noise_scheduler, null_class, optimisers, train_step  # noqa: E402
+from pipeline.pretrained import DiffusionModel  # noqa: E402
+from pipeline.sampling import SamplerSettings, make_scheduler, sample, sample_seeds  # noqa: E402
 
 QUICK = {"block_out_channels": [16, 32], "train_batch": 8, "train_steps": 2, "sample_n": 4, "method_n": 4,
          "sample_steps": 3, "distguide_steps": [0, 2], "reps": 2}
@@ -221,7 +221,12 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
         return np.repeat(np.arange(NUM_CLASSES), -(-k // NUM_CLASSES))[:k], sample_seeds(params.seed, k)
 
     cond, seeds = inputs(n)
-    ours_sched = make_scheduler(sched.config, s.scheduler, s.timestep_spacing)
+    model = DiffusionModel(unet=unet, scheduler_config=dict(sched.config))
+
+    def settings(w, k):
+        return SamplerSettings(num_inference_steps=steps, guidance_scale=w, eta=0.0, batch_size=k,
+                               scheduler=s.scheduler, timestep_spacing=s.timestep_spacing)
+
     peer_sched = make_scheduler(sched.config, "ddim", s.timestep_spacing)
     invdiff, distguide = untrained_methods(unet, make_scheduler(sched.config, s.scheduler, s.timestep_spacing),
                                            params, steps=steps, group=m, dg_steps=cfg["distguide_steps"],
@@ -232,8 +237,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
         c, sd = inputs(k)
 
         def fn():
-            sample(unet, ours_sched, c, sd, num_inference_steps=steps, guidance_scale=w, eta=0.0,
-                   batch_size=k, null_class=null, hooks=hooks, progress=False)
+            sample(model, c, sd, settings(w, k), hooks=hooks, progress=False)
             return k
         return fn
 
@@ -244,8 +248,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
         return fn
 
     for w in (1.0, guidance):
-        a = sample(unet, ours_sched, cond, seeds, num_inference_steps=steps, guidance_scale=w, eta=0.0,
-                   batch_size=n, null_class=null, progress=False)
+        a = sample(model, cond, seeds, settings(w, n), progress=False)
         b = peer_ddim(unet, peer_sched, cond, seeds, steps=steps, guidance_scale=w, null=null)
         diffs[f"w{w:g}"] = float((a - b).abs().max())
     log(f"(b) sampling: {n} images per timing, {steps} steps, guidance 1 and {guidance:g}; "

@@ -7,6 +7,7 @@ a flow run and `dvc repro` leave the same dvc.lock. What a run does to the check
 
     python -m flows.pipeline                      # run once, locally (Prefect's ephemeral API)
     python -m flows.pipeline --set sample.guidance_scale=2 --methods baseline
+    python -m flows.pipeline --max-parallel 2     # independent branches two at a time (flows/concurrent.py)
     python -m flows.serve                         # register a deployment for the UI of `prefect server start`
 """
 
@@ -33,6 +34,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.concurrent import Slots, dvc_repo, run_concurrently, visible_devices
 from pipeline.errors import UserError
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -235,20 +237,24 @@ def _is_transient(task, task_run, state) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_is_transient)
-def run_stage(name: str, root: str, run_id: str) -> str:
-    """Run one DVC stage if DVC says it changed; returns 'ran' or 'up to date'."""
-    from dvc.repo import Repo
+def run_stage(name: str, root: str, run_id: str, slot: dict[str, str] | None = None) -> str:
+    """Run one DVC stage if DVC says it changed; returns 'ran' or 'up to date'.
 
+    `slot`: set when stages run concurrently (flows/concurrent.py): the stage's environment (thread budget,
+    device), and DVC's repository lock is waited for rather than refused."""
     logger = get_run_logger()
     # A target resolves against the working directory, so name the stage by its full dvc.yaml path.
-    with Repo(root) as repo:
+    with dvc_repo(root, wait=slot is not None) as repo:
         changed = bool(repo.status(targets=[f"{Path(root) / 'dvc.yaml'}:{name}"]))
     if not changed:
         logger.info("%s: up to date", name)
         return "up to date"
-    env = {**os.environ, "PIPELINE_RUN_ID": run_id,
+    # The stages' MLflow runs nest under one parent run per flow run, named like the flow run (docs/tracking.md).
+    env = {**os.environ, "PIPELINE_RUN_ID": run_id, "PIPELINE_RUN_NAME": f"flow {flow_run.get_name() or run_id}",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", name], cwd=root, env=env,
+    env.update(slot or {})
+    wait = ["--wait-for-lock"] if slot is not None else []
+    proc = subprocess.run([sys.executable, "-m", "dvc", *wait, "repro", "--single-item", name], cwd=root, env=env,
                           capture_output=True, text=True)
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.strip() and "it/s]" not in line:  # drop tqdm redraws
@@ -305,7 +311,7 @@ def _run_name() -> str:
 
 @flow(name="debias-pipeline", log_prints=True, flow_run_name=_run_name)
 def debias_pipeline(methods: list[Method] | None = None, overrides: dict[str, Any] | None = None,
-                    project_dir: str = ".") -> dict[str, str]:
+                    project_dir: str = ".", max_parallel: int = 1) -> dict[str, str]:
     """Reproduce the DVC pipeline stage by stage; returns {stage: 'ran' | 'up to date'}.
 
     Args:
@@ -313,7 +319,11 @@ def debias_pipeline(methods: list[Method] | None = None, overrides: dict[str, An
         overrides: params.yaml overrides as dotted keys, e.g. {"sample.guidance_scale": 2}; validated, in
             params.yaml for this run only (dvc.lock records them); the checkout's file is restored afterwards.
         project_dir: the project checkout (holds dvc.yaml and params.yaml).
+        max_parallel: stages run at the same time (independent branches); 1: one at a time. Each running stage
+            gets cpu_count // max_parallel threads and, on a CUDA machine, a device of its own (docs/flows.md).
     """
+    if max_parallel < 1:
+        raise UserError(f"max_parallel: expected an integer >= 1 (got {max_parallel})")
     logger = get_run_logger()
     root = project_root(project_dir)
     deps, cmds = stage_dag(root)
@@ -322,12 +332,20 @@ def debias_pipeline(methods: list[Method] | None = None, overrides: dict[str, An
     run_id = str(flow_run.get_id() or "local")
     results: dict[str, str] = {}
     with hold_project(root, overrides or {}, run_id):
-        states = {}
-        for name in order:
-            upstream = [states[d] for d in sorted(deps[name]) if d in states]  # draws the DAG's edges in the UI
-            states[name] = run_stage.with_options(name=name, tags=["gpu"] if name in gpu else [])(
-                name, str(root), run_id, wait_for=upstream, return_state=True)
-            results[name] = states[name].result()  # raises the stage's failure
+        if max_parallel > 1:  # independent branches at the same time: flows/concurrent.py
+            futures = run_concurrently(
+                order, deps, gpu, max_parallel, lambda name, upstream, slot: run_stage.with_options(
+                    name=name, tags=["gpu"] if name in gpu else []).submit(
+                    name, str(root), run_id, slot, wait_for=upstream),
+                Slots(max_parallel, visible_devices()))
+            results = {name: future.result() for name, future in futures.items()}  # raises the first failure
+        else:
+            states = {}
+            for name in order:
+                upstream = [states[d] for d in sorted(deps[name]) if d in states]  # draws the DAG's edges in the UI
+                states[name] = run_stage.with_options(name=name, tags=["gpu"] if name in gpu else [])(
+                    name, str(root), run_id, wait_for=upstream, return_state=True)
+                results[name] = states[name].result()  # raises the stage's failure
     if "report" in order and (root / "data/metrics/report_methods.json").is_file():
         rows = json.loads((root / "data/metrics/report_methods.json").read_text())
         create_markdown_artifact(report_markdown(rows, mlflow_runs_url(root, run_id)), key="debias-report",
@@ -345,6 +363,8 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                     help=f"default: every method ({', '.join(METHODS)})")
     ap.add_argument("--project-dir", default=".")
+    ap.add_argument("--max-parallel", type=int, default=1, metavar="N",
+                    help="stages run at the same time (independent branches); default 1: one at a time")
     args = ap.parse_args(argv)
     # Registered before Prefect starts its ephemeral API server, so it runs after the server's own exit
     # message (atexit is last in, first out): the error is the last line printed.
@@ -357,7 +377,10 @@ def main(argv=None) -> None:
         if unknown:
             raise UserError(f"--methods {unknown}: not in dvc.yaml (known: {list(known)})")
         overridden_params(root, overrides)
-        result = debias_pipeline(methods=args.methods, overrides=overrides, project_dir=str(root))
+        if args.max_parallel < 1:
+            raise UserError(f"--max-parallel: expected an integer >= 1 (got {args.max_parallel})")
+        result = debias_pipeline(methods=args.methods, overrides=overrides, project_dir=str(root),
+                                 max_parallel=args.max_parallel)
     except UserError as exc:
         _fail(f"error: {exc}", USER_ERROR_EXIT)
     except StageFailed as exc:

@@ -201,3 +201,37 @@ class LossHistory:
 
 def _record(mean: float, groups: list[float]) -> dict[str, float]:
     return {"train_loss": mean, **{f"group_loss_{k}": v for k, v in enumerate(groups)}}
+
+
+class Checkpointer:
+    """The checkpoint/resume skeleton every training loop shares (train_diffusion, finetune_guidance, the judges).
+
+    Before the first step, `resume(restore)` finds the latest checkpoint in `ckpt_dir` made with the same
+    `fingerprint` (config, seed, data) at or below `total` steps, loads the weight sets `names` and the training
+    state, and calls restore(weights, state) inside `restoring`; it returns the step to start from (0 without one).
+    After step s (1-based count `done`), `due(done)` says whether to write one: every `every` steps, never at the last
+    (the stage's output is that), on the main process only; `save(done, weights, state)` writes it. With
+    ckpt_dir None nothing is read or written. The directory is created by the main process even when no step is
+    checkpointed (it is a DVC output)."""
+
+    def __init__(self, ckpt_dir: Path | None, fingerprint: str, *, total: int, every: int, names: tuple[str, ...],
+                 is_main: bool = True):
+        self.dir, self.fingerprint, self.total, self.every = ckpt_dir, fingerprint, total, every
+        self.names, self.is_main = names, is_main
+        if ckpt_dir is not None and is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.path = None if ckpt_dir is None else latest_checkpoint(ckpt_dir, fingerprint, max_step=total)
+
+    def resume(self, restore) -> int:
+        if self.path is None:
+            return 0
+        weights, state, start = load_checkpoint(self.path, self.names)
+        with restoring(self.path):
+            restore(weights, state)
+        return start
+
+    def due(self, done: int) -> bool:
+        return self.dir is not None and self.is_main and done % self.every == 0 and done < self.total
+
+    def save(self, done: int, weights: dict[str, dict[str, torch.Tensor]], state: dict) -> Path:
+        return save_checkpoint(self.dir, done, self.fingerprint, weights=weights, state=state)

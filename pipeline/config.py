@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
+from pipeline.targets import distribution_problem
 
 
 def _admits(annotation, kind: type) -> bool:
@@ -180,9 +181,14 @@ class LatentDirParams(_Section):
         for name, steps in (("source_step", (self.source_step,)), ("sweep_steps", self.sweep_steps)):
             if not set(steps) <= set(self.record_steps):
                 raise ValueError(f"{name} {list(steps)} must be among record_steps {list(self.record_steps)}")
-        if self.target is not None and (min(self.target) <= 0 or abs(sum(self.target) - 1.0) > 1e-6):
-            raise ValueError(f"target must have every entry > 0 and sum to 1, got {list(self.target)}")
         return self
+
+    @field_validator("target")
+    @classmethod
+    def _distribution(cls, v):
+        if v is not None and (problem := distribution_problem(v)):
+            raise ValueError(problem)
+        return v
 
 
 class InvDiffParams(_Section):
@@ -233,8 +239,8 @@ class InvDiffParams(_Section):
             raise ValueError("paired draws need group-balanced batches (balanced: true)")
         if self.paired and self.target != "equal":
             raise ValueError("paired draws need the B/K-per-group layout: set target: equal (or paired: false)")
-        if not isinstance(self.target, str) and (min(self.target) <= 0 or abs(sum(self.target) - 1.0) > 1e-6):
-            raise ValueError(f"target must be 'uniform', 'equal' or shares > 0 summing to 1, got {list(self.target)}")
+        if not isinstance(self.target, str) and (problem := distribution_problem(self.target)):
+            raise ValueError(f"target must be 'uniform', 'equal' or shares: {problem}")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         return self
@@ -278,8 +284,8 @@ class DistGuideParams(_Section):
     @field_validator("target")
     @classmethod
     def _distribution(cls, v):
-        if v is not None and (min(v) <= 0 or abs(sum(v) - 1.0) > 1e-6):
-            raise ValueError("must have every entry > 0 and sum to 1")
+        if v is not None and (problem := distribution_problem(v)):
+            raise ValueError(problem)
         return v
 
     @model_validator(mode="after")

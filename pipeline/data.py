@@ -227,6 +227,14 @@ def load_split(data_dir: str | Path, split: str, *, with_bias: bool) -> Labelled
                         frame["aligned"].to_numpy(bool, copy=True))
 
 
+def balanced_subset(classes: np.ndarray, per_class: int, entropy) -> np.ndarray:
+    """Sorted indices of `per_class` images of each class: a random permutation of each class's indices
+    (np.random.default_rng(entropy), classes in ascending order), first `per_class` of each."""
+    rng = np.random.default_rng(entropy)
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(classes == y))[:per_class]
+                                   for y in np.unique(classes)]))
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float32 NCHW in [-1, 1] (the diffusion model's and judges' input range)."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -20,19 +20,34 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline.checkpoints import (
-    LossHistory,
-    check_finite,
-    config_fingerprint,
-    latest_checkpoint,
-    load_checkpoint,
-    restoring,
-    save_checkpoint,
-    tensor_digest,
-)
+from pipeline.checkpoints import Checkpointer, LossHistory, check_finite, config_fingerprint, tensor_digest
 from pipeline.conditioning import Conditioning
+from pipeline.errors import UserError
 from pipeline.io import atomic_path
-from pipeline.models import build_unet, null_class
+
+
+def build_unet(*, resolution: int, num_classes: int, block_out_channels, layers_per_block: int, attention: bool):
+    """Class-conditional diffusers UNet2DModel; class index `num_classes` is the null (unconditional) class."""
+    from diffusers import UNet2DModel
+
+    n = len(block_out_channels)
+    if resolution % (2 ** (n - 1)):
+        raise UserError(f"diffusion.block_out_channels: {n} levels need data.resolution divisible by {2 ** (n - 1)}")
+    down = ["DownBlock2D"] * n
+    up = ["UpBlock2D"] * n
+    if attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(
+        sample_size=resolution, in_channels=3, out_channels=3,
+        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+        down_block_types=tuple(down), up_block_types=tuple(up),
+        num_class_embeds=num_classes + 1, norm_num_groups=8, attention_head_dim=8,
+    )
+
+
+def null_class(unet) -> int:
+    """The null-class index of a model built by build_unet (the last class embedding)."""
+    return int(unet.config.num_class_embeds) - 1
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -146,25 +161,26 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
     cfg_fp = {k: v for k, v in cfg.items() if not (k in ("pretrained", "prompt_template") and v is None)}
     fingerprint = config_fingerprint({**cfg_fp, "seed": seed, "num_classes": num_classes,
                                       "data": tensor_digest(images, classes), **extra})
-    start = 0
-    if accelerator.is_main_process:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)  # exists even when no step is checkpointed (a DVC output)
-    ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=cfg["train_steps"])
-    if ckpt is not None:
-        weights, state, start = load_checkpoint(ckpt, ("model", "ema"))
-        with restoring(ckpt):
-            unet.load_state_dict(weights["model"])
-            for i, p in enumerate(ema.shadow_params):
-                p.data.copy_(weights["ema"][f"p{i}"])
-            ema.optimization_step = int(state["ema_step"])
-            opt.load_state_dict(state["optimizer"])
-            lr_sched.load_state_dict(state["lr_scheduler"])
-            gen.set_state(state["data_rng"])
-            torch.set_rng_state(state["torch_rng"])
+    ckpt = Checkpointer(ckpt_dir, fingerprint, total=cfg["train_steps"], every=cfg["checkpoint_every"],
+                        names=("model", "ema"), is_main=accelerator.is_main_process)
+
+    history = LossHistory()
+
+    def restore(weights, state):
+        nonlocal history
+        unet.load_state_dict(weights["model"])
+        for i, p in enumerate(ema.shadow_params):
+            p.data.copy_(weights["ema"][f"p{i}"])
+        ema.optimization_step = int(state["ema_step"])
+        opt.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
         history = LossHistory.from_state(state)
-        accelerator.print(f"resuming from {ckpt} (step {start})")
-    else:
-        history = LossHistory()
+
+    start = ckpt.resume(restore)
+    if ckpt.path is not None:
+        accelerator.print(f"resuming from {ckpt.path} (step {start})")
     if log is not None and accelerator.is_main_process:
         history.replay(log)  # a resumed run's metric history equals the uninterrupted run's
     unet, opt = accelerator.prepare(unet, opt)
@@ -184,8 +200,8 @@ def train_diffusion(images: torch.Tensor, classes: torch.Tensor, *, num_classes:
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
             if log is not None and accelerator.is_main_process:
                 log(step + 1, metrics)
-        if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < total and accelerator.is_main_process:
-            save_checkpoint(ckpt_dir, step + 1, fingerprint, weights={
+        if ckpt.due(step + 1):
+            ckpt.save(step + 1, weights={
                 "model": accelerator.unwrap_model(unet).state_dict(),
                 "ema": {f"p{i}": p for i, p in enumerate(ema.shadow_params)},
             }, state={"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),

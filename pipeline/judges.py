@@ -1,14 +1,15 @@
-"""Judge architectures beyond the small CNN, and user-supplied judges with their own input convention.
+"""The judges (attribute and target classifiers): architectures, training, files, user-supplied judges.
 
 Every judge maps x in [-1, 1] NCHW to logits and exposes `features(x)` (penultimate activations) and `head`
-(the last linear layer), which is what `pipeline.models.judge_outputs` and the scorers use.
+(the last linear layer), which is what `judge_outputs` and the scorers use. The default, `Judge`: 3 conv layers →
+4×4 pooled map → 128-d penultimate features → logits; the features serve the in-domain FID and precision/recall.
 
 Judge file (safetensors, one metadata key "judge" holding JSON):
     {"config": {"arch": "cnn" | "resnet" | "resnet18" | "resnet34", "num_outputs": K, ...arch arguments},
      "input":  {"size": S or [H, W], "mean": [m_r, m_g, m_b], "std": [s_r, s_g, s_b]},      optional
      "labels": ["name of output 0", ...],                                                 optional, K names
      "extra":  {...}}                                                                     optional, free-form
-Tensors: the architecture's state_dict. Without "arch", the config is the small CNN's (pipeline.models.Judge).
+Tensors: the architecture's state_dict. Without "arch", the config is the small CNN's (`Judge`).
 "resnet18"/"resnet34" use torchvision's parameter names (conv1, bn1, layer1.0.conv1, ..., fc), so a torchvision
 ResNet state_dict saved with `safetensors.torch.save_file(model.state_dict(), path, metadata=...)` loads as is.
 With "input", images are mapped to [0, 1], resized (bilinear, antialiased) to the declared size and normalised
@@ -17,13 +18,124 @@ by (x − mean) / std before the network; without it the network sees [-1, 1] im
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from pipeline.models import FEATURE_DIM, Judge
+from pipeline.errors import UserError
 
+FEATURE_DIM = 128
 TORCHVISION_DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+
+
+class Judge(nn.Module):
+    def __init__(self, num_outputs: int, width: int = 32, in_channels: int = 3):
+        super().__init__()
+        self.config = {"num_outputs": num_outputs, "width": width, "in_channels": in_channels}
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(4 * w * 16, FEATURE_DIM), nn.ReLU(),
+        )
+        self.head = nn.Linear(FEATURE_DIM, num_outputs)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations [N, 128] for x in [-1, 1] NCHW."""
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def save_judge(judge: Judge, path: str | Path, extra: dict | None = None, labels: list[str] | None = None) -> None:
+    """One safetensors file; metadata "judge" = {"config", "extra"[, "labels"]} (format: the module docstring)."""
+    from pipeline.io import save_state
+
+    header = {"config": judge.config, "extra": extra or {}, **({"labels": list(labels)} if labels else {})}
+    save_state(path, judge.state_dict(), "judge", header)
+
+
+def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
+    """Load a judge (any architecture here, with its declared input convention, if any);
+    a missing, truncated or foreign file raises UserError naming the path."""
+    from pipeline.io import read_state
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: judge checkpoint not found (run `dvc repro train_classifiers`)")
+    try:
+        judge = judge_from_header(*read_state(path, "judge"))
+    except Exception as exc:
+        msg = " ".join(str(exc).split())
+        raise UserError(f"{path}: not a valid judge checkpoint ({type(exc).__name__}: {msg})") from None
+    return judge.to(device).eval()
+
+
+def train_judge(images: torch.Tensor, targets: torch.Tensor, num_outputs: int, *, width: int, epochs: int,
+                batch_size: int, lr: float, seed: int, device: str = "cpu", desc: str = "judge",
+                ckpt_dir: Path | None = None, arch: str = "cnn", blocks=(1, 1, 1)) -> Judge:
+    """Cross-entropy training with Adam and a one-cycle schedule; batches drawn from a generator seeded by
+    `seed`. With `ckpt_dir`, a checkpoint after every epoch, and a re-run resumes from the latest.
+    `arch`: "cnn" (Judge) or "resnet" (ResNetJudge with `blocks` per stage)."""
+    from pipeline.checkpoints import Checkpointer, check_finite, config_fingerprint, tensor_digest
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    judge = (Judge(num_outputs, width) if arch == "cnn" else ResNetJudge(num_outputs, width, blocks)).to(device)
+    opt = torch.optim.Adam(judge.parameters(), lr=lr)
+    per_epoch = (len(images) + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * per_epoch)
+    fingerprint = config_fingerprint({"outputs": num_outputs, "width": width, "batch_size": batch_size, "lr": lr,
+                                      "seed": seed, "schedule": epochs * per_epoch,
+                                      "data": tensor_digest(images, targets),
+                                      **({} if arch == "cnn" else {"arch": judge.config})})
+    ckpt = Checkpointer(ckpt_dir, fingerprint, total=epochs, every=1, names=("model",))
+
+    def restore(weights, state):
+        judge.load_state_dict(weights["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+        gen.set_state(state["data_rng"])
+
+    start = ckpt.resume(restore)
+    bar = tqdm(total=epochs * per_epoch, initial=start * per_epoch, desc=desc, leave=False)
+    for epoch in range(start, epochs):
+        for idx in torch.randperm(len(images), generator=gen).split(batch_size):
+            x, y = images[idx].to(device), targets[idx].to(device)
+            loss = nn.functional.cross_entropy(judge(x), y)
+            check_finite(loss, desc, bar.n, "lower classifiers.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if ckpt.due(epoch + 1):
+            ckpt.save(epoch + 1, weights={"model": judge.state_dict()},
+                      state={"optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+                             "data_rng": gen.get_state()})
+    bar.close()
+    return judge.eval()
+
+
+@torch.no_grad()
+def judge_outputs(judge: Judge, images: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted label [N], penultimate features [N,128] float64) for images in [-1,1] NCHW."""
+    device = next(judge.parameters()).device
+    preds, feats = [], []
+    for x in images.split(batch_size):
+        f = judge.features(x.to(device))
+        preds.append(judge.head(f).argmax(1).cpu())
+        feats.append(f.double().cpu())
+    return torch.cat(preds).numpy(), torch.cat(feats).numpy()
+
 
 
 class BasicBlock(nn.Module):
@@ -137,7 +249,7 @@ class InputAdapter(nn.Module):
 
 
 def build_judge(config: dict) -> nn.Module:
-    """An untrained judge from its config (no "arch" = the small CNN of pipeline.models)."""
+    """An untrained judge from its config (no "arch" = the small CNN, `Judge`)."""
     config = dict(config)
     arch = config.pop("arch", "cnn")
     if arch == "cnn":
@@ -191,11 +303,8 @@ def adopt_judge(source: str, num_outputs: int, dest, key: str) -> nn.Module:
     """Validate a user-supplied judge file (it must load and have `num_outputs` outputs) and copy its bytes
     to `dest` atomically; returns the loaded judge. `key` is the param that named the file (for errors)."""
     import shutil
-    from pathlib import Path
 
-    from pipeline.errors import UserError
     from pipeline.io import atomic_path
-    from pipeline.models import load_judge
 
     if not Path(source).is_file():
         raise UserError(f"{key}: {source}: judge file not found")

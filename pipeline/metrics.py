@@ -10,6 +10,7 @@ from scipy import linalg
 
 from pipeline.errors import UserError
 from pipeline.packaged import find_packaged_file, verify_sha256
+from pipeline.targets import target_distribution
 
 # -------------------------------------------------------------------------------------------------------------
 # bias metrics on attribute predictions of generated samples
@@ -64,12 +65,7 @@ def fairness_discrepancy(attr_pred: np.ndarray, cond: np.ndarray, num_attr: int,
     """Fairness discrepancy FD_y = ‖p̂_y − p*‖₂, with p̂_y the empirical attribute distribution of the samples of
     condition y and p* the target distribution (uniform 1/K when None). Returns mean_y FD_y and FD_y per y."""
     ys, c = _counts(attr_pred, cond, num_attr)
-    if target is None:
-        target = np.full(num_attr, 1.0 / num_attr)
-    target = np.asarray(target, dtype=np.float64)
-    if target.shape != (num_attr,) or (target < 0).any() or not np.isclose(target.sum(), 1.0):
-        raise UserError(f"fairness target: expected {num_attr} non-negative probabilities summing to 1, "
-                        f"got {target.tolist()}")
+    target = target_distribution(target, num_attr, "fairness target", positive=False)
     per = np.linalg.norm(c / c.sum(1, keepdims=True) - target, axis=1)
     return {"fd": float(per.mean()), "per_class": {int(y): float(d) for y, d in zip(ys, per, strict=True)}}
 

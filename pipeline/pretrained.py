@@ -45,7 +45,7 @@ class DiffusionModel:
         """The null class ∅ (= the number of classes): the empty prompt's row, or the last class embedding."""
         if self.prompt_embeds is not None:
             return len(self.prompt_embeds) - 1
-        n = self.unet.config.get("num_class_embeds")
+        n = getattr(self.unet.config, "num_class_embeds", None)
         if not n:
             raise UserError(f"{type(self.unet).__name__} has no class embeddings and no prompts: the pipeline needs "
                             "a class-conditional U-Net or a text-conditioned one with diffusion.prompt_template")
@@ -60,11 +60,42 @@ class DiffusionModel:
         """The sampler's conditioning: class labels, or class labels that index the prompt table."""
         return Conditioning(prompt_embeds=self.prompt_embeds)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the U-Net's weights are (the CPU for one without parameters)."""
+        return next((p.device for p in self.unet.parameters()), torch.device("cpu"))
+
+    def encode(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Scaled latents of images in [-1, 1] (encode_latents); a latent model only."""
+        if self.vae is None:
+            raise UserError("encode: a pixel-space model has no VAE (its images are what the U-Net denoises)")
+        return encode_latents(self.vae, images, batch_size)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images float32 [N, 3, H, W] in [-1, 1] on the CPU from scaled latents (decode_latents)."""
+        if self.vae is None:
+            raise UserError("decode: a pixel-space model has no VAE (its samples are images already)")
+        return decode_latents(self.vae, latents)
+
     def to_model_space(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """What the U-Net denoises: the images themselves, or their scaled VAE latents."""
-        from pipeline.sampling import encode_latents
+        return images if self.vae is None else self.encode(images, batch_size)
 
-        return images if self.vae is None else encode_latents(self.vae, images, batch_size)
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images float32 [N, 3, H, W] in [-1, 1] on the CPU from scaled latents: D(z / scaling_factor)."""
+    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    return vae.decode(z).sample.clamp(-1, 1).float().cpu()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Scaled latents float32 [N, C, h, w] on the CPU of images in [-1, 1]: E(x).mean · scaling_factor (the
+    posterior mean, so a dataset's latents are computed once, deterministically)."""
+    out = [vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
+           for x in images.split(batch_size)]
+    return torch.cat(out) * vae.config.scaling_factor if out else torch.empty(0)
 
 
 def _first_line(exc: Exception) -> str:
@@ -238,6 +269,10 @@ class Adopted:
 
     def save_extra(self, out: Path) -> None:
         save_model_extras(out, vae=self.vae, prompt_embeds=self.conditioning.prompt_embeds, prompts=self.prompts)
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """What its U-Net is trained on: the images, or their scaled VAE latents."""
+        return images if self.vae is None else encode_latents(self.vae, images)
 
 
 def adopt_pretrained(path: str | Path, *, class_names, prompt_template: str | None, resolution: int,

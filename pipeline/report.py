@@ -44,6 +44,21 @@ def sample_grid(images: np.ndarray, cond: np.ndarray, per_class: int, scale: int
     return grid.repeat(scale, 0).repeat(scale, 1)
 
 
+def discovery_grid(images: np.ndarray, classes: np.ndarray, W: np.ndarray, scores: np.ndarray,
+                   per_group: int) -> np.ndarray:
+    """InvDiff's discovery grid. Row k: the training images most firmly in group k (ties broken by score: the
+    highest-loss group shows its highest scores, the others their lowest), round-robin over the classes (class 0's
+    firmest, class 1's, …, then each class's second), so every digit shows."""
+    rows = []
+    for k in range(W.shape[1]):
+        sign = 1.0 if k == W.shape[1] - 1 else -1.0
+        ranked = [np.flatnonzero(m)[np.lexsort((-sign * scores[m], -W[m, k].round(3)))]
+                  for m in (classes == y for y in np.unique(classes))]
+        rows.append([r[j] for j in range(max(map(len, ranked))) for r in ranked if j < len(r)][:per_group])
+    return sample_grid(images[np.concatenate(rows)], np.repeat(np.arange(W.shape[1]), [len(r) for r in rows]),
+                       per_group)
+
+
 def save_png(array: np.ndarray, path: str | Path) -> None:
     from PIL import Image
 
@@ -65,8 +80,11 @@ def bias_fid_scatter(rows: list[dict], path: str | Path, fid_key: str = "fid_bal
     from pipeline.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    # One colour per method, shared by its point and its sweep lines.
+    names = list(dict.fromkeys([r["method"] for r in rows] + [r["method"] for r in sweeps]))
+    colour = {m: f"C{i % 10}" for i, m in enumerate(names)}
     for row in rows:
-        ax.scatter(row[fid_key], row["bias_score_normalised"], s=40)
+        ax.scatter(row[fid_key], row["bias_score_normalised"], s=40, color=colour[row["method"]])
         ax.annotate(row["method"], (row[fid_key], row["bias_score_normalised"]), xytext=(4, 4),
                     textcoords="offset points", fontsize=8)
     # One line per sweep series (a method at fixed other knobs), in order of its swept knob (`swept`: the weight
@@ -83,7 +101,7 @@ def bias_fid_scatter(rows: list[dict], path: str | Path, fid_key: str = "fid_bal
         start = [r for r in sweeps if r["method"] == method and r[knob] == 0]
         points = start + sorted(points, key=lambda r: r[knob])
         ax.plot([r[fid_key] for r in points], [r["bias_score_normalised"] for r in points], "x:", ms=5,
-                alpha=0.7, label=key)
+                alpha=0.7, label=key, color=colour[method])
         for r in points[len(start):]:
             ax.annotate(f"{SHORT.get(knob, knob)}={r[knob]:g}", (r[fid_key], r["bias_score_normalised"]),
                         xytext=(3, -9), textcoords="offset points", fontsize=6, alpha=0.8)
@@ -253,6 +271,31 @@ def line_plot(rows: list[dict], x: str, y: str, path: str | Path, title: str = "
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def loss_curves(curves: dict[str, list[dict]], path: str | Path) -> None:
+    """Training loss against step, one line per training stage (`name` → [{step, train_loss}]), log-scaled y."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, points in curves.items():
+        points = [p for p in points if "train_loss" in p]
+        ax.plot([p["step"] for p in points], [p["train_loss"] for p in points], ".-", ms=3, label=name, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    if curves:
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -10,12 +10,15 @@ override what they need:
 to the U-Net (conditional and, with guidance, unconditional halves; ctx.labels tells which is which),
 before the guidance combination.
 
-Conditioning: hooks speak class indices (ctx.labels, ∅ = null_class). `conditioning` (pipeline/conditioning.py)
-turns them into the U-Net's keyword arguments (ctx.unet_kwargs): class_labels=y by default, or the text-encoder
-states of class y's prompt (∅ = the empty prompt) for a text-conditioned U-Net. A module that evaluates a U-Net of
-the same kind (InvDiff's δ) calls it with **ctx.unet_kwargs.
-Latent diffusion: with a `vae`, x_t lives in the VAE's latent space (scaled by vae.config.scaling_factor) and
-every hook sees latents; only the final x_0 is decoded to images, D(x_0 / scaling_factor).
+The call takes the model, in the diffusers habit: `sample(model, cond, seeds, settings, hooks=…)` with `model` a
+pipeline.pretrained.DiffusionModel (U-Net, training scheduler config, null class, conditioning, VAE) and
+`settings` a SamplerSettings (scheduler kind and spacing, steps, guidance scale, η, batch size).
+Conditioning: hooks speak class indices (ctx.labels, ∅ = model.null_class). `model.conditioning`
+(pipeline/conditioning.py) turns them into the U-Net's keyword arguments (ctx.unet_kwargs): class_labels=y by
+default, or the text-encoder states of class y's prompt (∅ = the empty prompt) for a text-conditioned U-Net. A module
+that evaluates a U-Net of the same kind (InvDiff's δ) calls it with **ctx.unet_kwargs.
+Latent diffusion: with a VAE, x_t lives in the VAE's latent space (scaled by vae.config.scaling_factor) and
+every hook sees latents; only the final x_0 is decoded to images, model.decode: D(x_0 / scaling_factor).
 
 One step, with w the guidance scale and ∅ the null class:
     (1) f = f_θ(x_t, t, [y; ∅])                    (hooks: mid_block inside, model_output after)
@@ -43,7 +46,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.conditioning import Conditioning
 from pipeline.errors import UserError
 
 
@@ -115,19 +117,66 @@ def check_memory(n: int, bytes_each: int, what: str) -> None:
                         "memory available; lower it")
 
 
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample (what diffusers spreads over a pipeline's __call__ arguments): the scheduler (`scheduler`:
+    ddim | ddpm, with `timestep_spacing`) built from the model's training scheduler config, S steps, guidance
+    scale w, DDIM's η, images per batch; autocast None = bf16 on CUDA only."""
+
+    num_inference_steps: int = 25
+    guidance_scale: float = 1.0
+    eta: float = 0.0
+    batch_size: int = 256
+    scheduler: str = "ddim"
+    timestep_spacing: str = "trailing"
+    autocast: bool | None = None
+
+    @classmethod
+    def from_params(cls, p, **overrides) -> SamplerSettings:
+        """From the `sample` params section; `overrides` replace single fields (e.g. Diffusing DeBias's w)."""
+        fields = {k: getattr(p, k) for k in ("num_inference_steps", "guidance_scale", "eta", "batch_size",
+                                             "scheduler", "timestep_spacing")}
+        return cls(**{**fields, **overrides})
+
+    def make_scheduler(self, model):
+        """A fresh sampling scheduler for `model` (its training scheduler's config)."""
+        return make_scheduler(model.scheduler_config, self.scheduler, self.timestep_spacing)
+
+
+@dataclass
+class _Pass:
+    """One sampler or inversion pass: what every batch and step shares."""
+
+    model: object  # pipeline.pretrained.DiffusionModel (unet, scheduler_config, null_class, conditioning, vae)
+    scheduler: object
+    settings: SamplerSettings
+    hooks: SamplerHooks
+    device: torch.device
+    autocast: bool
+    state: dict = field(default_factory=dict)  # the current StepContext, for the h-space forward hook
+
+    @property
+    def guidance(self) -> float:
+        return self.settings.guidance_scale
+
+
+def _start(model, settings, hooks, device) -> _Pass:
+    settings = SamplerSettings() if settings is None else settings
+    device = torch.device(model.device if device is None else device)
+    autocast = device.type == "cuda" if settings.autocast is None else settings.autocast
+    return _Pass(model, settings.make_scheduler(model), settings, hooks or SamplerHooks(), device, autocast)
+
+
 @torch.no_grad()
-def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inference_steps: int = 25,
-           guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 256, null_class: int,
-           hooks: SamplerHooks | None = None, device: str | torch.device = "cpu",
-           autocast: bool | None = None, progress: bool = True, conditioning: Conditioning | None = None,
-           vae=None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Generate len(cond) images; returns float32 [N,C,H,W] in [-1, 1] on the CPU (decoded by `vae` if given).
-    conditioning: how class indices reach the U-Net (None: class_labels). noise: z_T [N, C, H, W] to start from
-    instead of the seeded draw (e.g. `invert`'s output, to regenerate; hooks.initial_noise still applies)."""
-    hooks = hooks or SamplerHooks()
-    conditioning = Conditioning() if conditioning is None else conditioning
-    device = torch.device(device)
-    autocast = device.type == "cuda" if autocast is None else autocast
+def sample(model, cond: np.ndarray, seeds: np.ndarray, settings: SamplerSettings | None = None, *,
+           hooks: SamplerHooks | None = None, device: str | torch.device | None = None, progress: bool = True,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Generate len(cond) images of `model` (pipeline.pretrained.DiffusionModel: U-Net, scheduler config, null
+    class, conditioning, VAE); returns float32 [N,C,H,W] in [-1, 1] on the CPU (decoded by the VAE of a latent
+    model). device: None = the model's. noise: z_T [N, C, H, W] to start from instead of the seeded draw (e.g.
+    `invert`'s output, to regenerate; hooks.initial_noise still applies)."""
+    run = _start(model, settings, hooks, device)
+    unet, vae, hooks = model.unet, model.vae, run.hooks
     size, channels = unet.config.sample_size, unet.config.in_channels
     size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
     up = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
@@ -137,38 +186,21 @@ def sample(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, num_inferenc
     if noise is not None and tuple(noise.shape) != (len(cond_t), channels, *size):
         raise UserError(f"noise: expected shape {(len(cond_t), channels, *size)}, got {tuple(noise.shape)}")
     out = []
-    state: dict = {}
-    with _h_hook(unet, hooks, state):
-        batch_size = max(hooks.batch_multiple, batch_size // hooks.batch_multiple * hooks.batch_multiple)
+    with _h_hook(unet, hooks, run.state):
+        bs = run.settings.batch_size
+        batch_size = max(hooks.batch_multiple, bs // hooks.batch_multiple * hooks.batch_multiple)
         batches = range(0, len(cond_t), batch_size)
-        total = len(batches) * num_inference_steps
+        total = len(batches) * run.settings.num_inference_steps
         with tqdm(total=total, desc="sample", disable=not progress, leave=False) as bar:
             for start in batches:
                 ids = torch.arange(start, min(start + batch_size, len(cond_t)))
                 gens = [torch.Generator().manual_seed(int(s)) for s in seeds[ids.numpy()]]
                 z = None if noise is None else noise[ids]
-                x = _sample_batch(unet, scheduler, cond_t[ids], gens, ids, size, num_inference_steps,
-                                  guidance_scale, eta, null_class, hooks, device, autocast, state, bar, conditioning, z)
-                out.append(x.clamp(-1, 1).float().cpu() if vae is None else decode_latents(vae, x))
+                x = _sample_batch(run, cond_t[ids], ids, gens, z, bar)
+                out.append(x.clamp(-1, 1).float().cpu() if vae is None else model.decode(x))
     if not out:
         return torch.empty(0, channels if vae is None else 3, *size)
     return torch.cat(out)
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Images float32 [N, 3, H, W] in [-1, 1] on the CPU from scaled latents: D(z / scaling_factor)."""
-    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-    return vae.decode(z).sample.clamp(-1, 1).float().cpu()
-
-
-@torch.no_grad()
-def encode_latents(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Scaled latents float32 [N, C, h, w] on the CPU of images in [-1, 1]: E(x).mean · scaling_factor (the
-    posterior mean, so a dataset's latents are computed once, deterministically)."""
-    out = [vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
-           for x in images.split(batch_size)]
-    return torch.cat(out) * vae.config.scaling_factor if out else torch.empty(0)
 
 
 @contextmanager
@@ -188,43 +220,48 @@ def _h_hook(unet, hooks: SamplerHooks, state: dict):
             handle.remove()
 
 
-def _model_call(unet, x, t, ctx: StepContext, w, hooks, device, autocast, state):
+def _model_call(run: _Pass, x, t, ctx: StepContext):
     """Steps (1)–(2) of the module docstring: the guided model output f̃ at (x, t), hooks applied."""
-    state["ctx"] = ctx
+    run.state["ctx"] = ctx
+    w = run.guidance
     x_in = torch.cat([x, x]) if w != 1.0 else x
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        f = unet(x_in, t.to(device), **ctx.unet_kwargs).sample.float()
-    f = hooks.model_output(f, x_in, ctx)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
+        f = run.model.unet(x_in, t.to(run.device), **ctx.unet_kwargs).sample.float()
+    f = run.hooks.model_output(f, x_in, ctx)
     if w != 1.0:  # (2)
         f_cond, f_null = f.chunk(2)
         f = f_null + w * (f_cond - f_null)
     return f
 
 
-def _labels(y, w, null, device, conditioning):
-    labels = (torch.cat([y, torch.full_like(y, null)]) if w != 1.0 else y).to(device)
-    return labels, conditioning.with_labels(labels).unet_kwargs()
+def _labels(run: _Pass, y):
+    """The U-Net's labels for a batch ([y; ∅] under guidance) and its keyword arguments for them."""
+    null = run.model.null_class
+    labels = (torch.cat([y, torch.full_like(y, null)]) if run.guidance != 1.0 else y).to(run.device)
+    return labels, run.model.conditioning.with_labels(labels).unet_kwargs()
 
 
-def _sample_batch(unet, scheduler, y, gens, ids, size, num_steps, w, eta, null, hooks, device, autocast, state,
-                  bar, conditioning, noise=None):
+def _sample_batch(run: _Pass, y, ids, gens, noise, bar):
     from diffusers.utils.torch_utils import randn_tensor
 
-    n, c = len(y), unet.config.in_channels
+    scheduler, num_steps, null = run.scheduler, run.settings.num_inference_steps, run.model.null_class
+    n, c = len(y), run.model.unet.config.in_channels
+    size = run.model.unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
     scheduler.set_timesteps(num_steps)
-    labels, kwargs = _labels(y, w, null, device, conditioning)
+    labels, kwargs = _labels(run, y)
     ctx = StepContext(-1, num_steps, int(scheduler.timesteps[0]), labels, null, ids, kwargs)
     if noise is None:
         # CPU draws keep the noise identical across devices; list of generators = one stream per sample.
-        x = randn_tensor((n, c, *size), generator=gens, device=torch.device("cpu")).to(device)
+        x = randn_tensor((n, c, *size), generator=gens, device=torch.device("cpu")).to(run.device)
         x = x * scheduler.init_noise_sigma
     else:
-        x = noise.to(device, torch.float32)
-    x = hooks.initial_noise(x, ctx)
-    step_kwargs = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
+        x = noise.to(run.device, torch.float32)
+    x = run.hooks.initial_noise(x, ctx)
+    step_kwargs = {"eta": run.settings.eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(scheduler.timesteps):
         ctx = StepContext(i, num_steps, int(t), labels, null, ids, kwargs)
-        f = _model_call(unet, scheduler.scale_model_input(x, t), t, ctx, w, hooks, device, autocast, state)
+        f = _model_call(run, scheduler.scale_model_input(x, t), t, ctx)
         # (3) stochastic steps (DDPM, DDIM with η > 0) draw from the per-sample generators.
         x = scheduler.step(f, t, x, generator=gens, **step_kwargs).prev_sample
         bar.update()
@@ -246,22 +283,19 @@ def _x0_eps(f: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, kind: str):
 
 
 @torch.no_grad()
-def invert(unet, scheduler, images: torch.Tensor, cond: np.ndarray, *, num_inference_steps: int = 25,
-           guidance_scale: float = 1.0, batch_size: int = 256, null_class: int, hooks: SamplerHooks | None = None,
-           device: str | torch.device = "cpu", autocast: bool | None = None, progress: bool = True,
-           conditioning: Conditioning | None = None, vae=None, keep_steps=()) -> tuple[torch.Tensor, dict]:
+def invert(model, images: torch.Tensor, cond: np.ndarray, settings: SamplerSettings | None = None, *,
+           hooks: SamplerHooks | None = None, device: str | torch.device | None = None, progress: bool = True,
+           keep_steps=()) -> tuple[torch.Tensor, dict]:
     """Deterministic DDIM inversion (η = 0) of images [N, C, H, W] in [-1, 1] under their classes `cond`: the
-    sampler's own steps (timesteps of `scheduler`, guidance, conditioning, hooks) run backwards (module docstring).
-    With a `vae` the images are encoded first (encode_latents) and inversion runs on the latents.
+    sampler's own steps (the settings' scheduler timesteps, guidance; the model's conditioning; hooks) run backwards
+    (module docstring). A latent model encodes the images first (model.encode) and inversion runs on the latents.
     Returns (z_T [N, C, h, w] float32 on the CPU — `sample(..., noise=z_T)` regenerates the images —, and
     {s: x at level τ_s [N, C·h·w]} for s in keep_steps, the x_t the sampler would see before step s; s = −1 is
     z_T). Hooks see step index i and timestep τ_i for the model call of inversion step i (mid_block records h
     along the inversion trajectory); initial_noise is not called."""
-    hooks = hooks or SamplerHooks()
-    conditioning = Conditioning() if conditioning is None else conditioning
-    device = torch.device(device)
-    autocast = device.type == "cuda" if autocast is None else autocast
-    x_all = encode_latents(vae, images) if vae is not None else images.float()
+    run = _start(model, settings, hooks, device)
+    scheduler, num_inference_steps, null_class = run.scheduler, run.settings.num_inference_steps, model.null_class
+    x_all = model.encode(images) if model.vae is not None else images.float()
     cond_t = torch.as_tensor(np.asarray(cond), dtype=torch.long)
     if len(cond_t) != len(x_all):
         raise UserError(f"invert: {len(x_all)} images but {len(cond_t)} conditions")
@@ -272,24 +306,23 @@ def invert(unet, scheduler, images: torch.Tensor, cond: np.ndarray, *, num_infer
     final = torch.as_tensor(float(getattr(scheduler, "final_alpha_cumprod", acp[0])))
     keep = {int(s) for s in keep_steps}
     z_out, kept = [], {s: [] for s in sorted(keep)}
-    state: dict = {}
-    with _h_hook(unet, hooks, state):
-        batches = range(0, len(cond_t), batch_size)
+    dev = run.device
+    with _h_hook(model.unet, run.hooks, run.state):
+        batches = range(0, len(cond_t), run.settings.batch_size)
         with tqdm(total=len(batches) * len(timesteps), desc="invert", disable=not progress, leave=False) as bar:
             for start in batches:
-                ids = torch.arange(start, min(start + batch_size, len(cond_t)))
-                labels, kwargs = _labels(cond_t[ids], guidance_scale, null_class, device, conditioning)
-                x = x_all[ids].to(device)
+                ids = torch.arange(start, min(start + run.settings.batch_size, len(cond_t)))
+                labels, kwargs = _labels(run, cond_t[ids])
+                x = x_all[ids].to(dev)
                 for i in reversed(range(len(timesteps))):
                     t = timesteps[i]
                     ctx = StepContext(i, len(timesteps), int(t), labels, null_class, ids, kwargs)
-                    f = _model_call(unet, scheduler.scale_model_input(x, t), t, ctx, guidance_scale, hooks, device,
-                                    autocast, state)
+                    f = _model_call(run, scheduler.scale_model_input(x, t), t, ctx)
                     # x is at level τ_{i+1}: DDIMScheduler.step's previous timestep (ᾱ = final_alpha_cumprod below 0)
                     prev = int(t) - scheduler.config.num_train_timesteps // num_inference_steps
                     a_from = acp[prev] if prev >= 0 else final
-                    x0, eps = _x0_eps(f, x, a_from.to(device), kind)
-                    a_to = acp[int(t)].to(device)
+                    x0, eps = _x0_eps(f, x, a_from.to(dev), kind)
+                    a_to = acp[int(t)].to(dev)
                     x = a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
                     if i in keep:
                         kept[i].append(x.flatten(1).float().cpu())

@@ -6,6 +6,7 @@ import pandas as pd
 
 from pipeline.data import MNIST_META, DatasetMeta, load_meta, to_tensor
 from pipeline.errors import UserError
+from pipeline.judges import judge_outputs
 from pipeline.metrics import (
     attribute_samples,
     bootstrap_interval,
@@ -17,10 +18,9 @@ from pipeline.metrics import (
     precision_recall,
     wilson_interval,
 )
-from pipeline.models import judge_outputs
+from pipeline.seeds import key
 
-# Each interval has its own random stream (seed, stream), so adding a metric never moves another's interval.
-STREAMS = {"counts": 1, "fid_indomain": 2, "fid_balanced": 3, "fid_inception": 4}
+# Each interval has its own random stream (pipeline/seeds.py), so adding a metric never moves another's interval.
 
 # The per-class bias measures that come out of the count-table bootstrap, in per_class.parquet.
 PER_CLASS_BOOTSTRAP = ("bias_score", "fd", "fd_unbiased", "bias_score_corrected", "aligned_fraction_corrected")
@@ -57,7 +57,7 @@ def bias_measures(counts: np.ndarray, aligned_attr: np.ndarray, confusion: np.nd
                               + [np.moveaxis(s["per_class"][k], -1, 0) for k in p_keys])
 
     lo, hi = bootstrap_interval(attribute_samples(counts), stat, n_resamples=n_resamples,
-                                  seed=[seed, STREAMS["counts"]])
+                                  seed=key(seed, "bootstrap:counts"))
     for i, k in enumerate(o_keys):
         overall[f"{k}_ci95"] = [float(lo[i]), float(hi[i])]
     for j, k in enumerate(p_keys):
@@ -97,14 +97,14 @@ def score_samples(images: np.ndarray, cond: np.ndarray, colour_judge, digit_judg
         if r is not None:
             metrics[name] = frechet_distance(mu, sigma, r["mu"], r["sigma"])
             metrics[f"{name}_ci95"] = frechet_interval(feats, r["mu"], r["sigma"], n_resamples=bootstrap_fid,
-                                                       seed=[seed, STREAMS[name]])
+                                                       seed=key(seed, f"bootstrap:{name}"))
     if inception is not None:
         feats_i = inception(images)
         mu_i, sigma_i = feature_statistics(feats_i)
         metrics["fid_inception"] = frechet_distance(mu_i, sigma_i, inception_ref["mu"], inception_ref["sigma"])
         metrics["fid_inception_ci95"] = frechet_interval(feats_i, inception_ref["mu"], inception_ref["sigma"],
                                                          n_resamples=bootstrap_fid,
-                                                         seed=[seed, STREAMS["fid_inception"]])
+                                                         seed=key(seed, "bootstrap:fid_inception"))
     rng = np.random.default_rng(seed)
     real = ref["features"][rng.permutation(len(ref["features"]))[: len(feats)]]
     pr = precision_recall(real.astype(np.float64), feats, k=k, indicators=True)
@@ -133,8 +133,8 @@ class Scorer:
         from pathlib import Path
 
         from pipeline.io import load_json, load_npz
+        from pipeline.judges import load_judge
         from pipeline.metrics import InceptionFeatures, confusion_rates
-        from pipeline.models import load_judge
 
         judges_dir, reference_dir = Path(judges_dir), Path(reference_dir)
         self.meta = load_meta(reference_dir)  # fid_reference copies the prepared data's meta.json, if any

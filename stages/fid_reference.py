@@ -14,8 +14,8 @@ import numpy as np
 
 from pipeline.data import load_meta, load_split, to_tensor
 from pipeline.io import atomic_path, save_json, save_npz
+from pipeline.judges import judge_outputs, load_judge
 from pipeline.metrics import InceptionFeatures, aligned_fraction, bias_score, feature_statistics
-from pipeline.models import judge_outputs, load_judge
 from stages.common import device, load_params, mlflow_run, stage_main
 
 PREPARED, JUDGES, OUT = Path("data/prepared"), Path("data/judges"), Path("data/reference")

@@ -105,6 +105,7 @@ def main(argv=None) -> None:
         run.metrics({k: v for k, v in summary.items() if k not in ("variant", "lam", "target")})
         save_npz(tmp / "groups.npz", W=W)
         save_json(tmp / "summary.json", summary)
+        run.model(tmp / "delta", f"delta_{args.variant}", "delta")  # an MLflow model (docs/tracking.md)
     save_json(f"data/metrics/finetune_guidance_{args.variant}.json", summary)
     curve = [{"step": step, "train_loss": loss, **{f"group_loss_{k}": g for k, g in enumerate(groups)}}
              for (step, loss), groups in zip(result.losses, result.group_losses, strict=True)]

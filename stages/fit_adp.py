@@ -13,24 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import load_split, to_tensor
+from pipeline.data import balanced_subset, load_split, to_tensor
 from pipeline.io import atomic_path, save_json
+from pipeline.judges import judge_outputs, load_judge
 from pipeline.methods.distribution_guidance import RecordH, save_adp, train_adp
-from pipeline.models import judge_outputs, load_judge
 from pipeline.pretrained import load_model
 from pipeline.report import line_plot
-from pipeline.sampling import invert, make_scheduler, sample, sample_seeds
+from pipeline.sampling import SamplerSettings, invert, sample, sample_seeds
+from pipeline.seeds import key, stream
 from stages.common import device, load_params, mlflow_run, stage_main
 
 MODEL, JUDGES, OUT = Path("data/models/diffusion"), Path("data/judges"), Path("data/methods/distguide")
 PREPARED = Path("data/prepared")
-
-
-def balanced_subset(classes: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Indices of `per_class` images of each class, a seeded draw (the split is class × attribute balanced)."""
-    rng = np.random.default_rng([seed, 11])
-    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(classes == y))[:per_class]
-                                   for y in np.unique(classes)]))
 
 
 @stage_main
@@ -41,26 +35,21 @@ def main() -> None:
     model = load_model(MODEL, dev)
     colour = load_judge(JUDGES / "colour.safetensors", dev)
     num_attr, num_classes = colour.config["num_outputs"], model.num_classes
-    scheduler = make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing)
+    settings = SamplerSettings.from_params(ps)
     recorder = RecordH(p.h_module, p.pool, p.pool_weights)
     if p.fit_on == "balanced":  # h along the DDIM inversion of labelled, attribute-balanced real images
         split = load_split(PREPARED, "judge", with_bias=True)
-        idx = balanced_subset(split.classes, p.fit_per_class, params.seed)
+        idx = balanced_subset(split.classes, p.fit_per_class, key(params.seed, "distguide_subset"))
         cond, labels = split.classes[idx], split.bias[idx]
-        invert(model.unet, scheduler, to_tensor(split.images[idx]), cond, num_inference_steps=ps.num_inference_steps,
-               guidance_scale=ps.guidance_scale, batch_size=ps.batch_size, null_class=model.null_class,
-               hooks=recorder, device=dev, conditioning=model.conditioning, vae=model.vae)
+        invert(model, to_tensor(split.images[idx]), cond, settings, hooks=recorder)
     else:
         cond = np.repeat(np.arange(num_classes), p.fit_per_class)
-        seeds = sample_seeds(params.seed + 2, len(cond))  # a stream of its own, disjoint from the scored samples
-        images = sample(model.unet, scheduler, cond, seeds, num_inference_steps=ps.num_inference_steps,
-                        guidance_scale=ps.guidance_scale, eta=ps.eta, batch_size=ps.batch_size,
-                        null_class=model.null_class, hooks=recorder, device=dev, conditioning=model.conditioning,
-                        vae=model.vae)
+        fit_seeds = sample_seeds(stream(params.seed, "distguide_fit"), len(cond))  # not the scored seeds
+        images = sample(model, cond, fit_seeds, settings, hooks=recorder)
         labels, _ = judge_outputs(colour, images.to(dev))
     h = recorder.stacked()
     timesteps = [recorder.timesteps[s] for s in sorted(recorder.timesteps)]
-    betas = scheduler.betas[timesteps].tolist()  # β_t at each step, for the step size s·β_t^p
+    betas = settings.make_scheduler(model).betas[timesteps].tolist()  # β_t at each step, for the step size s·β_t^p
     fits = {}
     for kind in (("linear", "mlp") if p.adp == "auto" else (p.adp,)):
         fits[kind] = train_adp(h, labels, cond, kind=kind, shape=recorder.shape, num_attr=num_attr,
@@ -91,6 +80,7 @@ def main() -> None:
         for row in curve:
             run.metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         run.artifact(OUT / "adp_accuracy.png")
+        run.model(OUT / "adp.safetensors", "adp", "adp")  # an MLflow model (docs/tracking.md)
     print(f"ADP: {chosen} (mean held-out accuracy, minority accuracy: " + ", ".join(
         f"{k} {summary[f'{k}_mean_accuracy']:.3f}, {summary[f'{k}_mean_minority_accuracy']:.3f}" for k in fits) + ")")
     print("held-out accuracy per step: " + ", ".join(f"{r['step']}: {r['accuracy']:.3f}" for r in curve))

@@ -7,24 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import load_split, to_tensor
+from pipeline.data import balanced_subset, load_split, to_tensor
 from pipeline.io import atomic_path, save_json, save_npz
+from pipeline.judges import judge_outputs, load_judge
 from pipeline.methods.latent_directions import RecordLatents, fit_directions, pool_latents, unpool_directions
-from pipeline.models import judge_outputs, load_judge
 from pipeline.pretrained import load_model
 from pipeline.report import line_plot
-from pipeline.sampling import invert, make_scheduler, sample, sample_seeds
+from pipeline.sampling import SamplerSettings, invert, sample, sample_seeds
+from pipeline.seeds import key, stream
 from stages.common import device, load_params, mlflow_run, stage_main
 
 MODEL, JUDGES, OUT = Path("data/models/diffusion"), Path("data/judges"), Path("data/methods/latentdir")
 PREPARED = Path("data/prepared")
-
-
-def balanced_subset(classes: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Indices of `per_class` images of each class, a seeded draw (the split is class × colour balanced)."""
-    rng = np.random.default_rng([seed, 7])
-    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(classes == y))[:per_class]
-                                   for y in np.unique(classes)]))
 
 
 @stage_main
@@ -35,23 +29,18 @@ def main() -> None:
     model = load_model(MODEL, dev)
     colour = load_judge(JUDGES / "colour.safetensors", dev)
     num_attr = colour.config["num_outputs"]
-    scheduler = make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing)
+    settings = SamplerSettings.from_params(ps)
     if p.fit_on == "balanced":  # DDIM inversion of labelled, attribute-balanced real images under their own class
         split = load_split(PREPARED, "judge", with_bias=True)
-        idx = balanced_subset(split.classes, p.fit_per_class, params.seed)
-        z, kept = invert(model.unet, scheduler, to_tensor(split.images[idx]), split.classes[idx],
-                         num_inference_steps=ps.num_inference_steps, guidance_scale=ps.guidance_scale,
-                         batch_size=ps.batch_size, null_class=model.null_class, device=dev,
-                         conditioning=model.conditioning, vae=model.vae, keep_steps=p.record_steps)
+        idx = balanced_subset(split.classes, p.fit_per_class, key(params.seed, "latentdir_subset"))
+        z, kept = invert(model, to_tensor(split.images[idx]), split.classes[idx], settings,
+                         keep_steps=p.record_steps)
         raw, labels, shape = {s: v.numpy() for s, v in kept.items()}, split.bias[idx], tuple(z.shape[1:])
     else:
         cond = np.repeat(np.arange(model.num_classes), p.fit_per_class)
-        seeds = sample_seeds(params.seed + 1, len(cond))  # a stream of its own, disjoint from the scored samples
+        fit_seeds = sample_seeds(stream(params.seed, "latentdir_fit"), len(cond))  # not the scored seeds
         recorder = RecordLatents(p.record_steps)
-        images = sample(model.unet, scheduler, cond, seeds, num_inference_steps=ps.num_inference_steps,
-                        guidance_scale=ps.guidance_scale, eta=ps.eta, batch_size=ps.batch_size,
-                        null_class=model.null_class, hooks=recorder, device=dev, conditioning=model.conditioning,
-                        vae=model.vae)
+        images = sample(model, cond, fit_seeds, settings, hooks=recorder)
         labels, _ = judge_outputs(colour, images.to(dev))
         raw, shape = recorder.stacked(), recorder.shape
     latents = pool_latents(raw, shape, p.pool)

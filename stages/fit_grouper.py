@@ -12,63 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from pipeline.data import load_split, to_tensor
+from pipeline.data import load_split
 from pipeline.io import atomic_path, save_json, save_npz
-from pipeline.methods.invdiff import (
-    Conditioning,
-    denoising_losses,
-    estimate_minority_share,
-    fit_grouper,
-    grouping_quality,
-    loss_timesteps,
-    normalised_scores,
-)
+from pipeline.methods.invdiff import grouping_quality, infer_groups
 from pipeline.pretrained import load_model
-from pipeline.report import save_png
-from pipeline.sampling import make_scheduler
+from pipeline.report import discovery_grid, save_png
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
 
 DATA, MODEL, OUT = Path("data/prepared"), Path("data/models/diffusion"), Path("data/methods/invdiff_groups")
-
-
-def infer_groups(train, model, scheduler, p, seed: int, dev) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """The max step on a dataset view that must not carry the bias attribute. (W, scores, losses [N, D] or with the
-    null-class reference [N, D, 2], grouper info)"""
-    if hasattr(train, "bias") or hasattr(train, "aligned"):
-        raise UserError("fit_grouper: the training view carries the bias attribute; the grouper must infer groups "
-                        "without it (load_split(..., with_bias=False))")
-    ts = loss_timesteps(*p.loss_timesteps, p.loss_draws)
-    classes, table = torch.from_numpy(train.classes), model.prompt_embeds
-    reference = (Conditioning(class_labels=torch.full_like(classes, model.null_class), prompt_embeds=table)
-                 if p.loss_contrast else None)
-    losses, ref = denoising_losses(model.unet, scheduler, model.to_model_space(to_tensor(train.images)),
-                                   Conditioning(class_labels=classes, prompt_embeds=table), ts,
-                                   reference=reference, seed=seed, batch_size=p.loss_batch_size, device=dev)
-    scores = normalised_scores(losses, train.classes, ref)
-    share = estimate_minority_share(scores) if p.min_group_share == "auto" else p.min_group_share
-    fit = fit_grouper(scores, p.num_groups, min_share=min(share, 1 / p.num_groups), steps=p.grouper_steps,
-                      lr=p.grouper_lr, init=p.grouper_init, seed=seed)
-    losses = losses if ref is None else np.stack([losses, ref], -1)
-    return fit.W, scores, losses, {"timesteps": ts, "objective": fit.objective, "min_group_share": share}
-
-
-def discovery_grid(images: np.ndarray, classes: np.ndarray, W: np.ndarray, scores: np.ndarray,
-                   per_group: int) -> np.ndarray:
-    """Row k: the training images most firmly in group k (ties broken by score: the highest-loss group shows its
-    highest scores, the others their lowest), round-robin over the classes (class 0's firmest, class 1's, …, then
-    each class's second), so every digit shows."""
-    from pipeline.report import sample_grid
-
-    rows = []
-    for k in range(W.shape[1]):
-        sign = 1.0 if k == W.shape[1] - 1 else -1.0
-        ranked = [np.flatnonzero(m)[np.lexsort((-sign * scores[m], -W[m, k].round(3)))]
-                  for m in (classes == y for y in np.unique(classes))]
-        rows.append([r[j] for j in range(max(map(len, ranked))) for r in ranked if j < len(r)][:per_group])
-    return sample_grid(images[np.concatenate(rows)], np.repeat(np.arange(W.shape[1]), [len(r) for r in rows]),
-                       per_group)
 
 
 @stage_main
@@ -80,10 +32,9 @@ def main() -> None:
                         f"({params.diffusion.num_train_timesteps}), got {p.loss_timesteps[1]}")
     dev = device()
     model = load_model(MODEL, dev)
-    scheduler = make_scheduler(model.scheduler_config, "ddpm")
     train = load_split(DATA, "train", with_bias=False)
     with mlflow_run("fit_grouper", params, ("invdiff",), run_name="fit_grouper") as run:
-        W, scores, losses, info = infer_groups(train, model, scheduler, p, params.seed, dev)
+        W, scores, losses, info = infer_groups(train, model, p, params.seed, dev)
         hidden = load_split(DATA, "train", with_bias=True)  # scoring only, after W is fixed
         quality = {"min_group_share": info["min_group_share"], **grouping_quality(W, ~hidden.aligned, scores)}
         run.metrics(quality)

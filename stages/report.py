@@ -1,11 +1,15 @@
 """report: one table row per scored method, sample grids (rows = classes), a bias-vs-FID scatter.
 
 Writes data/report/{report.md, *.png} and data/metrics/report_methods.json; logs one MLflow run per
-method so MLflow's compare view lines the methods up.
+method so MLflow's compare view lines the methods up: each with the method's own knobs as params and its sample grid
+under the same artifact name (docs/tracking.md).
 """
 
 import shutil
+import tempfile
 from pathlib import Path
+
+import yaml
 
 from pipeline.data import load_meta
 from pipeline.io import atomic_path, load_json, load_npz, load_parquet, save_json
@@ -16,15 +20,17 @@ from pipeline.report import (
     add_bias_removed,
     bias_fid_scatter,
     ddb_section,
+    loss_curves,
     per_class_counts,
     render_markdown,
     sample_grid,
     save_png,
 )
-from stages.common import UserError, load_params, mlflow_run, stage_main
+from stages.common import DVC_YAML, UserError, load_params, mlflow_run, stage_main
 
 SCORES, SAMPLES, OUT = Path("data/scores"), Path("data/samples"), Path("data/report")
 SWEEPS, METHODS, REFERENCE = Path("data/sweeps"), Path("data/methods"), Path("data/reference")
+CURVES = Path("data/metrics")  # <stage>_loss.json: [{step, train_loss, …}]
 DDB_LABELS = {"erm": "baseline", "lff": "baseline: LfF, GCE bias model on real data",
               "recipe1": "GroupDRO on the synthetic amplifier's pseudo-groups",
               "recipe2": "LfF-style weights from the synthetic amplifier",
@@ -50,6 +56,41 @@ def diffusing_debias_lines(out: Path) -> list[str]:
     return ddb_section(rows, synthetic=synthetic, amplifiers=amplifiers, labels=DDB_LABELS, grid=grid)
 
 
+def method_knobs(method: str, dumped: dict) -> dict:
+    """The params section `sample@<method>` reads (params.yaml's `methods.<name>.knobs`: latentdir, invdiff,
+    distguide; none for the baseline), whole, so fit and sampling knobs sit side by side; an InvDiff variant with the
+    λ it trained with and where its groups came from (dvc.yaml's finetune_guidance `groups`)."""
+    stages = yaml.safe_load(DVC_YAML.read_text())["stages"]
+    section = str(dumped.get("methods", {}).get(method, {}).get("knobs", "sample")).split(".")[0]
+    if section == "sample" or section not in dumped:
+        return {}
+    knobs = dict(dumped[section])
+    summary = METHODS / method / "summary.json"
+    if section == "invdiff" and summary.is_file():
+        fitted = load_json(summary)
+        knobs.update(lam=fitted["lam"], groups=fitted["groups"],
+                     group_source=stages["finetune_guidance"]["foreach"].get(method, {}).get("groups", ""))
+    return {section: knobs}
+
+
+def log_runs(rows: list[dict], params) -> None:
+    """One MLflow run per method: its metrics, its knobs, its grid as `sample_grid.png` (the same name in every
+    run, so the compare view shows the grids side by side) and as an image keyed `sample_grid`."""
+    from PIL import Image
+
+    dumped = params.model_dump(mode="json")
+    for row in rows:
+        m = row["method"]
+        with mlflow_run("report", params, ("sample", "score"), run_name=m, extra_tags={"method": m},
+                        extra_params={"method": m, **method_knobs(m, dumped)}) as run, \
+                tempfile.TemporaryDirectory() as tmp:
+            run.metrics({k: v for k, v in row.items() if k != "method"})
+            shutil.copy(OUT / f"samples_{m}.png", Path(tmp) / "sample_grid.png")
+            run.artifact(Path(tmp) / "sample_grid.png")
+            with Image.open(OUT / f"samples_{m}.png") as grid:
+                run.image(grid.convert("RGB"), "sample_grid")
+
+
 @stage_main
 def main() -> None:
     params = load_params()
@@ -72,6 +113,9 @@ def main() -> None:
             grids[m] = f"samples_{m}.png"
         sweeps = [r for f in sorted(SWEEPS.glob("*.json")) for r in load_json(f)]
         bias_fid_scatter(rows, tmp / "bias_vs_fid.png", sweeps=sweeps)
+        # Static images for `dvc plots show` (dvc.yaml's top-level plots): its vega page needs JS from a CDN.
+        loss_curves({f.name.removesuffix("_loss.json"): load_json(f) for f in sorted(CURVES.glob("*_loss.json"))},
+                    tmp / "training_loss.png")
         # each method's label and the note under its grid: its entry in pipeline/methods/registry.py
         known = [REGISTRY[m] for m in methods if m in REGISTRY]
         labels = {m.name: m.label for m in known if m.label}
@@ -87,11 +131,7 @@ def main() -> None:
                              sections=diffusing_debias_lines(tmp))
         (tmp / "report.md").write_text(md)
     save_json("data/metrics/report_methods.json", rows)
-    for row in rows:
-        with mlflow_run("report", params, ("sample", "score"), run_name=row["method"],
-                        extra_tags={"method": row["method"]}) as run:
-            run.metrics({k: v for k, v in row.items() if k != "method"})
-            run.artifact(OUT / f"samples_{row['method']}.png")
+    log_runs(rows, params)
     print(f"report: {OUT / 'report.md'} ({len(rows)} methods)")
 
 

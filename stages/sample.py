@@ -15,7 +15,7 @@ from pipeline.data import to_uint8
 from pipeline.io import atomic_path, save_npz
 from pipeline.methods.registry import get_method
 from pipeline.pretrained import load_model
-from pipeline.sampling import check_memory, make_scheduler, sample, sample_seeds
+from pipeline.sampling import SamplerSettings, check_memory, sample, sample_seeds
 from stages.common import check_name, device, load_params, mlflow_run, stage_main
 
 MODEL = Path("data/models/diffusion")
@@ -42,14 +42,10 @@ def main(argv=None) -> None:
 
     hooks, knobs = get_method(args.method).sampler(params, conditions, dev)  # pipeline/methods/registry.py
     cond, model = conditions(), loaded["model"]
-    scheduler = make_scheduler(model.scheduler_config, p.scheduler, p.timestep_spacing)
     seeds = sample_seeds(params.seed, len(cond))
     with mlflow_run("sample", params, ("sample",), run_name=f"sample@{args.method}",
                     extra_tags={"method": args.method}) as run:
-        images = sample(model.unet, scheduler, cond, seeds, num_inference_steps=p.num_inference_steps,
-                        guidance_scale=p.guidance_scale, eta=p.eta, batch_size=p.batch_size,
-                        null_class=model.null_class, hooks=hooks, device=dev, conditioning=model.conditioning,
-                        vae=model.vae)
+        images = sample(model, cond, seeds, SamplerSettings.from_params(p), hooks=hooks)
         run.metrics({"num_samples": len(cond)})
     table = pd.DataFrame({"index": np.arange(len(cond)), "condition": cond, "seed": seeds, "method": args.method,
                           "scheduler": p.scheduler, "num_inference_steps": p.num_inference_steps,

@@ -12,11 +12,12 @@ import numpy as np
 
 from pipeline.data import load_meta, to_uint8
 from pipeline.io import atomic_path, save_json, save_npz
+from pipeline.judges import judge_outputs, load_judge
 from pipeline.metrics import aligned_fraction
-from pipeline.models import judge_outputs, load_judge
 from pipeline.pretrained import load_model
 from pipeline.report import sample_grid, save_png
-from pipeline.sampling import make_scheduler, sample, sample_seeds
+from pipeline.sampling import SamplerSettings, sample, sample_seeds
+from pipeline.seeds import stream
 from stages.common import device, load_params, mlflow_run, stage_main
 
 MODEL, JUDGES, PREPARED = Path("data/models/diffusion"), Path("data/judges"), Path("data/prepared")
@@ -31,14 +32,12 @@ def main() -> None:
     model = load_model(MODEL, dev)  # pixel or latent (then sampled in latent space and decoded)
     aligned = np.asarray(load_meta(PREPARED).aligned)  # class y's bias-aligned attribute value
     cond = np.repeat(np.arange(model.num_classes), p.num_per_class)
-    seeds = sample_seeds(1000 + p.seed, len(cond))  # a stream of its own, disjoint from the scored samples
+    seeds = sample_seeds(stream(p.seed, "ddb_synthetic"), len(cond))  # not the scored samples' seeds
     with mlflow_run("sample_bias_aligned", params, ("ddb",), extra_tags={"bias_ratio": str(params.data.bias_ratio),
                                                                          "ddb_seed": str(p.seed)}) as run:
-        scheduler = make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing)
-        images = sample(model.unet, scheduler, cond, seeds,
-                        num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale, eta=ps.eta,
-                        batch_size=p.sample_batch_size, null_class=model.null_class, device=dev,
-                        conditioning=model.conditioning, vae=model.vae)
+        settings = SamplerSettings.from_params(ps, num_inference_steps=p.num_inference_steps,
+                                               guidance_scale=p.guidance_scale, batch_size=p.sample_batch_size)
+        images = sample(model, cond, seeds, settings)
         colour, _ = judge_outputs(load_judge(JUDGES / "colour.safetensors", dev), images.to(dev))
         al = aligned_fraction(colour, cond, aligned)
         summary = {"aligned_fraction": al["aligned_fraction"], "guidance_scale": p.guidance_scale,

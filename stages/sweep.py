@@ -13,7 +13,7 @@ from pipeline.data import to_uint8
 from pipeline.io import save_json
 from pipeline.methods.registry import get_method
 from pipeline.pretrained import load_model
-from pipeline.sampling import make_scheduler, sample, sample_seeds
+from pipeline.sampling import SamplerSettings, sample, sample_seeds
 from pipeline.scoring import Scorer
 from stages.common import check_name, device, load_params, mlflow_run, stage_main
 
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     cond = np.repeat(np.arange(model.num_classes), method.sweep_per_class(params))
     seeds = sample_seeds(params.seed, len(cond))
     section, grid = method.section, method.sweep_grid(params, cond, dev)
-    scheduler = make_scheduler(model.scheduler_config, ps.scheduler, ps.timestep_spacing)
+    settings = SamplerSettings.from_params(ps)
     scorer = Scorer(JUDGES, REF, device=dev, k=params.score.pr_k, seed=params.seed,
                     batch_size=params.score.batch_size, bootstrap=params.score.bootstrap,
                     bootstrap_fid=params.score.bootstrap_fid)
@@ -42,10 +42,7 @@ def main(argv=None) -> None:
     with mlflow_run("sweep", params, (section, "sample", "score"), run_name=f"sweep@{args.method}",
                     extra_tags={"method": args.method}) as run:
         for i, (knobs, hooks) in enumerate(grid):
-            images = sample(model.unet, scheduler, cond, seeds, num_inference_steps=ps.num_inference_steps,
-                            guidance_scale=ps.guidance_scale, eta=ps.eta, batch_size=ps.batch_size,
-                            null_class=model.null_class, hooks=hooks, device=dev, progress=False,
-                            conditioning=model.conditioning, vae=model.vae)
+            images = sample(model, cond, seeds, settings, hooks=hooks, progress=False)
             metrics, _ = scorer(to_uint8(images), cond)
             rows.append({"method": args.method, **knobs, **metrics})
             run.metrics(metrics, step=i)

@@ -10,9 +10,9 @@ import torch
 
 from pipeline.data import load_meta, load_split, to_tensor
 from pipeline.io import atomic_path, save_json
-from pipeline.judges import adopt_judge
+from pipeline.judges import adopt_judge, judge_outputs, save_judge, train_judge
 from pipeline.metrics import confusion_matrix
-from pipeline.models import judge_outputs, save_judge, train_judge
+from pipeline.seeds import stream
 from stages.common import device, load_params, mlflow_run, stage_main
 
 PREPARED, OUT, CKPT = Path("data/prepared"), Path("data/judges"), Path("data/checkpoints/classifiers")
@@ -34,15 +34,15 @@ def main() -> None:
     # both judges written into one temp directory that replaces data/judges at once: never one new, one old
     with mlflow_run("train_classifiers", params, ("classifiers",)) as run, atomic_path(OUT) as tmp:
         tmp.mkdir(parents=True)
-        for offset, (name, (field, user_key)) in enumerate(JUDGES.items()):
+        for name, (field, user_key) in JUDGES.items():
             k, dest, user = len(names[field]), tmp / f"{name}.safetensors", getattr(p, user_key)
             if user:
                 judge = adopt_judge(user, k, dest, f"classifiers.{user_key}").to(dev)
             else:
                 judge = train_judge(x_train, torch.from_numpy(getattr(train, field)), k, width=p.width,
-                                    epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=params.seed + offset,
-                                    device=str(dev), desc=f"judge:{name}", ckpt_dir=CKPT / name,
-                                    arch=p.arch, blocks=p.blocks)
+                                    epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
+                                    seed=stream(params.seed, f"judge:{name}"), device=str(dev), desc=f"judge:{name}",
+                                    ckpt_dir=CKPT / name, arch=p.arch, blocks=p.blocks)
             pred, _ = judge_outputs(judge, x_test)
             metrics[f"{name}_test_accuracy"] = float(np.mean(pred == getattr(test, field)))
             confusion[name] = confusion_matrix(getattr(test, field), pred, k).tolist()

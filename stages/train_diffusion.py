@@ -35,13 +35,11 @@ def main() -> None:
     adopted = {}
     if cfg["pretrained"] is not None:
         from pipeline.pretrained import adopt_pretrained
-        from pipeline.sampling import encode_latents
 
         model = adopt_pretrained(cfg["pretrained"], class_names=meta.class_names,
                                  prompt_template=cfg["prompt_template"], resolution=images.shape[-1],
                                  device=accelerator.device)
-        if model.vae is not None:
-            images = encode_latents(model.vae, images)
+        images = model.to_model_space(images)
         adopted = {"unet": model.unet, "conditioning": model.conditioning,
                    "scheduler_config": model.scheduler_config, "save_extra": model.save_extra}
 
@@ -57,6 +55,7 @@ def main() -> None:
         summary = {"final_loss": result.final_loss, "steps": result.steps, "resumed_from": result.resumed_from,
                    "num_params": result.num_params, "world_size": accelerator.num_processes}
         run.metrics(summary)
+        run.model(OUT, "diffusion", "diffusion")  # an MLflow model, for the registry (docs/tracking.md)
     save_json("data/metrics/train_diffusion_loss.json",
               [{"step": s, "train_loss": loss} for s, loss in result.losses])
     save_json("data/metrics/train_diffusion.json", summary)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flows  # noqa: F401  (sets Prefect's ephemeral-API start-up timeout before any test imports prefect)
-from pipeline.models import build_unet
+from pipeline.diffusion import build_unet
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def tiny_dag(tmp_path_factory):
 
 
 # test files that run the Prefect flow or server without the shared DAG: with it on one xdist worker
-PREFECT_FILES = ("test_flows.py", "test_serve.py")
+PREFECT_FILES = ("test_flows.py", "test_serve.py", "test_concurrent.py")
 
 
 def pytest_configure(config):

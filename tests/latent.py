@@ -69,7 +69,7 @@ def write_red_sign_judge(path: Path) -> Path:
     only noise in what an untrained pipeline decodes and labels it all alike; this one splits such samples about
     evenly (measured on the tiny pipeline: the spot's mean is ≈ 0, its spread across samples ≈ 0.1), so the methods
     that fit on judge labels (an SVM needs two values) have two to fit."""
-    from pipeline.models import Judge, save_judge
+    from pipeline.judges import Judge, save_judge
 
     judge = Judge(num_outputs=2, width=4)
     with torch.no_grad():

@@ -167,7 +167,7 @@ def test_checkpoint_of_the_wrong_shape_is_one_line(tmp_path):
 
 
 def test_judge_resume_from_a_wrong_shape_checkpoint_with_matching_fingerprint(tmp_path, monkeypatch):
-    """The real resume path (pipeline/models.py): a checkpoint whose fingerprint matches but whose tensors do not."""
+    """The real resume path (pipeline/judges.py): a checkpoint whose fingerprint matches but whose tensors do not."""
     from pipeline import checkpoints, models
 
     monkeypatch.setattr(checkpoints, "latest_checkpoint", lambda *a, **k: tmp_path / "step-0000001")
@@ -249,8 +249,7 @@ def test_empty_experiment_name_from_the_environment(monkeypatch, capsys):
 
 
 def test_sample_count_past_memory_refused_before_allocating(capsys, tmp_path):
-    from pipeline.diffusion import make_noise_scheduler
-    from pipeline.models import build_unet
+    from pipeline.diffusion import build_unet, make_noise_scheduler
 
     model = Path("data/models/diffusion")
     build_unet(resolution=16, num_classes=10, block_out_channels=[16, 32], layers_per_block=1,
@@ -329,7 +328,7 @@ def test_method_names_cannot_escape(capsys, stage, name):
 # ------------------------------------------------------------------------------- 7. no pickle through pretrained/
 
 def _pixel_unet_bin(path: Path) -> Path:
-    from pipeline.models import build_unet
+    from pipeline.diffusion import build_unet
 
     unet = build_unet(resolution=16, num_classes=2, block_out_channels=[16, 32], layers_per_block=1, attention=False)
     unet.save_pretrained(path, safe_serialization=False)

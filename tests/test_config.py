@@ -211,8 +211,7 @@ def test_sample_cli_without_model(tmp_path):
 
 
 def test_sample_cli_truncated_model(tmp_path):
-    from pipeline.diffusion import make_noise_scheduler
-    from pipeline.models import build_unet
+    from pipeline.diffusion import build_unet, make_noise_scheduler
 
     model = tmp_path / "data" / "models" / "diffusion"
     build_unet(resolution=16, num_classes=10, block_out_channels=[16, 32], layers_per_block=1,

@@ -7,15 +7,9 @@ import shutil
 import pytest
 import torch
 
+from pipeline.checkpoints import config_fingerprint, latest_checkpoint
 from pipeline.config import Params
-from pipeline.diffusion import (
-    config_fingerprint,
-    latest_checkpoint,
-    load_diffusion,
-    make_noise_scheduler,
-    train_diffusion,
-    training_target,
-)
+from pipeline.diffusion import load_diffusion, make_noise_scheduler, train_diffusion, training_target
 from pipeline.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

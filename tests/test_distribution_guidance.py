@@ -19,7 +19,8 @@ from pipeline.methods.distribution_guidance import (
     train_adp,
     validate_target,
 )
-from pipeline.sampling import StepContext, make_scheduler, sample, sample_seeds
+from pipeline.pretrained import DiffusionModel
+from pipeline.sampling import SamplerSettings, StepContext, make_scheduler, sample, sample_seeds
 from tests.tiny import tiny_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,8 +35,9 @@ def scheduler():
 
 
 def _run(unet, scheduler, cond, hooks=None, batch_size=20, **kw):
-    return sample(unet, scheduler, cond, sample_seeds(0, len(cond)), num_inference_steps=STEPS,
-                  batch_size=batch_size, null_class=10, hooks=hooks, progress=False, **kw)
+    settings = SamplerSettings(num_inference_steps=STEPS, batch_size=batch_size, **kw)
+    return sample(DiffusionModel(unet, dict(scheduler.config)), cond, sample_seeds(0, len(cond)), settings,
+                  hooks=hooks, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +333,8 @@ def test_adp_fitted_on_inverted_h_round_trips_its_betas(unet, scheduler, tmp_pat
     cond = np.repeat(np.arange(10), 2)
     images = _run(unet, scheduler, cond)
     rec = RecordH()
-    invert(unet, scheduler, images, cond, num_inference_steps=STEPS, null_class=10, hooks=rec, progress=False)
+    invert(DiffusionModel(unet, dict(scheduler.config)), images, cond, SamplerSettings(num_inference_steps=STEPS),
+           hooks=rec, progress=False)
     timesteps = [rec.timesteps[s] for s in sorted(rec.timesteps)]
     scheduler.set_timesteps(STEPS)
     assert timesteps == [int(t) for t in scheduler.timesteps]

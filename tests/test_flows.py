@@ -91,7 +91,7 @@ def test_gpu_tag_covers_every_stage_that_uses_the_device():
 def test_flow_parameters_are_flat_with_methods_as_a_choice():
     """The deployment's parameter schema (the UI's run form, `prefect deployment run --param`)."""
     props = debias_pipeline.parameters.model_dump()["properties"]
-    assert set(props) == {"methods", "overrides", "project_dir"}
+    assert set(props) == {"methods", "overrides", "project_dir", "max_parallel"}
     assert props["methods"]["anyOf"][0]["items"]["enum"] == list(METHODS)
     assert "baseline" in METHODS and "invdiff" in METHODS
     with pytest.raises(prefect.exceptions.ParameterTypeError, match=r"methods\.0"):

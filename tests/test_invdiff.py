@@ -27,7 +27,8 @@ from pipeline.methods.invdiff import (
     predicted_noise,
     project_rows,
 )
-from pipeline.sampling import make_scheduler, sample, sample_seeds
+from pipeline.pretrained import DiffusionModel
+from pipeline.sampling import SamplerSettings, make_scheduler, sample, sample_seeds
 
 CFG = {"steps": 4, "batch_size": 8, "lr": 1e-3, "lam": 1.0, "balanced": True, "label_dropout": 0.1,
        "checkpoint_every": 2}
@@ -143,8 +144,9 @@ def test_delta_at_initialisation_leaves_samples_bit_identical(unet, one_thread):
     cond = np.repeat(np.arange(10), 2)
 
     def run(hooks=None, w=1.0):
-        return sample(unet, scheduler, cond, sample_seeds(0, len(cond)), num_inference_steps=3, batch_size=8,
-                      guidance_scale=w, null_class=10, hooks=hooks, progress=False)
+        return sample(DiffusionModel(unet, dict(scheduler.config)), cond, sample_seeds(0, len(cond)),
+                      SamplerSettings(num_inference_steps=3, batch_size=8, guidance_scale=w), hooks=hooks,
+                      progress=False)
 
     hooks = InvDiffHooks(make_delta(unet), strength=3.0)
     assert torch.equal(run(hooks), run())
@@ -217,13 +219,13 @@ def test_works_on_a_saved_unet2dconditionmodel(tmp_path, one_thread, class_embed
     assert call_unet(trained, x, t, cond.select([0, 1, 2])).abs().sum() > 0
 
 
-def test_grouper_stage_refuses_a_view_with_the_bias_attribute():
-    from stages.fit_grouper import infer_groups
+def test_the_max_step_refuses_a_view_with_the_bias_attribute():
+    from pipeline.methods.invdiff import infer_groups
 
     view = ScoredImages(np.zeros((2, 16, 16, 3), np.uint8), np.zeros(2, np.int64), np.zeros(2, np.int64),
                         np.ones(2, bool))
     with pytest.raises(UserError, match="bias attribute"):
-        infer_groups(view, None, None, None, 0, "cpu")
+        infer_groups(view, None, None, 0, "cpu")
     assert not hasattr(LabelledImages(view.images, view.classes), "bias")
 
 

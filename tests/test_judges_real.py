@@ -9,8 +9,19 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from pipeline.errors import UserError
-from pipeline.judges import InputAdapter, ResNetJudge, TorchvisionResNet, adopt_judge, build_judge
-from pipeline.models import FEATURE_DIM, Judge, judge_outputs, load_judge, save_judge, train_judge
+from pipeline.judges import (
+    FEATURE_DIM,
+    InputAdapter,
+    Judge,
+    ResNetJudge,
+    TorchvisionResNet,
+    adopt_judge,
+    build_judge,
+    judge_outputs,
+    load_judge,
+    save_judge,
+    train_judge,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,8 +17,8 @@ import yaml
 
 from pipeline.conditioning import Conditioning, call_unet, encode_prompts, fill_template
 from pipeline.errors import UserError
-from pipeline.pretrained import adopt_pretrained, load_model, load_pretrained
-from pipeline.sampling import SamplerHooks, decode_latents, encode_latents, make_scheduler, sample, sample_seeds
+from pipeline.pretrained import DiffusionModel, adopt_pretrained, encode_latents, load_model, load_pretrained
+from pipeline.sampling import SamplerHooks, SamplerSettings, make_scheduler, sample, sample_seeds
 from tests.dag import dvc, make_project
 from tests.latent import MAX_LENGTH, save_tiny_pipeline, write_red_sign_judge
 from tests.realdata import folder_rows, write_folder
@@ -78,13 +78,22 @@ def test_conditioning_gives_text_states_by_class_index(adopted):
     assert torch.equal(picked.unet_kwargs()["encoder_hidden_states"], table[[1, 0]])
 
 
+def model_of(adopted, unet=None) -> DiffusionModel:
+    """The adopted pipeline as the model later stages load (pipeline.pretrained.load_model)."""
+    return DiffusionModel(unet or adopted.unet, adopted.scheduler_config, vae=adopted.vae,
+                          prompt_embeds=adopted.conditioning.prompt_embeds)
+
+
 def test_latent_round_trip_shapes(adopted):
     images = torch.rand(5, 3, 16, 16) * 2 - 1
-    z = encode_latents(adopted.vae, images, batch_size=2)
+    model = model_of(adopted)
+    z = model.encode(images, batch_size=2)
     assert z.shape == (5, 4, 8, 8) and z.dtype == torch.float32
+    whole = model.encode(images)  # one batch
+    assert torch.equal(model.to_model_space(images), whole) and torch.equal(adopted.to_model_space(images), whole)
     scale = adopted.vae.config.scaling_factor
     assert torch.allclose(z, adopted.vae.encode(images).latent_dist.mean * scale, atol=1e-5)
-    x = decode_latents(adopted.vae, z)
+    x = model.decode(z)
     assert x.shape == (5, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
     assert torch.allclose(x, adopted.vae.decode(z / scale).sample.clamp(-1, 1), atol=1e-5)
 
@@ -102,9 +111,8 @@ def test_call_unet_refuses_a_text_unet_without_text(adopted):
 
 def run(adopted, sched_cfg, hooks=None, n=4, **kw):
     cond = np.arange(n) % 2
-    return sample(adopted.unet, make_scheduler(sched_cfg, "ddim"), cond, sample_seeds(3, n), num_inference_steps=3,
-                  batch_size=kw.pop("batch_size", n), null_class=2, hooks=hooks, progress=False,
-                  conditioning=adopted.conditioning, vae=adopted.vae, **kw)
+    settings = SamplerSettings(num_inference_steps=3, batch_size=kw.pop("batch_size", n), **kw)
+    return sample(model_of(adopted), cond, sample_seeds(3, n), settings, hooks=hooks, progress=False)
 
 
 class Spy(SamplerHooks):
@@ -266,7 +274,7 @@ def test_train_sample_and_score_a_latent_pretrained_pipeline(latent_project, mon
     # The aligned fraction is the red-sign judge's verdict on the decoded samples, computed here: the share of
     # samples whose judged attribute is their class's aligned one (the dataset's meta.json map).
     from pipeline.data import load_meta, to_tensor
-    from pipeline.models import load_judge
+    from pipeline.judges import load_judge
 
     cond = pd.read_parquet(tmp / "data/samples/baseline/samples.parquet")["condition"].to_numpy()
     judge = load_judge(tmp / "red_sign.safetensors", "cpu")
@@ -383,24 +391,22 @@ def test_ddim_inversion_on_the_latent_pipeline_regenerates_the_images(adopted, s
 
     cond = np.arange(4) % 2
     images = run(adopted, sched_cfg)
-    target = decode_latents(adopted.vae, encode_latents(adopted.vae, images))
-    exact = PromptConstantEps(adopted.unet)
-    kw = dict(null_class=2, progress=False, conditioning=adopted.conditioning)
-    z, kept = invert(exact, make_scheduler(sched_cfg, "ddim"), images, cond, num_inference_steps=6, vae=adopted.vae,
-                     keep_steps=(-1,), **kw)
+    model = model_of(adopted)
+    target = model.decode(model.encode(images))
+    exact = model_of(adopted, PromptConstantEps(adopted.unet))
+    six = SamplerSettings(num_inference_steps=6)
+    z, kept = invert(exact, images, cond, six, keep_steps=(-1,), progress=False)
     assert z.shape == (4, 4, 8, 8) and torch.equal(kept[-1], z.flatten(1))
-    rec = sample(exact, make_scheduler(sched_cfg, "ddim"), cond, sample_seeds(3, 4), num_inference_steps=6,
-                 vae=adopted.vae, noise=z, **kw)
+    rec = sample(exact, cond, sample_seeds(3, 4), six, noise=z, progress=False)
     torch.testing.assert_close(rec, target, atol=2e-3, rtol=0)  # float32 rounding through 1/√ᾱ_T
-    z_swapped, _ = invert(exact, make_scheduler(sched_cfg, "ddim"), images, 1 - cond, num_inference_steps=6,
-                          vae=adopted.vae, **kw)
+    z_swapped, _ = invert(exact, images, 1 - cond, six, progress=False)
     assert (z_swapped - z).abs().max() > 1e-2
-    latents = encode_latents(adopted.vae, images)
+    latents = model.encode(images)
+    in_latents = DiffusionModel(adopted.unet, sched_cfg, prompt_embeds=adopted.conditioning.prompt_embeds)
     errors = []
     for steps in (4, 40):
-        z, _ = invert(adopted.unet, make_scheduler(sched_cfg, "ddim"), latents, cond, num_inference_steps=steps, **kw)
-        back = invert(adopted.unet, make_scheduler(sched_cfg, "ddim"), latents, cond, num_inference_steps=steps,
-                      **kw)[0]
+        z, _ = invert(in_latents, latents, cond, SamplerSettings(num_inference_steps=steps), progress=False)
+        back = invert(in_latents, latents, cond, SamplerSettings(num_inference_steps=steps), progress=False)[0]
         assert torch.equal(back, z)  # deterministic
         scheduler = make_scheduler(sched_cfg, "ddim")
         scheduler.set_timesteps(steps)

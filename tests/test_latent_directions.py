@@ -17,7 +17,8 @@ from pipeline.methods.latent_directions import (
     unpool_directions,
     validate_target,
 )
-from pipeline.sampling import make_scheduler, sample, sample_seeds
+from pipeline.pretrained import DiffusionModel
+from pipeline.sampling import SamplerSettings, make_scheduler, sample, sample_seeds
 from tests.tiny import tiny_params
 
 SHAPE = (3, 4, 4)
@@ -29,8 +30,8 @@ def scheduler():
 
 
 def _run(unet, scheduler, cond, hooks=None, batch_size=8):
-    return sample(unet, scheduler, cond, sample_seeds(0, len(cond)), num_inference_steps=3, batch_size=batch_size,
-                  null_class=10, hooks=hooks, progress=False)
+    return sample(DiffusionModel(unet, dict(scheduler.config)), cond, sample_seeds(0, len(cond)),
+                  SamplerSettings(num_inference_steps=3, batch_size=batch_size), hooks=hooks, progress=False)
 
 
 def test_weight_zero_reproduces_the_baseline_bit_for_bit(unet, scheduler):
@@ -183,8 +184,8 @@ def test_directions_fitted_on_inverted_latents_separate_the_attribute():
     images[:, 0] += torch.as_tensor(np.where(attr == 1, 0.5, -0.5), dtype=torch.float32)[:, None, None]
     cond = np.zeros(80, int)
     sched = make_scheduler(make_noise_scheduler(1000, "linear", "epsilon").config)
-    _, kept = invert(ConstantEps(), sched, images, cond, num_inference_steps=5, null_class=10, progress=False,
-                     keep_steps=(-1, 4))
+    _, kept = invert(DiffusionModel(ConstantEps(), dict(sched.config)), images, cond,
+                     SamplerSettings(num_inference_steps=5), progress=False, keep_steps=(-1, 4))
     latents = pool_latents({s: v.numpy() for s, v in kept.items()}, (3, 16, 16), 1)
     steps, dirs, acc, _ = fit_directions(latents, attr, 2, C=1e4, holdout=0.25, seed=0)
     assert list(steps) == [-1, 4] and (acc == 1.0).all(), acc

@@ -1,18 +1,17 @@
-"""pipeline/models.py: the judges (shapes, save/load, resume, bad files) and the U-Net builder."""
+"""pipeline/judges.py: the judges (shapes, save/load, resume, bad files); pipeline/diffusion.py: the U-Net builder."""
 
 import shutil
 
 import pytest
 import torch
 
+from pipeline.diffusion import build_unet, null_class
 from pipeline.errors import UserError
-from pipeline.models import (
+from pipeline.judges import (
     FEATURE_DIM,
     Judge,
-    build_unet,
     judge_outputs,
     load_judge,
-    null_class,
     save_judge,
     train_judge,
 )

@@ -1,12 +1,14 @@
 """pipeline/sampling.py: per-sample seeding, classifier-free guidance and the three hooks, on a tiny random U-Net."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from pipeline.diffusion import make_noise_scheduler
-from pipeline.models import null_class
-from pipeline.sampling import SamplerHooks, StepContext, make_scheduler, sample, sample_seeds
+from pipeline.diffusion import make_noise_scheduler, null_class
+from pipeline.pretrained import DiffusionModel
+from pipeline.sampling import SamplerHooks, SamplerSettings, StepContext, make_scheduler, sample, sample_seeds
 
 STEPS = 3
 N = 10
@@ -30,10 +32,19 @@ def seeds():
     return sample_seeds(123, N)
 
 
-def run(unet, sched_cfg, cond, seeds, kind="ddim", **kw):
+SETTINGS = {f.name for f in dataclasses.fields(SamplerSettings)}
+
+
+def settings(**kw) -> SamplerSettings:
+    """SamplerSettings from the keyword arguments that name its fields (STEPS steps, one batch by default)."""
     kw.setdefault("num_inference_steps", STEPS)
     kw.setdefault("batch_size", N)
-    return sample(unet, make_scheduler(sched_cfg, kind), cond, seeds, null_class=null_class(unet), progress=False, **kw)
+    return SamplerSettings(**kw)
+
+
+def run(unet, sched_cfg, cond, seeds, kind="ddim", **kw):
+    chosen = settings(scheduler=kind, **{k: kw.pop(k) for k in list(kw) if k in SETTINGS})
+    return sample(DiffusionModel(unet, sched_cfg), cond, seeds, chosen, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +255,8 @@ class ConstantEps(torch.nn.Module):
 
     def __init__(self, num_classes=11, shape=(3, 16, 16)):
         super().__init__()
-        self.config = type("Cfg", (), {"sample_size": shape[1], "in_channels": shape[0]})()
+        self.config = type("Cfg", (), {"sample_size": shape[1], "in_channels": shape[0],
+                                       "num_class_embeds": num_classes})()
         self.e = torch.randn(num_classes, *shape, generator=torch.Generator().manual_seed(5))
 
     def forward(self, x, t, class_labels):
@@ -257,15 +269,16 @@ def test_invert_then_regenerate_is_exact_when_the_step_is_invertible(cond, w):
 
     unet, cfg = ConstantEps(), dict(make_noise_scheduler(1000, "linear", "epsilon").config)
     images = torch.rand(N, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
-    z, kept = invert(unet, make_scheduler(cfg), images, cond, num_inference_steps=7, guidance_scale=w, null_class=10,
-                     progress=False, keep_steps=(-1, 0, 6))
+    model = DiffusionModel(unet, cfg)
+    z, kept = invert(model, images, cond, settings(num_inference_steps=7, guidance_scale=w), progress=False,
+                     keep_steps=(-1, 0, 6))
     assert z.shape == images.shape and torch.equal(kept[-1], kept[0]) and torch.equal(kept[-1], z.flatten(1))
-    rec = sample(unet, make_scheduler(cfg), cond, sample_seeds(0, N), num_inference_steps=7, guidance_scale=w,
-                 null_class=10, progress=False, noise=z)
+    rec = sample(model, cond, sample_seeds(0, N), settings(num_inference_steps=7, guidance_scale=w), progress=False,
+                 noise=z)
     torch.testing.assert_close(rec, images, atol=1e-4, rtol=0)
     # the class condition is used: inverting under other classes gives another z_T
-    z_other, _ = invert(unet, make_scheduler(cfg), images, (cond + 1) % 10, num_inference_steps=7, guidance_scale=w,
-                        null_class=10, progress=False)
+    z_other, _ = invert(model, images, (cond + 1) % 10, settings(num_inference_steps=7, guidance_scale=w),
+                        progress=False)
     assert (z_other - z).abs().max() > 0.1
 
 
@@ -277,13 +290,13 @@ def test_invert_reconstruction_error_shrinks_with_steps(unet, sched_cfg, cond, s
     images = run(unet, sched_cfg, cond, seeds, num_inference_steps=10)
     errors = []
     for steps in (5, 40):
-        z, _ = invert(unet, make_scheduler(sched_cfg), images, cond, num_inference_steps=steps,
-                      null_class=null_class(unet), progress=False, batch_size=N)
+        z, _ = invert(DiffusionModel(unet, sched_cfg), images, cond, settings(num_inference_steps=steps),
+                      progress=False)
         rec = run(unet, sched_cfg, cond, seeds, num_inference_steps=steps, noise=z)
         errors.append(float((rec - images).abs().mean()))
     assert errors[1] < errors[0] / 3 and errors[1] < 0.05, errors
-    z_small, _ = invert(unet, make_scheduler(sched_cfg), images, cond, num_inference_steps=40,
-                        null_class=null_class(unet), progress=False, batch_size=3)
+    z_small, _ = invert(DiffusionModel(unet, sched_cfg), images, cond, settings(num_inference_steps=40, batch_size=3),
+                        progress=False)
     torch.testing.assert_close(z_small, z, atol=1e-5, rtol=1e-4)
 
 
@@ -298,9 +311,9 @@ def test_invert_hooks_see_every_step_and_noise_is_checked(unet, sched_cfg, cond,
             seen.append((ctx.step_index, ctx.timestep))
             return h
 
+    invert(DiffusionModel(unet, sched_cfg), torch.zeros(N, 3, 16, 16), cond, settings(), hooks=Spy(), progress=False)
     scheduler = make_scheduler(sched_cfg)
-    invert(unet, scheduler, torch.zeros(N, 3, 16, 16), cond, num_inference_steps=STEPS, null_class=null_class(unet),
-           hooks=Spy(), progress=False)
+    scheduler.set_timesteps(STEPS)
     assert seen == [(i, int(scheduler.timesteps[i])) for i in reversed(range(STEPS))]
     with pytest.raises(UserError, match="noise"):
         run(unet, sched_cfg, cond, seeds, noise=torch.zeros(N - 1, 3, 16, 16))

@@ -66,7 +66,7 @@ def test_two_process_training_matches_one_process(projects):
     a, b = load_file(str(one / WEIGHTS)), load_file(str(two / WEIGHTS))
     assert _max_diff(a, b) < TOL
     # the initial weights (train_diffusion: torch.manual_seed(seed), then build_unet) are far from both
-    from pipeline.models import build_unet
+    from pipeline.diffusion import build_unet
 
     cfg = tiny_params()
     torch.manual_seed(cfg["seed"])

@@ -137,7 +137,7 @@ def test_scorer_loads_and_passes_k(tmp_path):
     """Scorer (the stages' entry point) with saved judges: precision/recall follow its k, corrected keys present."""
     from pipeline.data import to_tensor
     from pipeline.io import save_json, save_npz
-    from pipeline.models import Judge, judge_outputs, load_judge, save_judge
+    from pipeline.judges import Judge, judge_outputs, load_judge, save_judge
 
     torch.manual_seed(0)
     for name in ("colour", "digit"):
@@ -164,7 +164,7 @@ def test_scorer_loads_and_passes_k(tmp_path):
 
 def test_scorer_rejects_a_bad_confusion_file(tmp_path):
     from pipeline.errors import UserError
-    from pipeline.models import Judge, save_judge
+    from pipeline.judges import Judge, save_judge
 
     for name in ("colour", "digit"):
         save_judge(Judge(10, width=4), tmp_path / f"{name}.safetensors")

@@ -147,5 +147,8 @@ def test_served_deployment_runs_a_triggered_flow_run(tiny_dag, tmp_path):
 
     ml = mlflow.MlflowClient(f"sqlite:///{Path(project) / 'mlflow.db'}")
     exp = ml.get_experiment_by_name("debias-diffusion")
-    tags = {r.data.tags["stage"]: r.data.tags["pipeline_run"] for r in ml.search_runs([exp.experiment_id])}
-    assert set(tags) == {"sample", "score"} and set(tags.values()) == {run_id}, tags
+    runs = ml.search_runs([exp.experiment_id])
+    tags = {r.data.tags["stage"]: r.data.tags["pipeline_run"] for r in runs}
+    assert set(tags) == {"pipeline", "sample", "score"} and set(tags.values()) == {run_id}, tags
+    parent = next(r.info.run_id for r in runs if r.data.tags["stage"] == "pipeline")  # the flow run's parent run
+    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in runs if r.data.tags["stage"] != "pipeline")

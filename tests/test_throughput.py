@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from benchmarks.throughput import peer_ddim, run
-from pipeline.diffusion import make_noise_scheduler
-from pipeline.models import build_unet, null_class
-from pipeline.sampling import make_scheduler, sample, sample_seeds
+from pipeline.diffusion import build_unet, make_noise_scheduler, null_class
+from pipeline.pretrained import DiffusionModel
+from pipeline.sampling import SamplerSettings, make_scheduler, sample, sample_seeds
 
 
 def test_peer_ddim_loop_matches_our_sampler(one_thread):
@@ -20,8 +20,9 @@ def test_peer_ddim_loop_matches_our_sampler(one_thread):
     cfg = dict(make_noise_scheduler(1000, "squaredcos_cap_v2", "v_prediction").config)
     cond, seeds = np.arange(5) % 10, sample_seeds(7, 5)
     for w in (1.0, 2.5):  # guidance > 1: the peer's own batch doubling and combination
-        ours = sample(unet, make_scheduler(cfg, "ddim"), cond, seeds, num_inference_steps=4, guidance_scale=w,
-                      batch_size=len(cond), null_class=null_class(unet), progress=False)
+        ours = sample(DiffusionModel(unet=unet, scheduler_config=cfg), cond, seeds,
+                      SamplerSettings(num_inference_steps=4, guidance_scale=w, batch_size=len(cond), scheduler="ddim"),
+                      progress=False)
         peer = peer_ddim(unet, make_scheduler(cfg, "ddim"), cond, seeds, steps=4, guidance_scale=w,
                          null=null_class(unet))
         assert torch.equal(ours, peer), w

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import UserError, one_line
 from pipeline.sampling import SamplerHooks, StepContext
+from pipeline.targets import target_distribution
 
 
 def pool_h(h: torch.Tensor, pool: int, weights: str = "uniform") -> torch.Tensor:
@@ -269,13 +270,8 @@ class DistributionGuidanceHooks(SamplerHooks):
 
 
 def validate_target(target, num_attr: int) -> np.ndarray:
-    """p* as an array: None → uniform; otherwise K entries, each > 0, summing to 1 (within 1e-6)."""
-    if target is None:
-        return np.full(num_attr, 1.0 / num_attr)
-    p = np.asarray(target, dtype=np.float64)
-    if p.shape != (num_attr,) or (p <= 0).any() or abs(p.sum() - 1.0) > 1e-6:
-        raise UserError(f"distguide.target: expected {num_attr} entries, each > 0, summing to 1; got {list(target)}")
-    return p
+    """p* as an array: None → uniform; otherwise K entries, each > 0, summing to 1 (pipeline/targets.py)."""
+    return target_distribution(target, num_attr, "distguide.target")
 
 
 def distribution_guidance_hooks(path, *, scale: float, tau: float, steps, group_size: int, target,

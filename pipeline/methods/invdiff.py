@@ -50,21 +50,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.checkpoints import (
-    LossHistory,
-    check_finite,
-    config_fingerprint,
-    latest_checkpoint,
-    load_checkpoint,
-    restoring,
-    save_checkpoint,
-    tensor_digest,
-)
+from pipeline.checkpoints import Checkpointer, LossHistory, check_finite, config_fingerprint, tensor_digest
 from pipeline.conditioning import Conditioning, call_unet
 from pipeline.diffusion import training_target
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
-from pipeline.sampling import SamplerHooks, StepContext
+from pipeline.sampling import SamplerHooks, StepContext, make_scheduler
+from pipeline.targets import target_distribution
 
 # ----------------------------------------------------------------------------------------------------------------
 # any diffusers U-Net: UNet2DModel (class labels) or UNet2DConditionModel (class labels and/or text embeddings)
@@ -301,10 +293,8 @@ def group_targets(target, num_groups: int, aligned: tuple[int, ...], num_attribu
     if isinstance(target, str) and target == "uniform":
         p = np.full(num_attributes, 1.0 / num_attributes)
     else:
-        p = np.asarray(target, np.float64)
-        if p.shape != (num_attributes,):
-            raise UserError(f"invdiff.target: expected 'uniform', 'equal' or {num_attributes} shares (one per "
-                            f"attribute value), got {len(p)}")
+        p = target_distribution(target, num_attributes, "invdiff.target ('uniform', 'equal' or one share per "
+                                "attribute value)")
     if attribute_groups:
         if num_groups != num_attributes:
             raise UserError(f"attribute groups: W has {num_groups} columns for {num_attributes} attribute values")
@@ -424,6 +414,34 @@ def grouping_quality(W: np.ndarray, conflicting: np.ndarray, scores: np.ndarray 
     return out
 
 
+def infer_groups(train, model, p, seed: int, device) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The whole max step on a dataset view that must not carry the bias attribute (`train`: images, classes only),
+    for a pipeline.pretrained.DiffusionModel and the `invdiff` params section `p`: the frozen model's losses
+    l[i, d] = pixel-mean ‖ε̂_θ(x_t, t_d, y_i) − ε‖² at the loss_timesteps draws (denoising_losses; with
+    p.loss_contrast also r[i, d] under ∅), the normalised scores s_i (normalised_scores), then the soft groups W
+    (fit_grouper). Returns (W [N, G], scores [N], losses [N, D] or with the null-class reference [N, D, 2],
+    {timesteps, objective, min_group_share})."""
+    if hasattr(train, "bias") or hasattr(train, "aligned"):
+        raise UserError("infer_groups: the training view carries the bias attribute; the grouper must infer groups "
+                        "without it (load_split(..., with_bias=False))")
+    from pipeline.data import to_tensor
+
+    scheduler = make_scheduler(model.scheduler_config, "ddpm")
+    ts = loss_timesteps(*p.loss_timesteps, p.loss_draws)
+    classes, table = torch.from_numpy(train.classes), model.prompt_embeds
+    reference = (Conditioning(class_labels=torch.full_like(classes, model.null_class), prompt_embeds=table)
+                 if p.loss_contrast else None)
+    losses, ref = denoising_losses(model.unet, scheduler, model.to_model_space(to_tensor(train.images)),
+                                   Conditioning(class_labels=classes, prompt_embeds=table), ts,
+                                   reference=reference, seed=seed, batch_size=p.loss_batch_size, device=device)
+    scores = normalised_scores(losses, train.classes, ref)
+    share = estimate_minority_share(scores) if p.min_group_share == "auto" else p.min_group_share
+    fit = fit_grouper(scores, p.num_groups, min_share=min(share, 1 / p.num_groups), steps=p.grouper_steps,
+                      lr=p.grouper_lr, init=p.grouper_init, seed=seed)
+    losses = losses if ref is None else np.stack([losses, ref], -1)
+    return fit.W, scores, losses, {"timesteps": ts, "objective": fit.objective, "min_group_share": share}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # min step
 
@@ -503,27 +521,28 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
                                       "base": tensor_digest(*[p.detach().cpu() for p in base.parameters()]),
                                       "delta": dict(delta.config), "null": null_class,
                                       "targets": None if targets is None else np.asarray(targets).tolist()})
-    start = 0
-    if accelerator.is_main_process:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(ckpt_dir, fingerprint, max_step=cfg["steps"])
-    if ckpt is not None:
-        weights, state, start = load_checkpoint(ckpt, ("delta", "ema") if ema_decay else ("delta",))
-        with restoring(ckpt):
-            delta.load_state_dict(weights["delta"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["data_rng"])
-            torch.set_rng_state(state["torch_rng"])
-        history = LossHistory.from_state(state)
-        accelerator.print(f"resuming from {ckpt} (step {start})")
-    else:
-        history = LossHistory()
-    if log is not None and accelerator.is_main_process:
-        history.replay(log)  # a resumed run's metric history equals the uninterrupted run's
+    ckpt = Checkpointer(ckpt_dir, fingerprint, total=cfg["steps"], every=cfg["checkpoint_every"],
+                        names=("delta", "ema") if ema_decay else ("delta",), is_main=accelerator.is_main_process)
     # the EMA starts at δ's (zero-output) initialisation, or at the checkpoint's
     ema = [p.detach().float().clone() for p in delta.parameters()] if ema_decay else None
-    if ema is not None and ckpt is not None:
-        ema = [weights["ema"][name].float().clone() for name, _ in delta.named_parameters()]
+
+    history = LossHistory()
+
+    def restore(weights, state):
+        nonlocal ema, history
+        delta.load_state_dict(weights["delta"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if ema is not None:
+            ema = [weights["ema"][name].float().clone() for name, _ in delta.named_parameters()]
+        history = LossHistory.from_state(state)
+
+    start = ckpt.resume(restore)
+    if ckpt.path is not None:
+        accelerator.print(f"resuming from {ckpt.path} (step {start})")
+    if log is not None and accelerator.is_main_process:
+        history.replay(log)  # a resumed run's metric history equals the uninterrupted run's
     delta, opt = accelerator.prepare(delta, opt)
     base.to(accelerator.device)
     total, batch = cfg["steps"], cfg["batch_size"]
@@ -582,13 +601,13 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
             if log is not None and accelerator.is_main_process:
                 log(step + 1, metrics)
-        if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < total and accelerator.is_main_process:
+        if ckpt.due(step + 1):
             inner = accelerator.unwrap_model(delta)
             extra = {} if ema is None else {"ema": {n: e for (n, _), e in zip(inner.named_parameters(), ema,
                                                                              strict=True)}}
-            save_checkpoint(ckpt_dir, step + 1, fingerprint, weights={"delta": inner.state_dict(), **extra},
-                            state={"optimizer": opt.state_dict(), "data_rng": gen.get_state(),
-                                   "torch_rng": torch.get_rng_state(), **history.state()})
+            ckpt.save(step + 1, weights={"delta": inner.state_dict(), **extra},
+                      state={"optimizer": opt.state_dict(), "data_rng": gen.get_state(),
+                             "torch_rng": torch.get_rng_state(), **history.state()})
     bar.close()
     final = accelerator.unwrap_model(delta).eval()
     if ema is not None:  # the saved δ is the EMA

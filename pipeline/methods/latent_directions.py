@@ -22,6 +22,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.sampling import SamplerHooks, StepContext
+from pipeline.targets import target_distribution
 
 INITIAL = -1  # step index under which z_T is recorded
 
@@ -82,13 +83,8 @@ def fit_directions(latents: dict[int, np.ndarray], labels: np.ndarray, num_attr:
 
 
 def validate_target(target, num_attr: int) -> np.ndarray:
-    """p* as an array: None → uniform; otherwise K entries, each > 0, summing to 1 (within 1e-6)."""
-    if target is None:
-        return np.full(num_attr, 1.0 / num_attr)
-    p = np.asarray(target, dtype=np.float64)
-    if p.shape != (num_attr,) or (p <= 0).any() or abs(p.sum() - 1.0) > 1e-6:
-        raise UserError(f"target distribution: expected {num_attr} entries, each > 0, summing to 1; got {list(target)}")
-    return p
+    """p* as an array: None → uniform; otherwise K entries, each > 0, summing to 1 (pipeline/targets.py)."""
+    return target_distribution(target, num_attr, "target distribution")
 
 
 def assign_attributes(cond: np.ndarray, target: np.ndarray, seed: int) -> np.ndarray:
