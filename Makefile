@@ -17,10 +17,10 @@ run: setup
 	@dvc metrics show
 
 test: setup
-	python -m pytest -q -n 2 --dist loadgroup --durations=15
+	python -m pytest -q -n 2 --durations=15
 
 test-all: setup
-	python -m pytest -q -n 2 --dist loadgroup -m "not gpu"
+	python -m pytest -q -n 2 -m "not gpu"
 
 flow: setup
 	python -m flows.pipeline
