@@ -168,14 +168,14 @@ def test_checkpoint_of_the_wrong_shape_is_one_line(tmp_path):
 
 def test_judge_resume_from_a_wrong_shape_checkpoint_with_matching_fingerprint(tmp_path, monkeypatch):
     """The real resume path (pipeline/judges.py): a checkpoint whose fingerprint matches but whose tensors do not."""
-    from pipeline import checkpoints, models
+    from pipeline import checkpoints, judges
 
     monkeypatch.setattr(checkpoints, "latest_checkpoint", lambda *a, **k: tmp_path / "step-0000001")
     bad = {"model": {"bogus": torch.zeros(1)}}
     monkeypatch.setattr(checkpoints, "load_checkpoint", lambda path, names: (bad, {}, 1))
     images, labels = torch.rand(8, 3, 16, 16) * 2 - 1, torch.arange(8) % 2
     with pytest.raises(UserError, match="does not fit the model") as exc:
-        models.train_judge(images, labels, num_outputs=2, epochs=2, batch_size=4, lr=1e-3, width=4, seed=0,
+        judges.train_judge(images, labels, num_outputs=2, epochs=2, batch_size=4, lr=1e-3, width=4, seed=0,
                            ckpt_dir=tmp_path, device="cpu")
     assert "\n" not in str(exc.value)
 

@@ -42,6 +42,7 @@ def projects(tmp_path_factory):
     one = tmp_path_factory.mktemp("one")
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, one / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", one / "dvc.yaml")  # finetune_guidance's variants are its foreach keys
     raw = tiny_params()
     raw["diffusion"].update(train_steps=10, batch_size=8)
     raw["invdiff"].update(steps=10, warmup_steps=1, batch_size=8, lam=0.0, num_groups=2, balanced=True)
