@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny random U-Net, single-threaded torch for the tiny-model tests, and the tiny pixel DAG
 built once per session (through the Prefect flow; tests/dag.py). Under pytest-xdist (`make test` runs two
-workers) each worker and the processes it starts use one thread, and every test that builds on the tiny DAG or
-runs Prefect goes to one worker, so the DAG is built once and Prefect's local API is not shared."""
+workers) each worker and the processes it starts use one thread; one worker builds the tiny DAG while the other
+runs the tests that do not need it, then both share the DAG tests."""
 
+import fcntl
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,31 +33,52 @@ def unet():
 
 
 @pytest.fixture(scope="session")
-def tiny_dag(tmp_path_factory):
-    """The tiny pixel DAG, every stage, built once per session through the Prefect flow (then the flow once more).
-    Tests that change it put it back (tests/test_dag.py); tests that need other params work on a copy
-    (tests.dag.copy_project)."""
-    from tests.dag import build_tiny_dag
+def tiny_dag(tmp_path_factory, worker_id):
+    """The tiny pixel DAG, every stage, built once per session through the Prefect flow (then the flow once more),
+    and read-only from then on: tests that need to change it or run other params work on a copy
+    (tests.dag.copy_project).
 
-    return build_tiny_dag(tmp_path_factory.mktemp("tiny_dag"))
+    Under xdist the first worker to ask builds it into the session's shared temporary directory, under a file
+    lock; the other worker waits for it and reads the result (the xdist recipe for a session fixture run once),
+    so DAG tests can run on both workers."""
+    from tests.dag import Built, build_tiny_dag
+
+    if worker_id == "master":  # not under xdist
+        return build_tiny_dag(tmp_path_factory.mktemp("tiny_dag"))
+    shared = tmp_path_factory.getbasetemp().parent  # one per session, shared by its workers
+    result, failed = shared / "tiny_dag.json", shared / "tiny_dag.failed"
+    with open(shared / "tiny_dag.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():
+            pytest.fail(f"the tiny DAG build failed on another worker: {failed.read_text()[-2000:]}")
+        if result.exists():
+            built = json.loads(result.read_text())
+            return Built(Path(built["path"]), built["first"], built["second"], built["lock"])
+        try:
+            built = build_tiny_dag(shared / "tiny_dag")
+        except BaseException as exc:
+            failed.write_text(f"{type(exc).__name__}: {exc}")
+            raise
+        result.write_text(json.dumps({"path": str(built.path), "first": built.first, "second": built.second,
+                                      "lock": built.lock}))
+        return built
 
 
-# Test files that build on the shared tiny DAG or run Prefect: under xdist all on one worker (the DAG is built once,
-# and no two Prefect local APIs start at once).
-SHARED_DAG_FILES = ("test_dag.py", "test_fault_injection.py", "test_serve.py", "test_registry.py",
-                    "test_experiments.py", "test_concurrent.py", "test_flows.py")
+# The test that builds the tiny DAG (the first to ask builds it): first in the run, so one worker builds while
+# the other runs the tests that do not need it; the rest of the DAG tests last, on whichever worker is free.
+BUILDS_THE_DAG = "tests/test_dag.py::test_the_flow_runs_every_stage_and_dvc_repro_then_has_nothing_to_do"
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """Like --dist load, except that the tests of SHARED_DAG_FILES form one unit of work. (xdist's own `loadgroup`
-    marks do not reach the node ids under pytest 9, so the grouping is by file here.)"""
+    """One test per unit of work (at most three queued per worker), in the collection order
+    pytest_collection_modifyitems sets (xdist's --dist load would queue a quarter of the suite behind the build)."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class SharedDagScheduling(LoadScopeScheduling):
+    class OneTestScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "shared-dag" if nodeid.split("::")[0].rsplit("/", 1)[-1] in SHARED_DAG_FILES else nodeid
+            return nodeid
 
-    return SharedDagScheduling(config, log)
+    return OneTestScheduling(config, log)
 
 
 def pytest_configure(config):
@@ -67,8 +91,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The session's tiny-DAG build runs inside whichever test first asks for it: such tests get room for it on a
+    """The tiny-DAG build first, the other tests that use the DAG last (they wait for it; stable otherwise).
+    The session's tiny-DAG build runs inside whichever test first asks for it: such tests get room for it on a
     busy 2-core machine (pyproject's --timeout covers one test's own work)."""
     for item in items:
         if "tiny_dag" in item.fixturenames and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(2400))
+    items.sort(key=lambda item: 0 if item.nodeid == BUILDS_THE_DAG else 2 if "tiny_dag" in item.fixturenames else 1)

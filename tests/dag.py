@@ -48,8 +48,12 @@ def copy_project(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
     """A copy of a built project (outputs, dvc.lock, DVC cache, git) without its MLflow store, DVC's scratch
     (.dvc/tmp: locks, state) and the outputs in `drop`; DVC re-hashes what it finds, so the copy is a checkout in
     its own right."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("mlflow.db", "__pycache__"), symlinks=True)
-    shutil.rmtree(dst / ".dvc" / "tmp", ignore_errors=True)
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        # not copied rather than removed after: another worker's `dvc` may be writing there meanwhile
+        skip = {"mlflow.db", "__pycache__"} | ({"tmp"} if Path(directory) == src / ".dvc" else set())
+        return skip & set(names)
+
+    shutil.copytree(src, dst, ignore=ignore, symlinks=True)
     for path in drop:
         shutil.rmtree(dst / path)
     return dst
@@ -66,10 +70,16 @@ class Built:
     lock: str
 
 
-def build_tiny_dag(tmp: Path) -> Built:
-    """The whole tiny pixel DAG through the Prefect flow (a temporary Prefect API), then the flow once more."""
+def prefect_harness():
+    """Prefect's test harness (a temporary API server and database) with room to start on a loaded 2-core machine:
+    its own default, 30 s, was measured too short with both test workers and other jobs running."""
     from prefect.testing.utilities import prefect_test_harness
 
+    return prefect_test_harness(server_startup_timeout=180)
+
+
+def build_tiny_dag(tmp: Path) -> Built:
+    """The whole tiny pixel DAG through the Prefect flow (a temporary Prefect API), then the flow once more."""
     from flows.pipeline import debias_pipeline
 
     project = make_project(tmp)
@@ -77,7 +87,7 @@ def build_tiny_dag(tmp: Path) -> Built:
     old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "PATH")}
     os.environ.update({k: env[k] for k in old})
     try:
-        with prefect_test_harness():
+        with prefect_harness():
             first = debias_pipeline(project_dir=str(project))
             lock = (project / "dvc.lock").read_text()
             second = debias_pipeline(project_dir=str(project))

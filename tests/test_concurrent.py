@@ -15,6 +15,7 @@ import yaml
 from flows.concurrent import Slots, descendants, thread_budget, visible_devices
 from flows.pipeline import debias_pipeline, device_stages, stage_dag
 from pipeline.errors import UserError
+from tests.dag import prefect_harness
 from tests.tiny import ROOT
 
 # A stage module: sleeps, writes a deterministic output from its inputs, and logs (outside DVC's outputs) when it
@@ -193,9 +194,7 @@ def test_max_parallel_is_a_flow_parameter_and_a_cli_flag_checked_before_anything
 
 @pytest.fixture(scope="module")
 def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):  # a loaded 2-core machine is slow to start it
+    with prefect_harness():
         yield
 
 
@@ -274,8 +273,6 @@ def test_a_failure_stops_new_stages_and_fails_the_run_with_the_stages_code(tmp_p
 def test_the_tiny_dag_with_two_parallel_stages_records_what_the_serial_flow_did(tiny_dag, tmp_path):
     """The session's serial flow run (`tiny_dag`), copied without its outputs, DVC cache (so no run-cache entry
     can stand in for running a stage) and dvc.lock, then the flow with max_parallel=2."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from tests.dag import _env
 
     project = tmp_path / "parallel"
@@ -285,7 +282,7 @@ def test_the_tiny_dag_with_two_parallel_stages_records_what_the_serial_flow_did(
     old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "PATH")}
     os.environ.update({k: env[k] for k in old})
     try:
-        with prefect_test_harness(server_startup_timeout=120):
+        with prefect_harness():
             result = debias_pipeline(project_dir=str(project), max_parallel=2)
     finally:
         for k, v in old.items():

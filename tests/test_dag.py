@@ -248,13 +248,13 @@ def test_stages_logged_to_mlflow(tiny_dag):
             assert run.data.metrics[key] == pytest.approx(stored[key], rel=1e-12), (run.info.run_name, key)
 
 
-# Last: these two rewrite the shared project (and put it back).
+# These two rewrite a project: each works on its own copy (the shared one stays read-only; tests/conftest.py).
 
-def test_a_forced_dvc_repro_of_the_core_chain_rebuilds_the_flows_bytes(tiny_dag):
+def test_a_forced_dvc_repro_of_the_core_chain_rebuilds_the_flows_bytes(tiny_dag, tmp_path):
     """`dvc repro -f` of prepare_data → train_classifiers/train_diffusion → fid_reference → sample@baseline →
     score@baseline, from scratch (checkpoints removed, no run cache), leaves the outputs the flow built, byte for byte
     (dvc.lock's hashes), and so nothing downstream to do."""
-    tmp = tiny_dag.path
+    tmp = copy_project(tiny_dag.path, tmp_path / "project")
     before = _lock(tiny_dag.lock)
     for name in ("classifiers", "diffusion"):  # else training resumes from the flow's last checkpoint
         shutil.rmtree(tmp / "data/checkpoints" / name)
@@ -272,7 +272,7 @@ def test_a_forced_dvc_repro_of_the_core_chain_rebuilds_the_flows_bytes(tiny_dag)
 
 def test_push_and_pull_through_a_local_directory_remote(tiny_dag, tmp_path):
     """Artifacts travel through a DVC remote (here a local directory, as a GPU worker would use S3 or SSH)."""
-    tmp = tiny_dag.path
+    tmp = copy_project(tiny_dag.path, tmp_path / "project")
     assert dvc(tmp, "remote", "add", "-d", "store", str(tmp_path / "store")).returncode == 0
     try:
         pushed = dvc(tmp, "push")

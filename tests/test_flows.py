@@ -25,9 +25,11 @@ from flows.pipeline import (
     stage_dag,
     stage_exit_code,
     stage_graph,
+    stale_stages,
     uses_device,
 )
 from pipeline.errors import UserError
+from tests.dag import prefect_harness
 from tests.tiny import ROOT, tiny_params
 
 DEPS = {
@@ -50,6 +52,30 @@ def test_select_stages_runs_the_methods_upstream_closure_and_no_report():
     for every in (None, [], ["baseline", "other"]):  # every method: the whole DAG, the report last
         order = select_stages(DEPS, every)
         assert set(order) == set(DEPS) and order[0] == "prepare_data" and order[-1] == "report"
+
+
+def test_stale_stages_are_the_changed_ones_and_everything_below_them(monkeypatch):
+    """One DVC status call for the whole DAG decides which stages the flow hands to `dvc repro`."""
+    from contextlib import contextmanager
+
+    import flows.pipeline as pipeline_flow
+
+    class Repo:
+        def status(self, targets=None):
+            assert targets is None  # one call, every stage
+            return {"fit_other": [{"changed deps": {"stages/fit_other.py": "modified"}}],
+                    "sub/dvc.yaml:fid_reference": [{"changed outs": {"x": "deleted"}}]}
+
+    @contextmanager
+    def repo(root, wait):
+        yield Repo()
+
+    monkeypatch.setattr(pipeline_flow, "dvc_repo", repo)
+    order = select_stages(DEPS)
+    assert stale_stages(ROOT, order, DEPS, wait=False) == {
+        "fit_other", "sample@other", "score@other", "fid_reference", "score@baseline", "report"}
+    assert stale_stages(ROOT, [n for n in order if n != "report"], DEPS, wait=False) == {
+        "fit_other", "sample@other", "score@other", "fid_reference", "score@baseline"}
 
 
 def test_select_stages_rejects_unknown_method():
@@ -189,9 +215,7 @@ def flaky_project(tmp_path):
 
 @pytest.fixture(scope="module")
 def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
+    with prefect_harness():
         yield
 
 
