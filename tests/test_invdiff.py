@@ -547,3 +547,14 @@ def test_invdiff_params_conflict_clusters():
     assert InvDiffParams().conflict_clusters == 1 and InvDiffParams(conflict_clusters="auto").conflict_clusters
     with pytest.raises(ValueError, match="conflict_clusters"):
         InvDiffParams(conflict_clusters=0)
+
+
+def test_the_max_step_names_a_wrong_split_module_before_the_loss_draws(unet):
+    from types import SimpleNamespace
+
+    from pipeline.methods.invdiff import infer_groups
+
+    view = LabelledImages(np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4, np.int64))
+    model = SimpleNamespace(unet=unet)  # no scheduler config: reaching the loss draws would fail differently
+    with pytest.raises(UserError, match="invdiff.split_module: .*'up_blocks.9'"):
+        infer_groups(view, model, SimpleNamespace(conflict_clusters="auto", split_module="up_blocks.9"), 0, "cpu")

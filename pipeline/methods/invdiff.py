@@ -588,6 +588,11 @@ def infer_groups(train, model, p, seed: int, device) -> tuple[np.ndarray, np.nda
                         "without it (load_split(..., with_bias=False))")
     from pipeline.data import to_tensor
 
+    if p.conflict_clusters != 1:  # a wrong module name fails now, not after the loss draws
+        try:
+            model.unet.get_submodule(p.split_module)
+        except AttributeError:
+            raise UserError(f"invdiff.split_module: the U-Net has no module {p.split_module!r}") from None
     scheduler = make_scheduler(model.scheduler_config, "ddpm")
     ts = loss_timesteps(*p.loss_timesteps, p.loss_draws)
     classes, table = torch.from_numpy(train.classes), model.prompt_embeds
