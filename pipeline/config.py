@@ -202,6 +202,10 @@ class InvDiffParams(_Section):
     grouper_init: Literal["ranked", "random"] = "ranked"
     grouper_steps: int = Field(300, ge=0)
     grouper_lr: float = Field(0.05, gt=0)
+    conflict_clusters: Literal["auto"] | int = 1  # level 2: split the conflicting-like group (1 = no split)
+    conflict_clusters_max: int = Field(12, ge=2, le=64)
+    split_module: str = "up_blocks.1"
+    split_reference: int = Field(32, ge=1)
     # min step: the guidance module δ
     delta_width: float = Field(0.45, gt=0.0, le=1.0)
     steps: int = Field(1500, ge=1)
@@ -235,6 +239,9 @@ class InvDiffParams(_Section):
                              f"{self.num_groups}")
         if self.batch_size < self.num_groups:
             raise ValueError(f"batch_size must be >= num_groups ({self.num_groups}) for group-balanced batches")
+        if self.conflict_clusters != "auto" and not 1 <= self.conflict_clusters <= 64:
+            raise ValueError(f"conflict_clusters must be 'auto' or an integer in [1, 64], got "
+                             f"{self.conflict_clusters}")
         if self.paired and not self.balanced:
             raise ValueError("paired draws need group-balanced batches (balanced: true)")
         if self.paired and self.target != "equal":

@@ -51,7 +51,9 @@ def groups_for(variant: str, p) -> tuple[np.ndarray, np.ndarray | None]:
     W = harden(W) if p.hard_groups else W
     if p.target == "equal":
         return W, None
-    return W, group_targets(p.target, W.shape[1], meta.aligned, meta.num_attributes)
+    classes = load_split(DATA, "train", with_bias=False).classes
+    present = np.stack([W[classes == y].sum(0) > 0 for y in range(len(meta.aligned))])
+    return W, group_targets(p.target, W.shape[1], meta.aligned, meta.num_attributes, present=present)
 
 
 @stage_main

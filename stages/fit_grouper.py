@@ -6,7 +6,8 @@ The hidden labels are read afterwards, only to score the grouping.
 Outputs data/methods/invdiff_groups/: groups.npz (W, scores, losses, timesteps), groups.parquet (one row per
 training image: index, class, score, W_k, group), discovery.png (training images of each inferred group, one
 row per group: what the grouper found); data/metrics/fit_grouper.json (grouping scored against the hidden
-labels)."""
+labels, per level: aligned-like vs conflicting-like, then with invdiff.conflict_clusters ≠ 1 the split of the
+conflicting-like group against the attribute value)."""
 
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pandas as pd
 
 from pipeline.data import load_split
 from pipeline.io import atomic_path, save_json, save_npz
-from pipeline.methods.invdiff import grouping_quality, infer_groups
+from pipeline.methods.invdiff import grouping_quality, infer_groups, split_quality
 from pipeline.pretrained import load_model
 from pipeline.report import discovery_grid, save_png
 from stages.common import UserError, device, load_params, mlflow_run, stage_main
@@ -36,7 +37,15 @@ def main() -> None:
     with mlflow_run("fit_grouper", params, ("invdiff",), run_name="fit_grouper") as run:
         W, scores, losses, info = infer_groups(train, model, p, params.seed, dev)
         hidden = load_split(DATA, "train", with_bias=True)  # scoring only, after W is fixed
-        quality = {"min_group_share": info["min_group_share"], **grouping_quality(W, ~hidden.aligned, scores)}
+        # level 1 (aligned-like vs conflicting-like) on the split's sub-groups merged; level 2: the sub-groups
+        # against the attribute value
+        first = info["score_groups"] - 1
+        merged = np.concatenate([W[:, :first], W[:, first:].sum(1, keepdims=True)], 1)
+        quality = {"min_group_share": info["min_group_share"], **grouping_quality(merged, ~hidden.aligned, scores),
+                   **split_quality(W, first, hidden.bias, ~hidden.aligned)}
+        if "moved_to_group0" in info:
+            quality.update(moved_to_group0=info["moved_to_group0"],
+                           **{f"silhouette_k{k}": v for k, v in info["silhouette"].items()})
         run.metrics(quality)
         for i, v in enumerate(info["objective"][:: max(1, len(info["objective"]) // 50)]):
             run.metrics({"grouper_objective": v}, step=i)

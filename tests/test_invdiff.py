@@ -422,3 +422,139 @@ def test_target_weighted_finetune_with_ema_and_cosine_resumes_exactly(unet, one_
     assert res_b.group_losses == res_a.group_losses and len(res_a.group_losses[-1]) == 2
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
+
+
+# level 2 of the max step: the conflicting-like group split by features, no bias labels (docs/methods.md "InvDiff")
+
+
+def _blobs(centres: np.ndarray, per: int, spread: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(centres)), per)
+    return centres[labels] + spread * rng.standard_normal((len(labels), centres.shape[1])), labels
+
+
+def test_the_number_of_clusters_is_chosen_on_held_out_rows_and_is_one_without_structure():
+    from pipeline.methods.invdiff import choose_num_clusters
+
+    centres = 6.0 * np.eye(8)[:5]
+    F, _ = _blobs(centres, 40, 0.5)
+    k, sil = choose_num_clusters(F, 10, seed=0)
+    assert k == 5 and sil[5] == max(sil.values()) and sil[5] > 0.6
+    F2, _ = _blobs(6.0 * np.eye(8)[:3], 40, 0.5, seed=1)
+    assert choose_num_clusters(F2, 10, seed=0)[0] == 3
+    blob = np.random.default_rng(2).standard_normal((200, 8))  # one Gaussian: no substantial structure
+    assert choose_num_clusters(blob, 10, seed=0)[0] == 1
+
+
+def _split_data(C: int = 4, K: int = 5, per_value: int = 12, aligned_per_class: int = 150, strays: int = 3):
+    """Classes 0..C−1, attribute value a_y = y of K; features = class offset + value centre + noise. W: the
+    aligned/conflicting pair from the true flag, with `strays` aligned images per class in the conflicting group."""
+    rng = np.random.default_rng(0)
+    value_centre, class_offset = 5.0 * np.eye(K, 12), 3.0 * rng.standard_normal((C, 12))
+    classes, values, conflicting_like = [], [], []
+    for y in range(C):
+        for b in range(K):
+            n = aligned_per_class if b == y else per_value
+            classes += [y] * n
+            values += [b] * n
+            conflicting_like += [b != y] * n if b != y else [True] * strays + [False] * (n - strays)
+    classes, values, flag = np.array(classes), np.array(values), np.array(conflicting_like)
+    feats = class_offset[classes] + value_centre[values] + 0.4 * rng.standard_normal((len(classes), 12))
+    return classes, values, flag, feats
+
+
+def test_split_finds_the_attribute_values_and_returns_strays_to_the_aligned_like_group():
+    from types import SimpleNamespace
+
+    from pipeline.methods.invdiff import split_conflicting, split_quality
+
+    classes, values, flag, feats = _split_data()
+    aligned = values == classes
+    W = oracle_groups(~flag)  # group 0 aligned-like, group 1 conflicting-like
+    asked = []
+
+    def features(idx):
+        asked.append(np.asarray(idx))
+        return feats[idx]
+
+    p = SimpleNamespace(conflict_clusters="auto", conflict_clusters_max=8, split_reference=20)
+    W2, info = split_conflicting(W, classes, features, p, seed=0)
+    assert info["conflict_clusters"] == 5 and W2.shape == (len(classes), 6)
+    np.testing.assert_allclose(W2.sum(1), 1.0, atol=1e-6)
+    assert (W2.sum(0) > 0).all()
+    # the strays (aligned images the score level let through) go back to group 0; no conflicting image does
+    strays = flag & aligned
+    moved = flag & (W2[:, 0] == 1.0)
+    assert (W2[flag & ~aligned, 0] == 0).all() and moved.sum() > 0 and (moved <= strays).all()
+    assert info["moved_to_group0"] == moved.sum()
+    q = split_quality(W2, 1, values, ~aligned)
+    assert q["nmi_attribute_level2"] > 0.99 and q["purity_attribute_level2"] == 1.0
+    assert q["groups_total"] == 6 and q["conflict_clusters"] == 5
+    # features were computed only for the conflicting-like rows and the aligned-like references
+    assert np.isin(np.flatnonzero(flag), asked[0]).all() and len(asked[0]) == flag.sum() + 4 * 20
+    # a fixed k, and k = 1 leaves W alone
+    W3, _ = split_conflicting(W, classes, lambda i: feats[i], SimpleNamespace(**{**vars(p), "conflict_clusters": 3}),
+                              seed=0)
+    assert W3.shape[1] == 4
+    W1, info1 = split_conflicting(W, classes, lambda i: feats[i],
+                                  SimpleNamespace(**{**vars(p), "conflict_clusters": 1}), seed=0)
+    assert W1 is W and info1["conflict_clusters"] == 1
+
+
+def test_split_groups_with_target_weights_give_a_uniform_attribute_distribution_value_by_value():
+    """Uneven conflicting values (value b+1 of class y 4× as frequent as the others): the two-group target
+    weighting keeps the unevenness, the split groups (one per value) balance each value."""
+    from pipeline.methods.invdiff import TargetSampler, attribute_groups, group_targets
+
+    C = 10
+    classes, colours = [], []
+    for y in range(C):
+        others = [c for c in range(C) if c != y]
+        cols = [y] * 80 + others * 2 + [others[0]] * 6
+        classes += [y] * len(cols)
+        colours += cols
+    classes, colours = np.array(classes), np.array(colours)
+    aligned = colours == classes
+    # the split as found: group 0 aligned-like, groups 1..10 one per colour (class y has none in group 1+y)
+    W = np.concatenate([aligned[:, None], attribute_groups(colours, C) * ~aligned[:, None]], 1).astype(np.float32)
+    present = np.stack([W[classes == y].sum(0) > 0 for y in range(C)])
+    T = group_targets("uniform", W.shape[1], tuple(range(C)), C, present=present)
+    np.testing.assert_allclose(T.sum(1), 1.0)
+    assert (T[np.arange(C), 1 + np.arange(C)] == 0).all() and np.allclose(T[:, 0], 0.1)
+    q = TargetSampler(W, classes, T).probabilities(len(classes))
+    np.testing.assert_allclose(_colour_distribution(q, classes, colours), 0.1, atol=1e-12)
+    q2 = TargetSampler(oracle_groups(aligned), classes, group_targets("uniform", 2, tuple(range(C)), C))
+    assert np.abs(_colour_distribution(q2.probabilities(len(classes)), classes, colours) - 0.1).max() > 0.1
+
+
+def test_unet_features_are_seeded_per_channel_means_and_a_bad_module_is_named(unet, one_thread):
+    from pipeline.methods.invdiff import unet_features
+
+    scheduler = make_noise_scheduler(100, "linear", "epsilon")
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    cond = Conditioning(class_labels=torch.arange(6) % 2)
+    a = unet_features(unet, scheduler, images, cond, 5, "up_blocks.0", seed=0, batch_size=4)
+    b = unet_features(unet, scheduler, images, cond, 5, "up_blocks.0", seed=0, batch_size=6)
+    assert a.shape == (6, unet.config.block_out_channels[-1]) and np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(UserError, match="split_module.*nope"):
+        unet_features(unet, scheduler, images, cond, 5, "nope", seed=0)
+
+
+def test_invdiff_params_conflict_clusters():
+    from pipeline.config import InvDiffParams
+
+    assert InvDiffParams().conflict_clusters == 1 and InvDiffParams(conflict_clusters="auto").conflict_clusters
+    with pytest.raises(ValueError, match="conflict_clusters"):
+        InvDiffParams(conflict_clusters=0)
+
+
+def test_the_max_step_names_a_wrong_split_module_before_the_loss_draws(unet):
+    from types import SimpleNamespace
+
+    from pipeline.methods.invdiff import infer_groups
+
+    view = LabelledImages(np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4, np.int64))
+    model = SimpleNamespace(unet=unet)  # no scheduler config: reaching the loss draws would fail differently
+    with pytest.raises(UserError, match="invdiff.split_module: .*'up_blocks.9'"):
+        infer_groups(view, model, SimpleNamespace(conflict_clusters="auto", split_module="up_blocks.9"), 0, "cpu")

@@ -278,7 +278,7 @@ def harden(W: np.ndarray) -> np.ndarray:
 
 
 def group_targets(target, num_groups: int, aligned: tuple[int, ...], num_attributes: int, *,
-                  attribute_groups: bool = False) -> np.ndarray:
+                  attribute_groups: bool = False, present: np.ndarray | None = None) -> np.ndarray:
     """T [C, G]: the share group g should have within class y in the re-weighted training data.
 
     target: "equal" → T = 1/G (every group alike: the published weighting, 50/50 for two groups);
@@ -286,7 +286,10 @@ def group_targets(target, num_groups: int, aligned: tuple[int, ...], num_attribu
             T[y, b] = p*(b). With inferred groups (0 the aligned-like, the others conflicting-like)
             T[y, 0] = p*(a_y), a_y the class's bias-aligned value, and the rest 1 − p*(a_y) spread evenly over
             groups 1..G−1 (the data spreads the conflicting values evenly, so for two groups and a uniform p*
-            the weights are 1/K and (K−1)/K)."""
+            the weights are 1/K and (K−1)/K). With `present` [C, G] (bool: class y has images in group g), the
+            1 − p*(a_y) is spread over the conflicting-like groups present in class y only: with groups 1..G−1
+            the clusters of a split conflicting-like group (`split_conflicting`), each one an attribute value
+            where the split found the values, every value present in a class gets an equal share."""
     C = len(aligned)
     if isinstance(target, str) and target == "equal":
         return np.full((C, num_groups), 1.0 / num_groups)
@@ -300,7 +303,9 @@ def group_targets(target, num_groups: int, aligned: tuple[int, ...], num_attribu
             raise UserError(f"attribute groups: W has {num_groups} columns for {num_attributes} attribute values")
         return np.tile(p, (C, 1))
     a = p[np.asarray(aligned)]
-    return np.concatenate([a[:, None], np.repeat(((1 - a) / (num_groups - 1))[:, None], num_groups - 1, 1)], 1)
+    on = np.ones((C, num_groups - 1), bool) if present is None else np.asarray(present, bool)[:, 1:]
+    rest = np.where(on, ((1 - a) / np.maximum(on.sum(1), 1))[:, None], 0.0)
+    return np.concatenate([a[:, None], rest], 1)
 
 
 class TargetSampler:
@@ -414,18 +419,180 @@ def grouping_quality(W: np.ndarray, conflicting: np.ndarray, scores: np.ndarray 
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# max step, level 2: split the conflicting-like group by the frozen model's features (no bias labels)
+
+
+@torch.no_grad()
+def unet_features(unet, scheduler, images: torch.Tensor, cond: Conditioning, t: int, module: str, *, seed: int,
+                  batch_size: int = 500, device="cpu") -> np.ndarray:
+    """h_i = spatial mean per channel of `module`'s output on x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (one seeded ε per image)
+    under the image's own condition c_i. [N, channels]."""
+    device = torch.device(device)
+    try:
+        target = unet.get_submodule(module)
+    except AttributeError:
+        raise UserError(f"invdiff.split_module: the U-Net has no module {module!r}") from None
+    gen = torch.Generator().manual_seed(seed)
+    store = {}
+    handle = target.register_forward_hook(lambda m, i, o: store.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    chunks = []
+    try:
+        for s in range(0, len(images), batch_size):
+            idx = torch.arange(s, min(s + batch_size, len(images)))
+            x0 = images[idx].to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            tt = torch.full((len(idx),), int(t), dtype=torch.long, device=device)
+            call_unet(unet, scheduler.add_noise(x0, noise, tt), tt, cond.select(idx, device))
+            chunks.append(store["h"].float().mean(dim=(2, 3)).cpu().numpy())
+    finally:
+        handle.remove()
+    return np.concatenate(chunks).astype(np.float64)
+
+
+def centre_within_class(F: np.ndarray, classes: np.ndarray, ref: np.ndarray | None = None,
+                        ref_classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(F̃, R̃): F̃_i = (F_i − μ_{c_i}) / σ, μ_y the mean of class y's rows of F (the class — the condition, a known
+    label — moves the features more than the attribute does), σ the root-mean-square of the centred features (one
+    scalar: a per-feature scale would blow quiet, attribute-free channels up to the size of the informative ones);
+    the reference rows R are mapped with the same μ and σ."""
+    F = np.asarray(F, np.float64)
+    mu = {y: F[classes == y].mean(0) for y in np.unique(classes)}
+    Fc = F - np.stack([mu[y] for y in classes]) if len(F) else F
+    sd = max(float(np.sqrt((Fc**2).mean())), 1e-12) if len(F) else 1.0
+    R = None
+    if ref is not None:
+        R = (np.asarray(ref, np.float64) - np.stack([mu.get(y, np.zeros(F.shape[1])) for y in ref_classes])) / sd
+    return Fc / sd, R
+
+
+def choose_num_clusters(F: np.ndarray, k_max: int, *, seed: int, min_silhouette: float = 0.25
+                        ) -> tuple[int, dict[int, float]]:
+    """(k, {k: s_k}): k-means on a random half of the rows for each k in 2..k_max, s_k = silhouette of the other
+    (held-out) half under the fitted centres' assignment; k = argmax s_k, or 1 (no split) where max s_k <
+    min_silhouette (Kaufman & Rousseeuw: below 0.25 no substantial structure) or too few rows."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    n = len(F)
+    perm = np.random.default_rng(seed).permutation(n)
+    fit, val = F[perm[: n // 2]], F[perm[n // 2:]]
+    scores = {}
+    for k in range(2, k_max + 1):
+        if k >= len(fit) or k >= len(val):
+            break
+        km = KMeans(k, n_init=4, random_state=seed).fit(fit)
+        lab = km.predict(val)
+        scores[k] = float(silhouette_score(val, lab)) if 1 < len(np.unique(lab)) < len(val) else -1.0
+    if not scores or max(scores.values()) < min_silhouette:
+        return 1, scores
+    return max(scores, key=scores.get), scores
+
+
+def split_last_group(W: np.ndarray, rows: np.ndarray, labels: np.ndarray, k: int,
+                     to_first: np.ndarray | None = None) -> np.ndarray:
+    """W' [N, G−1+k']: groups 0..G−2 as in W; the last group's mass W_i,G−1 of row rows[j] goes to sub-group
+    labels[j], or to group 0 where to_first[j] (it sits in its class's aligned-like cluster). `rows` must cover every
+    row with W_i,G−1 > 0. Empty sub-groups are dropped, so every column holds mass."""
+    W = np.asarray(W, np.float64)
+    last = W[:, -1]
+    if (last[np.setdiff1d(np.arange(len(W)), rows)] > 0).any():
+        raise ValueError("split_last_group: rows must cover every image with mass in the last group")
+    sub = np.zeros((len(W), k))
+    move = np.zeros(len(rows), bool) if to_first is None else np.asarray(to_first, bool)
+    sub[rows[~move], labels[~move]] = last[rows[~move]]
+    out = np.concatenate([W[:, :-1], sub], 1)
+    out[rows[move], 0] += last[rows[move]]
+    keep = np.concatenate([np.ones(W.shape[1] - 1, bool), sub.sum(0) > 0])
+    return out[:, keep].astype(np.float32)
+
+
+def split_conflicting(W: np.ndarray, classes: np.ndarray, features, p, seed: int) -> tuple[np.ndarray, dict]:
+    """The level-2 split of the last (conflicting-like) group of W, without bias labels.
+
+    rows = {i: W_i,G−1 > 0}; references = up to `split_reference` images per class drawn (seeded) from the rows
+    whose argmax is group 0 (aligned-like). `features(indices)` gives their frozen-model features (`unet_features`),
+    centred within class on the rows' class means (`centre_within_class`). k = p.conflict_clusters, or with "auto"
+    `choose_num_clusters` over 2..p.conflict_clusters_max; k-means (k clusters, centres c_m) on the rows. The
+    cluster h_y that most of class y's references fall in is y's home cluster; a class-y row i there goes back to
+    group 0 where ‖F_i − r_y‖ ≤ the median of ‖R_j − r_y‖ over the references, r_y their mean (it looks like
+    the class's majority). Returns (W' [N, G−1+k'], info)."""
+    from sklearn.cluster import KMeans
+
+    rows = np.flatnonzero(W[:, -1] > 0)
+    rng = np.random.default_rng(seed)
+    aligned_like = W.argmax(1) == 0
+    ref = np.concatenate([rng.permutation(np.flatnonzero(aligned_like & (classes == y)))[: p.split_reference]
+                          for y in np.unique(classes)]).astype(np.int64)
+    feats = features(np.concatenate([rows, ref]))
+    F, R = centre_within_class(feats[: len(rows)], classes[rows], feats[len(rows):], classes[ref])
+    if p.conflict_clusters == "auto":
+        k, sil = choose_num_clusters(F, p.conflict_clusters_max, seed=seed)
+    else:
+        k, sil = min(int(p.conflict_clusters), len(rows)), {}
+    info = {"conflict_clusters": k, "silhouette": sil, "moved_to_group0": 0}
+    if k <= 1:
+        return W, info
+    km = KMeans(k, n_init=10, random_state=seed).fit(F)
+    labels = km.labels_
+    to_first = np.zeros(len(rows), bool)
+    if len(ref):
+        ref_lab = km.predict(R)
+        for y in np.unique(classes[ref]):
+            home = np.bincount(ref_lab[classes[ref] == y], minlength=k).argmax()
+            Ry = R[classes[ref] == y]
+            r_y = Ry.mean(0)
+            reach = np.median(np.linalg.norm(Ry - r_y, axis=1))
+            m = (classes[rows] == y) & (labels == home)
+            # as close to the references' mean as half the references: an aligned image that the score level
+            # let through (a cluster may hold several nearby values: the others stay; a looser reach moved more
+            # conflicting images than aligned ones on the default model, docs/methods.md)
+            to_first |= m & (np.linalg.norm(F - r_y, axis=1) <= reach)
+    info["moved_to_group0"] = int(to_first.sum())
+    W2 = split_last_group(W, rows, labels, k, to_first)
+    info["conflict_clusters"] = W2.shape[1] - (W.shape[1] - 1)
+    return W2, info
+
+
+def split_quality(W: np.ndarray, first: int, bias: np.ndarray, conflicting: np.ndarray) -> dict:
+    """Level 2 of the grouping, scored against the hidden attribute (scoring only): among the images whose argmax
+    group is a sub-group (≥ `first`), NMI and purity (Σ_clusters max_b count / n) of sub-group vs attribute value;
+    the same among those that are truly bias-conflicting; and NMI of all groups vs the attribute (every image)."""
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
+    g = W.argmax(1)
+    m = g >= first
+
+    def purity(a, b):
+        return float(sum(np.bincount(b[a == c]).max() for c in np.unique(a)) / max(len(a), 1)) if len(a) else 0.0
+
+    mc = m & conflicting
+    return {"groups_total": int(W.shape[1]), "conflict_clusters": int(W.shape[1] - first),
+            "nmi_attribute_level2": float(nmi(bias[m], g[m])) if m.any() else 0.0,
+            "purity_attribute_level2": purity(g[m], bias[m]),
+            "nmi_attribute_level2_conflicting": float(nmi(bias[mc], g[mc])) if mc.any() else 0.0,
+            "nmi_attribute_all": float(nmi(bias, g))}
+
+
 def infer_groups(train, model, p, seed: int, device) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """The whole max step on a dataset view that must not carry the bias attribute (`train`: images, classes only),
     for a pipeline.pretrained.DiffusionModel and the `invdiff` params section `p`: the frozen model's losses
     l[i, d] = pixel-mean ‖ε̂_θ(x_t, t_d, y_i) − ε‖² at the loss_timesteps draws (denoising_losses; with
     p.loss_contrast also r[i, d] under ∅), the normalised scores s_i (normalised_scores), then the soft groups W
-    (fit_grouper). Returns (W [N, G], scores [N], losses [N, D] or with the null-class reference [N, D, 2],
-    {timesteps, objective, min_group_share})."""
+    (fit_grouper); with p.conflict_clusters ≠ 1 the last group is then split (`split_conflicting`, features from
+    `unet_features` at t = loss_timesteps[0]). Returns (W [N, G], scores [N], losses [N, D] or with the null-class
+    reference [N, D, 2], {timesteps, objective, min_group_share, score_groups[, conflict_clusters, silhouette,
+    moved_to_group0]})."""
     if hasattr(train, "bias") or hasattr(train, "aligned"):
         raise UserError("infer_groups: the training view carries the bias attribute; the grouper must infer groups "
                         "without it (load_split(..., with_bias=False))")
     from pipeline.data import to_tensor
 
+    if p.conflict_clusters != 1:  # a wrong module name fails now, not after the loss draws
+        try:
+            model.unet.get_submodule(p.split_module)
+        except AttributeError:
+            raise UserError(f"invdiff.split_module: the U-Net has no module {p.split_module!r}") from None
     scheduler = make_scheduler(model.scheduler_config, "ddpm")
     ts = loss_timesteps(*p.loss_timesteps, p.loss_draws)
     classes, table = torch.from_numpy(train.classes), model.prompt_embeds
@@ -439,7 +606,20 @@ def infer_groups(train, model, p, seed: int, device) -> tuple[np.ndarray, np.nda
     fit = fit_grouper(scores, p.num_groups, min_share=min(share, 1 / p.num_groups), steps=p.grouper_steps,
                       lr=p.grouper_lr, init=p.grouper_init, seed=seed)
     losses = losses if ref is None else np.stack([losses, ref], -1)
-    return fit.W, scores, losses, {"timesteps": ts, "objective": fit.objective, "min_group_share": share}
+    info = {"timesteps": ts, "objective": fit.objective, "min_group_share": share, "score_groups": p.num_groups}
+    W = fit.W
+    if p.conflict_clusters != 1:  # level 2: split the conflicting-like group by the frozen model's features
+        images = model.to_model_space(to_tensor(train.images))
+        cond = Conditioning(class_labels=classes, prompt_embeds=table)
+
+        def features(idx):
+            idx = torch.as_tensor(idx)
+            return unet_features(model.unet, scheduler, images[idx], cond.select(idx, "cpu"), int(ts[0]),
+                                 p.split_module, seed=seed, batch_size=p.loss_batch_size, device=device)
+
+        W, split = split_conflicting(W, train.classes, features, p, seed)
+        info.update(split)
+    return W, scores, losses, info
 
 
 # ----------------------------------------------------------------------------------------------------------------

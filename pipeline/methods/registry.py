@@ -162,7 +162,8 @@ def _invdiff_note(params, fitted, out):
     shares = ", ".join(f"{v:.3f}" for k, v in q.items() if k.startswith("share_group"))
     return [
         f"InvDiff: f_θ + r·δ with r = {p.strength:g}; δ trained {p.steps} steps on mean_k L_k + λ·var_k L_k "
-        f"(λ = {p.lam:g}) over {p.num_groups} groups inferred without bias labels. The ablations: "
+        f"(λ = {p.lam:g}) over {q.get('groups_total', p.num_groups)} groups inferred without bias labels. "
+        "The ablations: "
         "`invdiff_lambda0` (λ = 0) and `invdiff_oracle` (the true aligned/conflicting split in place of the "
         "inferred groups — uses the labels, an upper reference).", "",
         f"Bias discovery (scored afterwards against the hidden labels): the highest-loss group holds "
@@ -170,7 +171,11 @@ def _invdiff_note(params, fitted, out):
         f"{q['precision_top_group']:.3f} and recall {q['recall_top_group']:.3f} for the bias-conflicting "
         f"images (base rate {q['conflicting_rate']:.3f}); NMI {q['nmi_conflicting']:.3f}; AUROC of the "
         f"normalised loss {q.get('auroc_scores', float('nan')):.3f}; group shares {shares}. "
-        "Rows below: training images most firmly in each group (lowest loss first).", "",
+        + (f"Level 2 (the conflicting-like group split into {q['conflict_clusters']} clusters of the frozen "
+           f"model's features, `invdiff.conflict_clusters`): NMI with the hidden attribute "
+           f"{q['nmi_attribute_level2']:.3f}, "
+           f"purity {q['purity_attribute_level2']:.3f}. " if q.get("conflict_clusters", 1) > 1 else "")
+        + "Rows below: training images most firmly in each group (lowest loss first).", "",
         "![InvDiff bias discovery](invdiff_discovery.png)", ""]
 
 
