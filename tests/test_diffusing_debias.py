@@ -222,6 +222,10 @@ def test_group_accuracy_on_known_values():
     assert m["conflicting_accuracy"] == pytest.approx(1 / 3)  # (0,1): 0/1, (1,0): 1/2
     assert m["aligned_accuracy"] == pytest.approx(5 / 5)
     assert m["accuracy"] == pytest.approx(6 / 8)
+    # an empty cell (class 0 never has b = 1 here) is skipped, not counted as 0 or NaN
+    keep = ~((y == 0) & (b == 1))
+    m = ddb.group_accuracy(pred[keep], y[keep], b[keep], np.array([0, 1]))
+    assert m["unbiased_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3) and m["worst_group_accuracy"] == 0.5
 
 
 def test_summarise_mean_and_std():

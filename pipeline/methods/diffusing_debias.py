@@ -362,17 +362,19 @@ def fit_reweighted(x, y, num_classes: int, cfg: TrainConfig, *, amplifier: MLP |
 
 def group_accuracy(pred: np.ndarray, classes: np.ndarray, bias: np.ndarray, aligned_attr) -> dict:
     """Accuracies over the cells (y, b): unbiased (mean of cells), worst group (min), bias-conflicting and
-    bias-aligned (over samples with b ≠ / = aligned_attr[y]); plain accuracy. Empty cells are skipped."""
+    bias-aligned (over samples with b ≠ / = aligned_attr[y]); plain accuracy. Empty cells are skipped.
+    The per-cell accuracies come from fairlearn's MetricFrame (sensitive features = class and bias value)."""
+    from fairlearn.metrics import MetricFrame  # imported here: only the scoring needs it
+
     pred, classes, bias = np.asarray(pred), np.asarray(classes), np.asarray(bias)
     correct = pred == classes
-    cells = {}
-    for y, b in sorted(set(zip(classes.tolist(), bias.tolist(), strict=True))):
-        m = (classes == y) & (bias == b)
-        cells[(y, b)] = float(correct[m].mean())
+    frame = MetricFrame(metrics=lambda t, p: float(np.mean(np.asarray(t) == np.asarray(p))), y_true=classes,
+                        y_pred=pred, sensitive_features={"y": classes, "b": bias})
+    cells = frame.by_group.dropna()  # MetricFrame lists every (y, b) combination; absent cells are NaN
     aligned = bias == np.asarray(aligned_attr)[classes]
     nan = float("nan")
-    return {"unbiased_accuracy": float(np.mean(list(cells.values()))),
-            "worst_group_accuracy": float(min(cells.values())),
+    return {"unbiased_accuracy": float(cells.mean()),
+            "worst_group_accuracy": float(cells.min()),
             "conflicting_accuracy": float(correct[~aligned].mean()) if (~aligned).any() else nan,
             "aligned_accuracy": float(correct[aligned].mean()) if aligned.any() else nan,
             "accuracy": float(correct.mean())}
