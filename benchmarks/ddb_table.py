@@ -130,7 +130,7 @@ def t_interval(row: dict, key: str) -> float:
 def protocol_note(budget: dict, select_by: str, chosen: dict, profile, seeds, timings) -> list[str]:
     """The protocol, stated beside the table (docs/protocol.md)."""
     n = check_budget({m: grid_points(s) for m, s in budget.items()})
-    cpu = sum(t["cpu_s"] for rho in timings.values() for t in rho.values())
+    cpu = sum(t["cpu_s"] for rho in timings.values() for t in rho.values() if isinstance(t, dict))
     lines = ["", "**Protocol.** Every method gets the same selection budget: "
              f"{n} hyperparameter points, each run for every seed ({', '.join(map(str, seeds))}). Per (ρ, method) the "
              f"point with the best seed-mean `{select_by}` on the validation split (the judge split: class × colour "
@@ -138,7 +138,7 @@ def protocol_note(budget: dict, select_by: str, chosen: dict, profile, seeds, ti
              "the chosen point. Cells: test mean ± sample std over seeds [95% t-interval half-width]. "
              f"Profile: {profile or 'params.yaml (CPU base)'}. Machine: {platform.machine()} CPU, "
              f"{os.environ.get('OMP_NUM_THREADS', '?')} thread(s), shared 2-core box; "
-             f"{cpu:.0f} CPU-s in this invocation's stage runs.", "", "| method | budget | chosen (per ρ) |",
+             f"{cpu:.0f} CPU-s in all stage runs of the work directory.", "", "| method | budget | chosen (per ρ) |",
              "|---|---|---|"]
     for m, spec in budget.items():
         picks = "; ".join(f"ρ={k[0]}: {v}" for k, v in sorted(chosen.items()) if k[1] == m)
@@ -167,7 +167,8 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_path = args.workdir / "rows.jsonl"
     done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
-    timings_all = {}
+    timings_path = args.workdir / "timings.json"  # kept across resumed invocations: the CPU figures cover them all
+    timings_all = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
     def have(rho, seed, m, label):
         return any(r["bias_ratio"] == rho and r["seed"] == seed and r["method"] == m and r["point"] == label
@@ -183,6 +184,7 @@ def main() -> None:
             for stage in ("prepare_data", "train_classifiers", "train_diffusion"):
                 run(w, [f"stages.{stage}"], timings, stage)
             marker.write_text(str(rho))
+            timings_path.write_text(json.dumps(timings_all, indent=1))
         for seed in args.seeds:
             todo = [(m, pt) for m in args.methods for pt in points[m] if not have(rho, seed, m, point_label(pt))]
             if not todo:
@@ -212,6 +214,7 @@ def main() -> None:
                             f"{stage}.test_conflicting_accuracy"] = extra.get(
                             "aligned_fraction", extra.get("test_conflicting_accuracy"))
                 done.append(row)
+                timings_path.write_text(json.dumps(timings_all, indent=1))
                 with results_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
     labels = {m: {point_label(pt) for pt in points[m]} for m in args.methods}
