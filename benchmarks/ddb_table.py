@@ -137,7 +137,8 @@ def protocol_note(budget: dict, select_by: str, chosen: dict, profile, seeds, ti
              "balanced, held out of all training) is chosen; the test split (colour-uniform) is read only to score "
              "the chosen point. Cells: test mean ± sample std over seeds [95% t-interval half-width]. "
              f"Profile: {profile or 'params.yaml (CPU base)'}. Machine: {platform.machine()} CPU, "
-             f"{os.environ.get('OMP_NUM_THREADS', '?')} thread(s), shared 2-core box; "
+             f"{os.environ.get('OMP_NUM_THREADS', '?')} torch thread(s), {os.cpu_count()} cores, load average "
+             f"{os.getloadavg()[0]:.1f} at the end; "
              f"{cpu:.0f} CPU-s in all stage runs of the work directory.", "", "| method | budget | chosen (per ρ) |",
              "|---|---|---|"]
     for m, spec in budget.items():
