@@ -1,33 +1,34 @@
-"""The Diffusing DeBias table: every method × bias ratio ρ × seed, then means ± std per (ρ, method).
+"""The Diffusing DeBias table under the selection protocol: every method × bias ratio ρ × seed × hyperparameter point,
+chosen on validation, scored on test once; means ± std and 95% t-intervals per (ρ, method).
 
-    python benchmarks/ddb_table.py --ratios 0.99 --seeds 0 1 2            # what README's table measured
-    python benchmarks/ddb_table.py --ratios 0.95 0.98 0.99 0.995 --seeds 0 1 2
-    python benchmarks/ddb_table.py --ratios 0.99 --seeds 0 1 2 --grid ddb.dro_weight_decay=0.001,0.003,0.01
+    python benchmarks/ddb_table.py --profile params_lff.yaml --ratios 0.99 0.995 --seeds 0 1 2   # LfF's setting
+    python benchmarks/ddb_table.py --ratios 0.99 --seeds 0 1 2                                  # the CPU profile
+    python benchmarks/ddb_table.py --budget my_budget.yaml ...                                  # another budget
 
-Hyperparameters are chosen on validation data only (docs/protocol.md): with --grid, every point runs for every
-seed, and per (ρ, method) the point with the best mean `--select-by` metric (a `val_…` metric: the validation split,
-never the test split) is the one the table reports, on the test split.
+Protocol (docs/protocol.md, "Diffusing DeBias"): every table row (method) gets the same selection budget — the same
+number of hyperparameter points, `BUDGET` below or a `--budget` YAML file {method: {ddb.KEY: [values]}} (product per
+method) — and every point runs for every seed. Per (ρ, method) the point with the best mean `--select-by` metric (a
+`val_…` metric: the validation split) is chosen (`select_and_score`); only the chosen point's test metrics are
+reported. The .md output states this protocol, the budget and the chosen points beside the table.
 
-Each ρ gets a work directory (<workdir>/rho_<ρ>: a copy of pipeline/, stages/ and params.yaml with
-data.bias_ratio = ρ) where the stages run as plain `python -m stages.<name>`, in the DAG's order:
-prepare_data → train_classifiers → train_diffusion (once per ρ: each ρ needs its own biased model), then per seed
-(ddb.seed = s: synthetic samples, both amplifiers and every classifier are re-drawn; the diffusion model is not)
-sample_bias_aligned → train_bias_amplifier[_real] → debias_classifier@{erm, lff, recipe1, recipe2, recipe1_real,
-recipe2_real}. A stage whose output already exists for that (ρ, seed) is skipped, so the script resumes.
-One MLflow run per stage execution (experiment debias-diffusion, tags method / bias_ratio / ddb_seed) goes to
-$MLFLOW_TRACKING_URI, default sqlite:///<workdir>/mlflow.db.
+Each ρ gets a work directory (<workdir>/rho_<ρ>: a copy of pipeline/, stages/ and params.yaml — with `--profile`
+merged on — with data.bias_ratio = ρ) where the stages run as plain `python -m stages.<name>`, in the DAG's order:
+prepare_data → train_classifiers → train_diffusion (once per ρ), then per seed (ddb.seed = s) sample_bias_aligned →
+train_bias_amplifier[_real] (once per seed, at the base settings: the budget varies the target classifier only) →
+debias_classifier@<method> for every point of every method. A run whose row exists (<workdir>/rows.jsonl) is skipped,
+so the script resumes. One MLflow run per stage execution (experiment debias-diffusion, tags method / bias_ratio /
+ddb_seed) goes to $MLFLOW_TRACKING_URI, default sqlite:///<workdir>/mlflow.db.
 
-The same runs through DVC, one (ρ, seed) at a time: `dvc exp run -S data.bias_ratio=0.99 -S ddb.seed=1
-debias_classifier@recipe1 ...` (the whole upstream DAG re-runs for a new ρ).
-
-Writes <out>.json (one row per method × ρ × seed, plus the summary) and <out>.md (the table).
+Writes <out>.json (every row, the summary, the choice, the budget, timings) and <out>.md (the table and protocol).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import platform
 import resource
 import shutil
 import subprocess
@@ -35,16 +36,42 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.methods.diffusing_debias import CLASSIFIER_METHODS as METHODS  # noqa: E402
-from pipeline.methods.diffusing_debias import select_by_validation, summarise  # noqa: E402
+from pipeline.methods.diffusing_debias import check_budget, select_and_score, summarise  # noqa: E402
 
-LABELS = {"recipe1_real": "recipe1 (ablation: real-data amplifier)",
+# table row → the debias_classifier method it runs (recipe2_tempered: Recipe II with ddb.ba_temperature > 1, ours)
+VARIANTS = {"erm": "erm", "lff": "lff", "recipe1": "recipe1", "recipe2": "recipe2",
+            "recipe2_tempered": "recipe2", "recipe1_real": "recipe1_real", "recipe2_real": "recipe2_real"}
+LABELS = {"recipe2_tempered": "recipe2, tempered (ours)",
+          "recipe1_real": "recipe1 (ablation: real-data amplifier)",
           "recipe2_real": "recipe2 (ablation: real-data amplifier)"}
+# The default budget: 2 points per method. Each method's ℓ2 strength (Adam weight decay; Recipe I's own
+# dro_weight_decay) over the same two values; the tempered Recipe II's own knob, the amplifier temperature T.
+WD = [0.0, 0.003]
+BUDGET = {"erm": {"ddb.weight_decay": WD}, "lff": {"ddb.weight_decay": WD},
+          "recipe1": {"ddb.dro_weight_decay": WD}, "recipe2": {"ddb.weight_decay": WD},
+          "recipe2_tempered": {"ddb.ba_temperature": [3.0, 10.0]},
+          "recipe1_real": {"ddb.dro_weight_decay": WD}, "recipe2_real": {"ddb.weight_decay": WD}}
+# keys a point may set: read by debias_classifier only (the amplifiers and synthetic set are trained once per seed)
+POINT_KEYS = {"ddb.lr", "ddb.weight_decay", "ddb.dro_weight_decay", "ddb.dro_eta", "ddb.ema", "ddb.gce_q",
+              "ddb.ba_temperature", "ddb.pseudo_bias", "ddb.group_sampling", "ddb.epochs", "ddb.batch_size"}
+
+
+def grid_points(spec: dict[str, list]) -> list[dict]:
+    """The product of one method's {ddb.KEY: [values]} as a list of override dicts."""
+    bad = sorted(set(spec) - POINT_KEYS)
+    if bad:
+        raise SystemExit(f"budget: {bad} may not vary per point (allowed: {sorted(POINT_KEYS)})")
+    return [dict(zip(spec, values, strict=True)) for values in itertools.product(*spec.values())]
+
+
+def point_label(over: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in over.items()) or "(params)"
 
 
 def workdir_for(root: Path, rho: float) -> Path:
@@ -56,28 +83,22 @@ def workdir_for(root: Path, rho: float) -> Path:
     return w
 
 
-def set_params(w: Path, rho: float, seed: int, overrides: dict) -> None:
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+def base_params(profile: Path | None) -> dict:
+    """params.yaml, or params.yaml with a profile merged on (pipeline.config.merge_profile, docs/profiles.md)."""
+    from pipeline.config import merge_profile
+
+    base = ROOT / "params.yaml"
+    return merge_profile(profile, base) if profile else yaml.safe_load(base.read_text())
+
+
+def set_params(w: Path, rho: float, seed: int, overrides: dict, profile: Path | None = None) -> None:
+    raw = base_params(profile)
     raw["data"]["bias_ratio"] = rho
     raw["ddb"]["seed"] = seed
     for key, value in overrides.items():
         section, leaf = key.split(".", 1)
         raw[section][leaf] = value
     (w / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def grid_points(grid: list[str]) -> dict[str, dict]:
-    """{label: overrides} for the product of `SECTION.KEY=V1,V2,...` specs; no grid: one point, label ''."""
-    import itertools
-
-    axes = [(k, [yaml.safe_load(v) for v in vs.split(",")]) for k, vs in (s.split("=", 1) for s in grid)]
-    if any(not k.startswith("ddb.") for k, _ in axes):  # the biased model is trained once per ρ, not per point
-        raise SystemExit(f"--grid: only ddb.* keys may vary, got {[k for k, _ in axes]}")
-    points = {}
-    for values in itertools.product(*(vs for _, vs in axes)):
-        over = {k: v for (k, _), v in zip(axes, values, strict=True)}
-        points[",".join(f"{k}={v}" for k, v in over.items())] = over
-    return points
 
 
 def _children_cpu() -> float:
@@ -98,55 +119,94 @@ def run(w: Path, args: list[str], timings: dict, label: str) -> None:
         raise SystemExit(f"{label} failed in {w}:\n" + "\n".join(lines[-20:]))
 
 
+def t_interval(row: dict, key: str) -> float:
+    """Half-width of the 95% t-interval of the seed mean, t_{0.975, n−1} · sd / √n (nan for one seed)."""
+    from scipy.stats import t
+
+    n = row["n_seeds"]
+    return float(t.ppf(0.975, n - 1) * row[key + "_std"] / np.sqrt(n)) if n > 1 else float("nan")
+
+
+def protocol_note(budget: dict, select_by: str, chosen: dict, profile, seeds, timings) -> list[str]:
+    """The protocol, stated beside the table (docs/protocol.md)."""
+    n = check_budget({m: grid_points(s) for m, s in budget.items()})
+    cpu = sum(t["cpu_s"] for rho in timings.values() for t in rho.values() if isinstance(t, dict))
+    lines = ["", "**Protocol.** Every method gets the same selection budget: "
+             f"{n} hyperparameter points, each run for every seed ({', '.join(map(str, seeds))}). Per (ρ, method) the "
+             f"point with the best seed-mean `{select_by}` on the validation split (the judge split: class × colour "
+             "balanced, held out of all training) is chosen; the test split (colour-uniform) is read only to score "
+             "the chosen point. Cells: test mean ± sample std over seeds [95% t-interval half-width]. "
+             f"Profile: {profile or 'params.yaml (CPU base)'}. Machine: {platform.machine()} CPU, "
+             f"{os.environ.get('OMP_NUM_THREADS', '?')} torch thread(s), {os.cpu_count()} cores, load average "
+             f"{os.getloadavg()[0]:.1f} at the end; "
+             f"{cpu:.0f} CPU-s in all stage runs of the work directory.", "", "| method | budget | chosen (per ρ) |",
+             "|---|---|---|"]
+    for m, spec in budget.items():
+        picks = "; ".join(f"ρ={k[0]}: {v}" for k, v in sorted(chosen.items()) if k[1] == m)
+        lines.append(f"| {LABELS.get(m, m)} | {', '.join(f'{k} ∈ {v}' for k, v in spec.items())} | {picks} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.95, 0.98, 0.99, 0.995])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ddb_table"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ddb_table")
+    ap.add_argument("--profile", type=Path, default=None, help="a params_<name>.yaml merged onto params.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="extra params overrides")
-    ap.add_argument("--grid", nargs="*", default=[], metavar="SECTION.KEY=V1,V2,...",
-                    help="hyperparameter grid; the point reported is chosen by --select-by")
+    ap.add_argument("--budget", type=Path, default=None, help="YAML {method: {ddb.KEY: [values]}}; default BUDGET")
     ap.add_argument("--select-by", default="val_unbiased_accuracy", help="validation metric that chooses the point")
     args = ap.parse_args()
     base = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    points = grid_points(args.grid)
+    budget = yaml.safe_load(args.budget.read_text()) if args.budget else BUDGET
+    budget = {m: budget[m] for m in args.methods}
+    points = {m: grid_points(spec) for m, spec in budget.items()}
+    check_budget(points)  # the same number of points for every method, before anything runs
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.workdir.resolve()}/mlflow.db")
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_path = args.workdir / "rows.jsonl"
     done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
-    timings_all = {}
+    timings_path = args.workdir / "timings.json"  # kept across resumed invocations: the CPU figures cover them all
+    timings_all = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def have(rho, seed, m, label):
+        return any(r["bias_ratio"] == rho and r["seed"] == seed and r["method"] == m and r["point"] == label
+                   for r in done)
+
     for rho in args.ratios:
         w = workdir_for(args.workdir, rho)
         print(f"ρ = {rho}: {w}", flush=True)
-        set_params(w, rho, args.seeds[0], base)
+        set_params(w, rho, args.seeds[0], base, args.profile)
         timings = timings_all.setdefault(str(rho), {})
         marker = w / "data" / "bias_ratio.txt"
         if not marker.is_file() or marker.read_text() != str(rho):
             for stage in ("prepare_data", "train_classifiers", "train_diffusion"):
                 run(w, [f"stages.{stage}"], timings, stage)
             marker.write_text(str(rho))
-        elif not (w / "data/judges/colour.safetensors").is_file():
-            run(w, ["stages.train_classifiers"], timings, "train_classifiers")
-        for (point, grid), seed in ((pt, s) for pt in points.items() for s in args.seeds):
-            todo = [m for m in args.methods if not any(r["bias_ratio"] == rho and r["seed"] == seed and
-                                                       r["method"] == m and r.get("point", "") == point for r in done)]
+            timings_path.write_text(json.dumps(timings_all, indent=1))
+        for seed in args.seeds:
+            todo = [(m, pt) for m in args.methods for pt in points[m] if not have(rho, seed, m, point_label(pt))]
             if not todo:
                 continue
-            print(f"  point {point or '(params.yaml)'}, seed {seed}", flush=True)
-            set_params(w, rho, seed, {**base, **grid})
-            if any(m.startswith("recipe") and not m.endswith("_real") for m in todo):
+            print(f"  seed {seed}: {len(todo)} classifier runs", flush=True)
+            set_params(w, rho, seed, base, args.profile)
+            if any(VARIANTS[m] in ("recipe1", "recipe2") for m, _ in todo):
                 run(w, ["stages.sample_bias_aligned"], timings, f"sample_bias_aligned seed {seed}")
                 run(w, ["stages.train_bias_amplifier", "--source", "synthetic"], timings,
                     f"train_bias_amplifier seed {seed}")
-            if any(m.endswith("_real") for m in todo):
+            if any(VARIANTS[m].endswith("_real") for m, _ in todo):
                 run(w, ["stages.train_bias_amplifier", "--source", "real"], timings,
                     f"train_bias_amplifier_real seed {seed}")
-            for m in todo:
-                run(w, ["stages.debias_classifier", "--method", m], timings, f"debias_classifier@{m} seed {seed}")
-                row = json.loads((w / "data/metrics" / f"debias_classifier_{m}.json").read_text())
-                row.update(method=m, bias_ratio=rho, seed=seed, point=point)
+            for m, pt in todo:
+                label, stage_method = point_label(pt), VARIANTS[m]
+                set_params(w, rho, seed, {**base, **pt}, args.profile)
+                run(w, ["stages.debias_classifier", "--method", stage_method], timings,
+                    f"debias_classifier@{m} [{label}] seed {seed}")
+                row = json.loads((w / "data/metrics" / f"debias_classifier_{stage_method}.json").read_text())
+                row.update(method=m, bias_ratio=rho, seed=seed, point=label,
+                           cpu_s=timings[f"debias_classifier@{m} [{label}] seed {seed}"]["cpu_s"])
                 for stage in ("sample_bias_aligned", "train_bias_amplifier", "train_bias_amplifier_real"):
                     f = w / "data/metrics" / f"{stage}.json"
                     if f.is_file():
@@ -155,30 +215,34 @@ def main() -> None:
                             f"{stage}.test_conflicting_accuracy"] = extra.get(
                             "aligned_fraction", extra.get("test_conflicting_accuracy"))
                 done.append(row)
+                timings_path.write_text(json.dumps(timings_all, indent=1))
                 with results_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+    labels = {m: {point_label(pt) for pt in points[m]} for m in args.methods}
     rows = [r for r in done if r["bias_ratio"] in args.ratios and r["seed"] in args.seeds
-            and r.get("point", "") in points and r["method"] in args.methods]
-    chosen = select_by_validation(rows, args.select_by) if len(points) > 1 else {}
-    reported = [r for r in rows if chosen.get((r["bias_ratio"], r["method"]), r.get("point", "")) ==
-                r.get("point", "")]
+            and r["method"] in args.methods and r["point"] in labels[r["method"]]]
+    reported, chosen = select_and_score(rows, args.select_by)  # validation decides; test read here, once
     table = summarise(reported)
     for r in table:
-        r["point"] = chosen.get((r["bias_ratio"], r["method"]), next(iter(points)))
+        r["point"] = chosen[(r["bias_ratio"], r["method"])]
+        for k in ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy"):
+            r[k + "_ci95"] = t_interval(r, k)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps({"rows": rows, "summary": table, "timings": timings_all,
-                                                    "selected_by": args.select_by if chosen else None},
-                                                   indent=2) + "\n")
-    md = ["| ρ | method | unbiased acc. | worst-group acc. | conflicting acc. | aligned acc. | seeds |"
-          + (f" chosen by {args.select_by} |" if chosen else ""),
-          "|---|---|---|---|---|---|---|" + ("---|" if chosen else "")]
+    note = protocol_note(budget, args.select_by, chosen, args.profile, args.seeds, timings_all)
+    Path(f"{args.out}.json").write_text(json.dumps(
+        {"rows": rows, "summary": table, "timings": timings_all, "selected_by": args.select_by, "budget": budget,
+         "chosen": {f"{k[0]}|{k[1]}": v for k, v in chosen.items()},
+         "profile": str(args.profile) if args.profile else None}, indent=2) + "\n")
+    md = ["| ρ | method | unbiased acc. | worst-group acc. | conflicting acc. | aligned acc. | seeds |",
+          "|---|---|---|---|---|---|---|"]
     for r in table:
-        cells = [f"{100 * r[k]:.1f} ± {100 * r[k + '_std']:.1f}" for k in
+        cells = [f"{100 * r[k]:.1f} ± {100 * r[k + '_std']:.1f}"
+                 + (f" [±{100 * r[k + '_ci95']:.1f}]" if r["n_seeds"] > 1 else "") for k in
                  ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy")]
         md.append(f"| {r['bias_ratio']} | {LABELS.get(r['method'], r['method'])} | " + " | ".join(cells)
-                  + f" | {r['n_seeds']} |" + (f" {r['point']} |" if chosen else ""))
-    Path(f"{args.out}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+                  + f" | {r['n_seeds']} |")
+    Path(f"{args.out}.md").write_text("\n".join(md + note) + "\n")
+    print("\n".join(md + note))
 
 
 if __name__ == "__main__":

@@ -325,7 +325,8 @@ class DdbParams(_Section):
     gce_q: float = Field(0.7, gt=0.0, le=1.0)
     dro_eta: float = Field(0.01, gt=0.0)
     dro_weight_decay: float = Field(3e-3, ge=0)
-    pseudo_bias: Literal["aligned", "predicted"] = "predicted"
+    pseudo_bias: Literal["aligned", "predicted"] = "aligned"
+    ba_temperature: float = Field(1.0, gt=0.0, le=1000.0)
     group_sampling: Literal["balanced", "uniform"] = "balanced"
 
 

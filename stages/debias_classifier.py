@@ -5,8 +5,8 @@ the bias amplifier), recipe2 (LfF-style weights W = ℓ^BA / (ℓ^BA + ℓ^D) fr
 a GCE bias model trained jointly on real data); recipe1_real / recipe2_real are the ablation with the amplifier
 trained on the real training set (train_bias_amplifier_real). The training set is read without its bias labels.
 After training, the validation split (the judge split, with bias labels) gives the `val_…` metrics that choose
-hyperparameters (benchmarks/ddb_table.py --grid), and the colour-uniform test split scores the result; neither
-reaches a fitting function (docs/protocol.md).
+hyperparameters (benchmarks/ddb_table.py: an equal budget per method), and the colour-uniform test split scores
+the result; neither reaches a fitting function (docs/protocol.md).
 Writes data/methods/ddb_<method>/{model.safetensors, metrics.json} and data/metrics/debias_classifier_<method>.json;
 one MLflow run per method × ρ × seed (tags method, bias_ratio, ddb_seed).
 """

@@ -5,11 +5,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline.config import parse_params
 from pipeline.errors import UserError
 from pipeline.methods import diffusing_debias as ddb
-from tests.tiny import tiny_params
+from tests.tiny import ROOT, tiny_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,6 +99,45 @@ class ColourAmplifier(torch.nn.Module):
         return x[:, :1] * self.scale
 
 
+def test_amplifier_ce_temperature_by_hand():
+    """CE(softmax(z/T), y): z = (2, 0), y = 0 → log(1 + e^{−2}) = 0.126928 at T = 1, log(1 + e^{−1}) = 0.313262 at
+    T = 2; z = (0, 4), y = 0, T = 4 → log(1 + e) = 1.313262."""
+    z, y = torch.tensor([[2.0, 0.0], [0.0, 4.0]]), torch.tensor([0, 0])
+    assert torch.allclose(ddb.amplifier_ce(z, y), torch.tensor([0.126928, 4.018150]), atol=1e-5)
+    assert torch.allclose(ddb.amplifier_ce(z, y, 2.0), torch.tensor([0.313262, 2.126928]), atol=1e-5)
+    assert torch.isclose(ddb.amplifier_ce(z, y, 4.0)[1], torch.tensor(1.313262), atol=1e-5)
+    with pytest.raises(UserError, match="ba_temperature"):
+        ddb.amplifier_ce(z, y, 0.0)
+    # then W = ℓ^BA / (ℓ^BA + ℓ^D) with ℓ^D = 0.313262: 0.126928 / 0.44019 = 0.288349 (T = 1), 0.5 (T = 2)
+    w = [ddb.recipe2_weight(ddb.amplifier_ce(z[:1], y[:1], t), torch.tensor([0.313262])) for t in (1.0, 2.0)]
+    assert torch.allclose(torch.cat(w), torch.tensor([0.288349, 0.5]), atol=1e-5)
+
+
+def test_tempered_recipe2_keeps_weight_on_aligned_samples():
+    """The published Recipe II (T = 1) with a confident frozen amplifier gives the aligned samples almost no weight;
+    the tempered variant (T = 3) gives them more while the conflicting ones still weigh more."""
+    x, y, colour = toy_biased()
+    aligned = colour == y.numpy()
+    w = {}
+    for temp in (1.0, 3.0):
+        cfg = ddb.TrainConfig(epochs=2, batch_size=128, hidden=16, depth=1, ba_temperature=temp)
+        w[temp] = ddb.fit_reweighted(x, y, 2, cfg, amplifier=ColourAmplifier())[1]["weights"]
+    assert w[1.0][aligned].mean() < 0.05
+    assert w[3.0][aligned].mean() > 3 * w[1.0][aligned].mean()
+    assert w[3.0][~aligned].mean() > 1.5 * w[3.0][aligned].mean()
+
+
+def test_recipe1_uses_the_papers_aligned_conflicting_groups_by_default():
+    """Recipe I's default pseudo bias is the paper's binary one: 1[BA wrong], so 2K groups, not K²."""
+    from pipeline.config import DdbParams
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert raw["ddb"]["pseudo_bias"] == "aligned" and DdbParams().pseudo_bias == "aligned"
+    pred, y = np.array([3, 1, 2, 0, 9]), np.array([3, 1, 5, 5, 9])
+    groups = ddb.pseudo_groups(pred, y, 10, raw["ddb"]["pseudo_bias"])
+    assert groups.tolist() == [6, 2, 11, 11, 18] and groups.max() < 2 * 10
+
+
 def test_gce_gradient_is_q_times_the_gce_gradient():
     """LfF's form CE · q · p_y^q (p_y detached) has gradient q · ∇(1 − p_y^q)/q."""
     logits = torch.randn(5, 3, requires_grad=True)
@@ -182,6 +222,10 @@ def test_group_accuracy_on_known_values():
     assert m["conflicting_accuracy"] == pytest.approx(1 / 3)  # (0,1): 0/1, (1,0): 1/2
     assert m["aligned_accuracy"] == pytest.approx(5 / 5)
     assert m["accuracy"] == pytest.approx(6 / 8)
+    # an empty cell (class 0 never has b = 1 here) is skipped, not counted as 0 or NaN
+    keep = ~((y == 0) & (b == 1))
+    m = ddb.group_accuracy(pred[keep], y[keep], b[keep], np.array([0, 1]))
+    assert m["unbiased_accuracy"] == pytest.approx((1 + 0.5 + 1) / 3) and m["worst_group_accuracy"] == 0.5
 
 
 def test_summarise_mean_and_std():

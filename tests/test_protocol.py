@@ -13,7 +13,7 @@ import yaml
 from pipeline.config import parse_params
 from pipeline.errors import UserError
 from pipeline.io import save_npz
-from pipeline.methods.diffusing_debias import select_by_validation
+from pipeline.methods.diffusing_debias import check_budget, select_and_score, select_by_validation
 from tests.tiny import ROOT, tiny_params
 
 # Stages that may open the test split, each only to score what is already fitted (docs/protocol.md).
@@ -145,6 +145,77 @@ def test_selection_reads_validation_only():
     assert select_by_validation(rows) == {(0.99, "recipe1"): "c"}
     with pytest.raises(ValueError, match="not a validation metric"):
         select_by_validation(rows, "unbiased_accuracy")
+
+
+class ValidationOnlyRow(dict):
+    """A result row whose test metrics cannot be read: selection must decide without touching them."""
+
+    ALLOWED = frozenset({"bias_ratio", "method", "point", "seed", "val_unbiased_accuracy"})
+
+    def __getitem__(self, key):
+        if key not in self.ALLOWED:
+            raise AssertionError(f"selection read {key!r}")
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key not in self:
+            return default
+        return self[key]
+
+    def items(self):
+        raise AssertionError("selection iterated over every column")
+
+    values = items
+
+
+def _grid_rows(test_of, seeds=(0, 1, 2)):
+    """Two methods × three points × seeds; point c has the best validation mean, point a the best test."""
+    val = {"a": 0.70, "b": 0.60, "c": 0.80}
+    return [{"bias_ratio": 0.99, "method": m, "point": p, "seed": s, "val_unbiased_accuracy": val[p] + 0.01 * s,
+             "unbiased_accuracy": test_of(m, p, s), "worst_group_accuracy": test_of(m, p, s) / 2}
+            for m in ("erm", "recipe2") for p in "abc" for s in seeds]
+
+
+def test_selection_never_reads_test_metrics():
+    """The choice is the validation argmax, unchanged whatever the test metrics are (here: random, then set to
+    favour another point), and the selection touches no test column at all."""
+    g = np.random.default_rng(0)
+    base = _grid_rows(lambda m, p, s: 0.5)
+    reported, chosen = select_and_score(base)
+    assert chosen == {(0.99, "erm"): "c", (0.99, "recipe2"): "c"}
+    assert {(r["method"], r["point"], r["seed"]) for r in reported} == {(m, "c", s) for m in ("erm", "recipe2")
+                                                                          for s in (0, 1, 2)}
+    for test_of in (lambda m, p, s: float(g.random()), lambda m, p, s: 0.99 if p == "a" else 0.1):
+        assert select_and_score(_grid_rows(test_of))[1] == chosen
+    guarded = [ValidationOnlyRow(r) for r in base]
+    assert select_by_validation(guarded) == chosen
+    assert [r["point"] for r in select_and_score(guarded)[0]] == ["c"] * 6
+    # the reported test figures are the chosen point's, not the best test point's
+    rows = _grid_rows(lambda m, p, s: {"a": 0.9, "b": 0.1, "c": 0.4}[p])
+    assert {r["unbiased_accuracy"] for r in select_and_score(rows)[0]} == {0.4}
+
+
+def test_selection_refuses_a_chosen_point_missing_seeds():
+    rows = [r for r in _grid_rows(lambda m, p, s: 0.5) if not (r["point"] == "c" and r["seed"] == 2)]
+    with pytest.raises(UserError, match="lacks seeds"):
+        select_and_score(rows)
+
+
+def test_every_method_gets_the_same_selection_budget():
+    """The table's default budget gives every row (ERM and LfF included) the same number of points; an unequal
+    budget or a repeated point is refused before anything runs."""
+    import benchmarks.ddb_table as table
+
+    points = {m: table.grid_points(spec) for m, spec in table.BUDGET.items()}
+    assert set(points) == set(table.VARIANTS) and {"erm", "lff"} <= set(points)
+    assert check_budget(points) >= 2
+    assert len({len(v) for v in points.values()}) == 1
+    with pytest.raises(UserError, match="different numbers of points"):
+        check_budget({**points, "erm": points["erm"][:1]})
+    with pytest.raises(UserError, match="twice"):
+        check_budget({m: [{"ddb.lr": 1e-3}, {"ddb.lr": 1e-3}] for m in points})
+    with pytest.raises(SystemExit, match="may not vary"):
+        table.grid_points({"ddb.guidance_scale": [1.0, 3.0]})  # upstream of the classifiers: not per point
 
 
 def test_auto_adp_needs_a_held_out_share():

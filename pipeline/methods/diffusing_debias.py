@@ -10,15 +10,17 @@ Pipeline (docs/methods.md):
        one of two recipes that read f_BA:
 
 Recipe I (pseudo-labels → GroupDRO, Sagawa et al. 2020). b̂_i = pseudo bias of training image i from f_BA:
-    pseudo_bias = aligned:   b̂_i = 1[argmax f_BA(x_i) = y_i]      groups g = (y, b̂), 2K groups
-    pseudo_bias = predicted: b̂_i = argmax f_BA(x_i)               groups g = (y, b̂), K·K groups
+    pseudo_bias = aligned:   b̂_i = 1[argmax f_BA(x_i) ≠ y_i]      groups g = (y, b̂), 2K groups (the paper's
+                             bias-aligned / bias-conflicting pseudo-labels; the default)
+    pseudo_bias = predicted: b̂_i = argmax f_BA(x_i)               groups g = (y, b̂), K·K groups (ours, earlier)
   per batch, L_g = mean CE over the batch's samples of group g (groups absent from the batch: L_g = 0),
     q_g ← q_g · exp(η · L_g),   q ← q / Σ_g q_g,   loss = Σ_g q_g L_g
   with group-balanced sampling (each sample drawn ∝ 1/n_g, Sagawa et al.'s `reweight_groups`) by default and
   Adam weight decay `dro_weight_decay` (Sagawa et al.: GroupDRO generalises only with strong ℓ2 regularisation).
 
 Recipe II (frozen f_BA, LfF-style weights, Nam et al. 2020):
-    ℓ^BA_i = EMA_α of CE(f_BA(x_i), y_i)          (constant: f_BA is frozen)
+    ℓ^BA_i = EMA_α of CE(f_BA(x_i)/T, y_i)        (constant: f_BA is frozen; T = ba_temperature, 1 = published;
+                                                   T > 1 is our tempered variant, docs/methods.md)
     ℓ^D_i  = EMA_α of CE(f_D(x_i), y_i)           updated each time sample i is in a batch
     ℓ ← ℓ / max_{j: y_j = y_i} ℓ_j                 per class, each of the two (LfF's code)
     W_i = ℓ^BA_i / (ℓ^BA_i + ℓ^D_i) ∈ [0, 1]       large where the amplifier fails: bias-conflicting samples
@@ -168,6 +170,18 @@ class LossEMA:
         return self.value[idx] / peak[cls].clamp_min(1e-8)
 
 
+def amplifier_ce(logits: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Recipe II's per-sample amplifier loss CE(softmax(z / T), y) = log Σ_k exp(z_k/T) − z_y/T.
+
+    T = 1 is the published Recipe II. A frozen amplifier trained on synthetic, near-perfectly aligned images is
+    near-certain on every aligned real image (CE ≈ 0, so W ≈ 0 for about 99% of the data from the first step);
+    T > 1 (our tempered variant) softens its confidence the way temperature scaling calibrates a classifier, so
+    aligned images keep a small weight, as LfF's jointly trained bias model gives them early on."""
+    if temperature <= 0:
+        raise UserError(f"ddb.ba_temperature: {temperature} (expected > 0)")
+    return F.cross_entropy(logits / temperature, y, reduction="none")
+
+
 def recipe2_weight(loss_ba: torch.Tensor, loss_d: torch.Tensor) -> torch.Tensor:
     """W = ℓ^BA / (ℓ^BA + ℓ^D), in [0, 1] for non-negative losses (both 0 → 0.5)."""
     loss_ba, loss_d = loss_ba.clamp_min(0), loss_d.clamp_min(0)
@@ -214,6 +228,7 @@ class TrainConfig:
     ema: float = 0.7
     gce_q: float = 0.7
     dro_eta: float = 0.01
+    ba_temperature: float = 1.0  # Recipe II: the frozen amplifier's logits ÷ T before its CE (1 = published)
     dro_weight_decay: float = 3e-3  # Recipe I's Adam weight decay (Sagawa et al.: GroupDRO needs strong ℓ2)
     group_sampling: str = "balanced"  # Recipe I: balanced (∝ 1/n_g) | uniform
     loss: str = "ce"  # fit_classifier: ce | gce (the bias amplifiers: GCE, q = gce_q, as LfF's bias model)
@@ -224,6 +239,7 @@ class TrainConfig:
         """From the `ddb` params section (any object with these attributes) and the stage's epoch count."""
         return cls(epochs=epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, hidden=p.hidden,
                    depth=p.depth, ema=p.ema, gce_q=p.gce_q, dro_eta=p.dro_eta, dro_weight_decay=p.dro_weight_decay,
+                   ba_temperature=p.ba_temperature,
                    group_sampling=p.group_sampling, loss=loss, seed=p.seed)
 
 
@@ -313,7 +329,7 @@ def fit_reweighted(x, y, num_classes: int, cfg: TrainConfig, *, amplifier: MLP |
         for p in amplifier.parameters():
             p.requires_grad_(False)
         _, logits = predict(amplifier, x)
-        fixed_ba = F.cross_entropy(logits, y, reduction="none")
+        fixed_ba = amplifier_ce(logits, y, cfg.ba_temperature)
     step = 0
     for epoch in range(cfg.epochs):
         model.train()
@@ -346,17 +362,19 @@ def fit_reweighted(x, y, num_classes: int, cfg: TrainConfig, *, amplifier: MLP |
 
 def group_accuracy(pred: np.ndarray, classes: np.ndarray, bias: np.ndarray, aligned_attr) -> dict:
     """Accuracies over the cells (y, b): unbiased (mean of cells), worst group (min), bias-conflicting and
-    bias-aligned (over samples with b ≠ / = aligned_attr[y]); plain accuracy. Empty cells are skipped."""
+    bias-aligned (over samples with b ≠ / = aligned_attr[y]); plain accuracy. Empty cells are skipped.
+    The per-cell accuracies come from fairlearn's MetricFrame (sensitive features = class and bias value)."""
+    from fairlearn.metrics import MetricFrame  # imported here: only the scoring needs it
+
     pred, classes, bias = np.asarray(pred), np.asarray(classes), np.asarray(bias)
     correct = pred == classes
-    cells = {}
-    for y, b in sorted(set(zip(classes.tolist(), bias.tolist(), strict=True))):
-        m = (classes == y) & (bias == b)
-        cells[(y, b)] = float(correct[m].mean())
+    frame = MetricFrame(metrics=lambda t, p: float(np.mean(np.asarray(t) == np.asarray(p))), y_true=classes,
+                        y_pred=pred, sensitive_features={"y": classes, "b": bias})
+    cells = frame.by_group.dropna()  # MetricFrame lists every (y, b) combination; absent cells are NaN
     aligned = bias == np.asarray(aligned_attr)[classes]
     nan = float("nan")
-    return {"unbiased_accuracy": float(np.mean(list(cells.values()))),
-            "worst_group_accuracy": float(min(cells.values())),
+    return {"unbiased_accuracy": float(cells.mean()),
+            "worst_group_accuracy": float(cells.min()),
             "conflicting_accuracy": float(correct[~aligned].mean()) if (~aligned).any() else nan,
             "aligned_accuracy": float(correct[aligned].mean()) if aligned.any() else nan,
             "accuracy": float(correct.mean())}
@@ -390,16 +408,50 @@ VALIDATION_SPLIT = "judge"  # the dataset's validation split (Coloured MNIST: cl
 #                             training); the test split scores the chosen setting only
 
 
+def check_budget(grids: dict[str, list[dict]]) -> int:
+    """The protocol's equal selection budget: every method (table row) gets the same number of hyperparameter points
+    (its `grids[method]`, a list of override dicts), no point listed twice. Returns that number."""
+    sizes = {m: len(points) for m, points in grids.items()}
+    if not sizes or min(sizes.values()) < 1:
+        raise UserError(f"selection budget: every method needs at least one point, got {sizes}")
+    if len(set(sizes.values())) > 1:
+        raise UserError(f"selection budget: methods get different numbers of points {sizes}; the protocol gives "
+                        "every method the same budget (docs/protocol.md)")
+    for m, points in grids.items():
+        keys = [tuple(sorted(pt.items())) for pt in points]
+        if len(set(keys)) != len(keys):
+            raise UserError(f"selection budget: {m} lists a point twice ({points}); a repeat is not a real choice")
+    return next(iter(sizes.values()))
+
+
 def select_by_validation(rows: list[dict], metric: str = "val_unbiased_accuracy",
                          group=("bias_ratio", "method"), point: str = "point") -> dict[tuple, str]:
     """Per group (ρ, method): the hyperparameter point with the highest mean `metric` over its seed rows,
     argmax_p mean_s metric(p, s) (ties → the first point listed). Only validation metrics may decide: a `test_…`
-    metric or one of the test split's plain names (`unbiased_accuracy`, …) is refused."""
+    metric or one of the test split's plain names (`unbiased_accuracy`, …) is refused, and the rows are cut down to
+    (group, point, metric) before anything is compared, so no other column can sway the choice."""
     if not metric.startswith("val_"):
         raise ValueError(f"select_by_validation: {metric!r} is not a validation metric (val_…); the test split "
                          "only scores the chosen setting (docs/protocol.md)")
     scores: dict[tuple, dict[str, list[float]]] = {}
-    for r in rows:
+    for r in ({k: r[k] for k in (*group, point, metric)} for r in rows):
         key = tuple(r[g] for g in group)
         scores.setdefault(key, {}).setdefault(r[point], []).append(float(r[metric]))
     return {key: max(points, key=lambda p: np.mean(points[p])) for key, points in scores.items()}
+
+
+def select_and_score(rows: list[dict], metric: str = "val_unbiased_accuracy", group=("bias_ratio", "method"),
+                     point: str = "point") -> tuple[list[dict], dict[tuple, str]]:
+    """The protocol (docs/protocol.md) end to end: choose per group with `select_by_validation` (validation
+    metric only), then return (the chosen points' rows — the only test figures reported — and the choice).
+    A group whose seeds do not all have a row at its chosen point is refused: the table would silently mix seeds."""
+    chosen = select_by_validation(rows, metric, group, point)
+    reported = [r for r in rows if chosen[tuple(r[g] for g in group)] == r[point]]
+    seeds = {}
+    for r in rows:
+        seeds.setdefault(tuple(r[g] for g in group), {}).setdefault(r[point], set()).add(r.get("seed"))
+    for key, by_point in seeds.items():
+        missing = set().union(*by_point.values()) - by_point[chosen[key]]
+        if missing:
+            raise UserError(f"selection: {key} point {chosen[key]!r} lacks seeds {sorted(missing)}")
+    return reported, chosen
