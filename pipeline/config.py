@@ -221,6 +221,7 @@ class InvDiffParams(_Section):
     ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(500, ge=1)
+    train_timesteps: tuple[int, int] | None = None  # [lo, hi) of δ's t (and of the sampler steps δ acts at)
     # sampling
     strength: float = Field(1.0, ge=0.0, le=20.0)
     sweep_strengths: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
@@ -250,6 +251,9 @@ class InvDiffParams(_Section):
             raise ValueError(f"target must be 'uniform', 'equal' or shares: {problem}")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        if self.train_timesteps is not None and not 0 <= self.train_timesteps[0] < self.train_timesteps[1]:
+            raise ValueError(f"train_timesteps must be null or [lo, hi) with 0 <= lo < hi, got "
+                             f"{list(self.train_timesteps)}")
         return self
 
 

@@ -82,7 +82,9 @@ def main(argv=None) -> None:
     delta = make_delta(base, width=p.delta_width)
     cfg = {"steps": p.steps, "batch_size": p.batch_size, "lr": p.lr, "lam": lam, "balanced": p.balanced,
            "paired": p.paired, "label_dropout": p.label_dropout, "checkpoint_every": p.checkpoint_every,
-           "lr_schedule": p.lr_schedule, "warmup_steps": p.warmup_steps, "ema_decay": p.ema_decay}
+           "lr_schedule": p.lr_schedule, "warmup_steps": p.warmup_steps, "ema_decay": p.ema_decay,
+           # only when set: the default's checkpoint fingerprint stays what it was
+           **({"train_timesteps": tuple(p.train_timesteps)} if p.train_timesteps is not None else {})}
     out = Path("data/methods") / args.variant
     cond = Conditioning(class_labels=torch.from_numpy(train.classes), prompt_embeds=model.prompt_embeds)
 
@@ -103,7 +105,8 @@ def main(argv=None) -> None:
                    "target": p.target if isinstance(p.target, str) else list(p.target), "groups": W.shape[1],
                    "steps": result.steps, "resumed_from": result.resumed_from,
                    "final_loss": result.final_loss, "delta_params": result.delta_params,
-                   "base_params": result.base_params, "param_ratio": result.delta_params / result.base_params}
+                   "base_params": result.base_params, "param_ratio": result.delta_params / result.base_params,
+                   "train_timesteps": None if p.train_timesteps is None else list(p.train_timesteps)}
         run.metrics({k: v for k, v in summary.items() if k not in ("variant", "lam", "target")})
         save_npz(tmp / "groups.npz", W=W)
         save_json(tmp / "summary.json", summary)

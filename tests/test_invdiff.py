@@ -558,3 +558,55 @@ def test_the_max_step_names_a_wrong_split_module_before_the_loss_draws(unet):
     model = SimpleNamespace(unet=unet)  # no scheduler config: reaching the loss draws would fail differently
     with pytest.raises(UserError, match="invdiff.split_module: .*'up_blocks.9'"):
         infer_groups(view, model, SimpleNamespace(conflict_clusters="auto", split_module="up_blocks.9"), 0, "cpu")
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_train_timesteps_bound_deltas_training_t(unet, one_thread, tmp_path, monkeypatch, paired):
+    """δ sees only t in [lo, hi) (paired draws too); a range past the schedule is a one-line error."""
+    from diffusers import DDPMScheduler
+
+    seen = []
+    add_noise = DDPMScheduler.add_noise
+    monkeypatch.setattr(DDPMScheduler, "add_noise",
+                        lambda self, x, n, t: seen.append(t.clone()) or add_noise(self, x, n, t))
+    gen = torch.Generator().manual_seed(0)
+    images, classes = torch.rand(16, 3, 16, 16, generator=gen) * 2 - 1, torch.arange(16) % 10
+    cond, W = Conditioning(class_labels=classes), oracle_groups(np.arange(16) % 4 != 0)
+    cfg = {**CFG, "train_timesteps": (700, 760), "paired": paired, "steps": 6}
+    _train(unet, tmp_path, "a", images, cond, W, cfg=cfg)
+    drawn = torch.cat(seen)
+    assert len(drawn) == 6 * 8 and drawn.min() >= 700 and drawn.max() < 760
+    seen.clear()
+    _train(unet, tmp_path, "b", images, cond, W, cfg={**CFG, "paired": paired, "steps": 6})
+    assert torch.cat(seen).min() < 700 or torch.cat(seen).max() >= 760  # without it, t spans [0, 1000)
+    with pytest.raises(UserError, match=r"invdiff.train_timesteps.*\[0, 1000\]"):
+        _train(unet, tmp_path, "c", images, cond, W, cfg={**CFG, "train_timesteps": (500, 1001)})
+
+
+def test_hooks_add_delta_only_inside_its_timesteps(unet):
+    """InvDiffHooks with timesteps [lo, hi): f unchanged outside, f + r·δ inside."""
+    from pipeline.sampling import StepContext
+
+    torch.manual_seed(0)
+    delta = make_delta(unet)
+    torch.nn.init.normal_(delta.conv_out.weight, std=0.1)  # a δ whose output is not zero
+    x, out = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+
+    def at(t, timesteps):
+        ctx = StepContext(step_index=0, num_steps=10, timestep=t, labels=torch.tensor([1, 2]), null_class=10,
+                          sample_ids=torch.tensor([0, 1]), unet_kwargs={"class_labels": torch.tensor([1, 2])})
+        with torch.no_grad():
+            return InvDiffHooks(delta, 2.0, timesteps).model_output(out, x, ctx)
+
+    assert torch.equal(at(400, (500, 1000)), out) and torch.equal(at(1000, (500, 1000)), out)
+    inside = at(500, (500, 1000))
+    assert not torch.equal(inside, out) and torch.equal(inside, at(500, None))
+
+
+def test_invdiff_params_train_timesteps():
+    from pipeline.config import InvDiffParams
+
+    assert InvDiffParams().train_timesteps is None and InvDiffParams(train_timesteps=[500, 1000]).train_timesteps
+    for bad in ([600, 600], [700, 500], [-1, 10]):
+        with pytest.raises(ValueError, match="train_timesteps"):
+            InvDiffParams(train_timesteps=bad)

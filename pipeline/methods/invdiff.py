@@ -645,13 +645,15 @@ def _group_sizes(batch: int, K: int) -> list[int]:
     return [batch // K + (k < batch % K) for k in range(K)]
 
 
-def paired_draws(K: int, batch: int, shape, T: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def paired_draws(K: int, batch: int, shape, T: int | tuple[int, int], gen: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ε, t) for a group-balanced batch (layout of `balanced_indices`) where the j-th sample of every group gets
     the same timestep and noise. L_k − L_k' then compares the groups on identical (t, ε) draws: the spread of
     the loss over t (large) cancels from var_k L_k instead of swamping it; E[L_k] is unchanged."""
     sizes = _group_sizes(batch, K)
+    lo, hi = (0, T) if isinstance(T, int) else T
     noise = torch.randn((sizes[0], *shape), generator=gen)
-    t = torch.randint(0, T, (sizes[0],), generator=gen)
+    t = torch.randint(lo, hi, (sizes[0],), generator=gen)
     return torch.cat([noise[:s] for s in sizes]), torch.cat([t[:s] for s in sizes])
 
 
@@ -728,6 +730,10 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
     total, batch = cfg["steps"], cfg["batch_size"]
     rank, world = accelerator.process_index, accelerator.num_processes
     T = scheduler.config.num_train_timesteps
+    t_lo, t_hi = cfg.get("train_timesteps") or (0, T)  # δ trained where the attribute is decided (docs/methods.md)
+    if not 0 <= t_lo < t_hi <= T:
+        raise UserError(f"invdiff.train_timesteps: expected [lo, hi) within [0, {T}] (the model's training "
+                        f"timesteps), got {[t_lo, t_hi]}")
     bar = tqdm(range(start, total), initial=start, total=total, desc="finetune_guidance",
                disable=not (progress and accelerator.is_local_main_process))
     delta.train()
@@ -741,10 +747,10 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
         else:
             idx = torch.randint(0, len(images), (batch,), generator=gen)
         if cfg["balanced"] and cfg.get("paired", False):
-            noise, t = paired_draws(W.shape[1], batch, images.shape[1:], T, gen)
+            noise, t = paired_draws(W.shape[1], batch, images.shape[1:], (t_lo, t_hi), gen)
         else:
             noise = torch.randn((batch, *images.shape[1:]), generator=gen)
-            t = torch.randint(0, T, (batch,), generator=gen)
+            t = torch.randint(t_lo, t_hi, (batch,), generator=gen)
         drop = torch.rand(batch, generator=gen) < cfg["label_dropout"]
         sl = slice(rank, None, world)
         idx, noise, t, drop = idx[sl], noise[sl], t[sl], drop[sl]
@@ -809,13 +815,17 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
 
 
 class InvDiffHooks(SamplerHooks):
-    """model_output: f ← f_θ + r·δ on the whole U-Net batch (conditional and null halves alike)."""
+    """model_output: f ← f_θ + r·δ on the whole U-Net batch (conditional and null halves alike), at the steps whose
+    timestep lies in `timesteps` = [lo, hi) (δ's training range; None: every step)."""
 
-    def __init__(self, delta, strength: float):
+    def __init__(self, delta, strength: float, timesteps: tuple[int, int] | None = None):
         self.delta, self.strength = delta, float(strength)
+        self.timesteps = None if timesteps is None else (int(timesteps[0]), int(timesteps[1]))
 
     def model_output(self, out: torch.Tensor, x_t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if self.strength == 0.0:
+            return out
+        if self.timesteps is not None and not self.timesteps[0] <= ctx.timestep < self.timesteps[1]:
             return out
         t = torch.full((len(x_t),), ctx.timestep, dtype=torch.long, device=x_t.device)
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=x_t.device.type == "cuda"):

@@ -132,10 +132,12 @@ register(Method("latentdir", "latentdir", _latentdir_hooks, "weight", _latentdir
 # ------------------------------------------------------------------------------------ InvDiff: f_θ + r·δ
 
 def _invdiff_hooks(params, fitted, conditions, device):
+    from pipeline.io import load_json
     from pipeline.methods.invdiff import InvDiffHooks, load_delta
 
-    r = params.invdiff.strength
-    return InvDiffHooks(load_delta(fitted / "delta", device), r), {"strength": r}
+    r, delta = params.invdiff.strength, load_delta(fitted / "delta", device)
+    steps = load_json(fitted / "summary.json").get("train_timesteps")  # δ acts where it was trained
+    return InvDiffHooks(delta, r, steps), {"strength": r}
 
 
 def _invdiff_sweep(params, fitted, cond, device):
@@ -143,9 +145,10 @@ def _invdiff_sweep(params, fitted, cond, device):
     from pipeline.io import load_json
     from pipeline.methods.invdiff import InvDiffHooks, load_delta
 
-    delta, lam = load_delta(fitted / "delta", device), load_json(fitted / "summary.json")["lam"]
+    summary = load_json(fitted / "summary.json")
+    delta, lam, steps = load_delta(fitted / "delta", device), summary["lam"], summary.get("train_timesteps")
     strengths = sorted({0.0, *params.invdiff.sweep_strengths})
-    return [({"lam": lam, "strength": r}, InvDiffHooks(delta, r)) for r in strengths]
+    return [({"lam": lam, "strength": r}, InvDiffHooks(delta, r, steps)) for r in strengths]
 
 
 GROUPER, GROUPER_METRICS = Path("data/methods/invdiff_groups"), Path("data/metrics/fit_grouper.json")
