@@ -38,8 +38,9 @@ from stages.common import check_name, device, load_params, mlflow_run, stage_mai
 DATA, MODEL, GROUPS = Path("data/prepared"), Path("data/models/diffusion"), Path("data/methods/invdiff_groups")
 
 
-def groups_for(variant: str, p) -> tuple[np.ndarray, np.ndarray | None]:
-    """(W, T): the groups and their target shares per class (None: every group alike, the B/K layout)."""
+def groups_for(variant: str, p, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(W, T): the groups and their target shares per class (None: every group alike, the B/K layout);
+    `classes`: the training images' classes."""
     meta = load_meta(DATA)
     if variant == "invdiff_oracle":
         hidden = load_split(DATA, "train", with_bias=True)
@@ -51,7 +52,6 @@ def groups_for(variant: str, p) -> tuple[np.ndarray, np.ndarray | None]:
     W = harden(W) if p.hard_groups else W
     if p.target == "equal":
         return W, None
-    classes = load_split(DATA, "train", with_bias=False).classes
     present = np.stack([W[classes == y].sum(0) > 0 for y in range(len(meta.aligned))])
     return W, group_targets(p.target, W.shape[1], meta.aligned, meta.num_attributes, present=present)
 
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     model = load_model(MODEL, dev)
     base, scheduler = model.unet, make_scheduler(model.scheduler_config, "ddpm")
     train = load_split(DATA, "train", with_bias=False)
-    W, targets = groups_for(args.variant, p)
+    W, targets = groups_for(args.variant, p, train.classes)
     origin = "oracle groups from data/prepared" if args.variant == "invdiff_oracle" else str(GROUPS / "groups.npz")
     W = check_groups(W, origin, len(train.classes))
     torch.manual_seed(params.seed)

@@ -131,24 +131,30 @@ register(Method("latentdir", "latentdir", _latentdir_hooks, "weight", _latentdir
 
 # ------------------------------------------------------------------------------------ InvDiff: f_θ + r·δ
 
-def _invdiff_hooks(params, fitted, conditions, device):
+def _invdiff_fit(fitted, device):
+    """(δ, the fit's summary.json): δ loaded first, so a missing fit is named by its δ."""
     from pipeline.io import load_json
-    from pipeline.methods.invdiff import InvDiffHooks, load_delta
+    from pipeline.methods.invdiff import load_delta
 
-    r, delta = params.invdiff.strength, load_delta(fitted / "delta", device)
-    steps = load_json(fitted / "summary.json").get("train_timesteps")  # δ acts where it was trained
-    return InvDiffHooks(delta, r, steps), {"strength": r}
+    delta = load_delta(fitted / "delta", device)
+    return delta, load_json(fitted / "summary.json")
+
+
+def _invdiff_hooks(params, fitted, conditions, device):
+    from pipeline.methods.invdiff import InvDiffHooks
+
+    r, (delta, summary) = params.invdiff.strength, _invdiff_fit(fitted, device)
+    return InvDiffHooks(delta, r, summary.get("train_timesteps")), {"strength": r}  # δ acts where it was trained
 
 
 def _invdiff_sweep(params, fitted, cond, device):
     """The strength r (λ from the variant's own fit: the variants differ in λ and groups)."""
-    from pipeline.io import load_json
-    from pipeline.methods.invdiff import InvDiffHooks, load_delta
+    from pipeline.methods.invdiff import InvDiffHooks
 
-    summary = load_json(fitted / "summary.json")
-    delta, lam, steps = load_delta(fitted / "delta", device), summary["lam"], summary.get("train_timesteps")
+    delta, summary = _invdiff_fit(fitted, device)
     strengths = sorted({0.0, *params.invdiff.sweep_strengths})
-    return [({"lam": lam, "strength": r}, InvDiffHooks(delta, r, steps)) for r in strengths]
+    return [({"lam": summary["lam"], "strength": r}, InvDiffHooks(delta, r, summary.get("train_timesteps")))
+            for r in strengths]
 
 
 GROUPER, GROUPER_METRICS = Path("data/methods/invdiff_groups"), Path("data/metrics/fit_grouper.json")
