@@ -68,11 +68,15 @@ def stage_dag(root: Path) -> tuple[dict[str, set[str]], dict[str, str]]:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        graph = repo.index.graph
-        deps = {s.name: set() for s in graph.nodes}
-        cmds = {s.name: s.cmd if isinstance(s.cmd, str) else " ".join(s.cmd) for s in graph.nodes}
-        for stage, upstream in graph.edges:
-            deps[stage.name].add(upstream.name)
+        return _graph(repo)
+
+
+def _graph(repo) -> tuple[dict[str, set[str]], dict[str, str]]:
+    graph = repo.index.graph
+    deps = {s.name: set() for s in graph.nodes}
+    cmds = {s.name: s.cmd if isinstance(s.cmd, str) else " ".join(s.cmd) for s in graph.nodes}
+    for stage, upstream in graph.edges:
+        deps[stage.name].add(upstream.name)
     return deps, cmds
 
 
@@ -236,12 +240,22 @@ def _is_transient(task, task_run, state) -> bool:
     return False
 
 
-def stale_stages(root: Path, order: list[str], deps: dict[str, set[str]], wait: bool) -> set[str]:
-    """The stages of `order` a run hands to DVC: those DVC's status reports changed (one call for the whole DAG:
-    a call per stage cost about 0.7 s each, most of a cached run) and every stage below one of them (its deps are
-    rewritten when the one above runs; DVC then decides whether it changed)."""
+def changed_stages(repo) -> set[str]:
+    """The stages DVC's status reports changed: one call for the whole DAG (a call per stage cost about 0.7 s
+    each, most of a cached run)."""
+    return {key.rsplit(":", 1)[-1] for key in repo.status()}
+
+
+def dag_and_changed(root: Path, wait: bool) -> tuple[dict[str, set[str]], dict[str, str], set[str]]:
+    """`stage_dag` and `changed_stages` from one DVC Repo: each Repo parses dvc.yaml and dvc.lock into its own
+    index (about 1 s), so one is built instead of two."""
     with dvc_repo(str(root), wait=wait) as repo:
-        changed = {key.rsplit(":", 1)[-1] for key in repo.status()}
+        return (*_graph(repo), changed_stages(repo))
+
+
+def stale_stages(order: list[str], deps: dict[str, set[str]], changed: set[str]) -> set[str]:
+    """The stages of `order` a run hands to DVC: the `changed` ones and every stage below one of them (its deps
+    are rewritten when the one above runs; DVC then decides whether it changed)."""
     stale: set[str] = set()
     for name in order:  # upstream first
         if name in changed or deps[name] & stale:
@@ -338,13 +352,13 @@ def debias_pipeline(methods: list[Method] | None = None, overrides: dict[str, An
         raise UserError(f"max_parallel: expected an integer >= 1 (got {max_parallel})")
     logger = get_run_logger()
     root = project_root(project_dir)
-    deps, cmds = stage_dag(root)
-    order = select_stages(deps, methods)
-    gpu = device_stages(root, cmds)
     run_id = str(flow_run.get_id() or "local")
     results: dict[str, str] = {}
     with hold_project(root, overrides or {}, run_id):
-        stale = stale_stages(root, order, deps, wait=max_parallel > 1)
+        deps, cmds, changed = dag_and_changed(root, wait=max_parallel > 1)
+        order = select_stages(deps, methods)
+        gpu = device_stages(root, cmds)
+        stale = stale_stages(order, deps, changed)
         if max_parallel > 1:  # independent branches at the same time: flows/concurrent.py
             futures = run_concurrently(
                 order, deps, gpu, max_parallel, lambda name, upstream, slot: run_stage.with_options(
@@ -361,7 +375,9 @@ def debias_pipeline(methods: list[Method] | None = None, overrides: dict[str, An
                 results[name] = states[name].result()  # raises the stage's failure
     if "report" in order and (root / "data/metrics/report_methods.json").is_file():
         rows = json.loads((root / "data/metrics/report_methods.json").read_text())
-        create_markdown_artifact(report_markdown(rows, mlflow_runs_url(root, run_id)), key="debias-report",
+        # the link lists this run's stage runs: none when nothing ran (and MLflow's import costs ~2 s)
+        url = mlflow_runs_url(root, run_id) if "ran" in results.values() else None
+        create_markdown_artifact(report_markdown(rows, url), key="debias-report",
                                  description="The report's table")
     if "report" in deps and "report" not in order:
         logger.info("report not run: it would mix these methods' new rows with older results of the others "

@@ -15,6 +15,8 @@ from flows.pipeline import (
     METHODS,
     PARAMS_BACKUP,
     REPORT_COLUMNS,
+    changed_stages,
+    dag_and_changed,
     debias_pipeline,
     device_stages,
     hold_project,
@@ -54,11 +56,8 @@ def test_select_stages_runs_the_methods_upstream_closure_and_no_report():
         assert set(order) == set(DEPS) and order[0] == "prepare_data" and order[-1] == "report"
 
 
-def test_stale_stages_are_the_changed_ones_and_everything_below_them(monkeypatch):
+def test_stale_stages_are_the_changed_ones_and_everything_below_them():
     """One DVC status call for the whole DAG decides which stages the flow hands to `dvc repro`."""
-    from contextlib import contextmanager
-
-    import flows.pipeline as pipeline_flow
 
     class Repo:
         def status(self, targets=None):
@@ -66,16 +65,36 @@ def test_stale_stages_are_the_changed_ones_and_everything_below_them(monkeypatch
             return {"fit_other": [{"changed deps": {"stages/fit_other.py": "modified"}}],
                     "sub/dvc.yaml:fid_reference": [{"changed outs": {"x": "deleted"}}]}
 
-    @contextmanager
-    def repo(root, wait):
-        yield Repo()
-
-    monkeypatch.setattr(pipeline_flow, "dvc_repo", repo)
+    changed = changed_stages(Repo())
+    assert changed == {"fit_other", "fid_reference"}
     order = select_stages(DEPS)
-    assert stale_stages(ROOT, order, DEPS, wait=False) == {
+    assert stale_stages(order, DEPS, changed) == {
         "fit_other", "sample@other", "score@other", "fid_reference", "score@baseline", "report"}
-    assert stale_stages(ROOT, [n for n in order if n != "report"], DEPS, wait=False) == {
+    assert stale_stages([n for n in order if n != "report"], DEPS, changed) == {
         "fit_other", "sample@other", "score@other", "fid_reference", "score@baseline"}
+
+
+def test_the_graph_and_the_status_come_from_one_dvc_index(monkeypatch):
+    """dag_and_changed: the real dvc.yaml's graph, and the status asked of the same Repo (one index built)."""
+    from contextlib import contextmanager
+
+    from dvc.repo import Repo
+
+    import flows.pipeline as pipeline_flow
+
+    repos = []
+
+    @contextmanager
+    def one_repo(root, wait):
+        with Repo(root) as repo:
+            repo.status = lambda targets=None: {"report": [{"changed deps": {"x": "modified"}}]}
+            repos.append(repo)
+            yield repo
+
+    monkeypatch.setattr(pipeline_flow, "dvc_repo", one_repo)
+    deps, cmds, changed = dag_and_changed(ROOT, wait=False)
+    assert len(repos) == 1 and changed == {"report"}
+    assert (deps, cmds) == stage_dag(ROOT)
 
 
 def test_select_stages_rejects_unknown_method():
