@@ -264,16 +264,13 @@ def stale_stages(order: list[str], deps: dict[str, set[str]], changed: set[str])
 
 
 @task(retries=2, retry_delay_seconds=5, retry_condition_fn=_is_transient)
-def run_stage(name: str, root: str, run_id: str, slot: dict[str, str] | None = None, stale: bool = True) -> str:
-    """Run one DVC stage if it may have changed (`stale`: flagged by stale_stages); returns 'ran', or 'up to date'
-    when it was not stale or `dvc repro` found nothing changed.
+def run_stage(name: str, root: str, run_id: str, slot: dict[str, str] | None = None) -> str:
+    """Run one DVC stage that may have changed (flagged by stale_stages); returns 'ran', or 'up to date' when
+    `dvc repro` found nothing changed.
 
     `slot`: set when stages run concurrently (flows/concurrent.py): the stage's environment (thread budget,
     device), and DVC's repository lock is waited for rather than refused."""
     logger = get_run_logger()
-    if not stale:
-        logger.info("%s: up to date", name)
-        return "up to date"
     # The stages' MLflow runs nest under one parent run per flow run, named like the flow run (docs/tracking.md).
     env = {**os.environ, "PIPELINE_RUN_ID": run_id, "PIPELINE_RUN_NAME": f"flow {flow_run.get_name() or run_id}",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -359,20 +356,27 @@ def debias_pipeline(methods: list[Method] | None = None, overrides: dict[str, An
         order = select_stages(deps, methods)
         gpu = device_stages(root, cmds)
         stale = stale_stages(order, deps, changed)
+        # Only stale stages become task runs: a task run costs about 50 ms of API calls, 1.8 s for a cached run
+        # of the default DAG (docs/flows.md); the others are listed in the flow run's log.
+        todo = [name for name in order if name in stale]
+        results = dict.fromkeys((name for name in order if name not in stale), "up to date")
+        if results:
+            logger.info("up to date (DVC status): %s", ", ".join(results))
         if max_parallel > 1:  # independent branches at the same time: flows/concurrent.py
             futures = run_concurrently(
-                order, deps, gpu, max_parallel, lambda name, upstream, slot: run_stage.with_options(
+                todo, deps, gpu, max_parallel, lambda name, upstream, slot: run_stage.with_options(
                     name=name, tags=["gpu"] if name in gpu else []).submit(
-                    name, str(root), run_id, slot, name in stale, wait_for=upstream),
+                    name, str(root), run_id, slot, wait_for=upstream),
                 Slots(max_parallel, visible_devices()))
-            results = {name: future.result() for name, future in futures.items()}  # raises the first failure
+            results |= {name: future.result() for name, future in futures.items()}  # raises the first failure
         else:
             states = {}
-            for name in order:
+            for name in todo:
                 upstream = [states[d] for d in sorted(deps[name]) if d in states]  # draws the DAG's edges in the UI
                 states[name] = run_stage.with_options(name=name, tags=["gpu"] if name in gpu else [])(
-                    name, str(root), run_id, stale=name in stale, wait_for=upstream, return_state=True)
+                    name, str(root), run_id, wait_for=upstream, return_state=True)
                 results[name] = states[name].result()  # raises the stage's failure
+        results = {name: results[name] for name in order}
     if "report" in order and (root / "data/metrics/report_methods.json").is_file():
         rows = json.loads((root / "data/metrics/report_methods.json").read_text())
         # the link lists this run's stage runs: none when nothing ran (and MLflow's import costs ~2 s)

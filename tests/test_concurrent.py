@@ -265,6 +265,36 @@ def test_a_failure_stops_new_stages_and_fails_the_run_with_the_stages_code(tmp_p
     assert "join" not in _lock(path)["stages"] and "root" in _lock(path)["stages"]
 
 
+def _task_run_names(state) -> set[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[state.state_details.flow_run_id])))
+    return {r.name.rsplit("-", 1)[0] for r in runs}
+
+
+@pytest.mark.parametrize("max_parallel", [1, 2])
+def test_only_stale_stages_become_task_runs(tmp_path, prefect_api, monkeypatch, max_parallel):
+    """A changed param: its stage and the one below it are task runs (DVC then finds join's inputs unchanged: the
+    param does not reach gpu_a's output), the rest are reported up to date without one; a fully cached run makes no
+    task run at all (each costs API calls: docs/flows.md)."""
+    path = _sleepy_project(tmp_path)
+    monkeypatch.setenv("SLEEP", "0")
+    assert debias_pipeline(project_dir=str(path), max_parallel=max_parallel) == dict.fromkeys(
+        ["root", "cpu_c", "gpu_a", "gpu_b", "join"], "ran")
+    (path / "params.yaml").write_text("scale: 4\n")
+    state = debias_pipeline(project_dir=str(path), max_parallel=max_parallel, return_state=True)
+    assert state.result() == {"root": "up to date", "cpu_c": "up to date", "gpu_a": "ran", "gpu_b": "up to date",
+                              "join": "up to date"}
+    assert list(state.result()) == ["root", "cpu_c", "gpu_a", "gpu_b", "join"]  # dependency order
+    assert _task_run_names(state) == {"gpu_a", "join"}
+    cached = debias_pipeline(project_dir=str(path), max_parallel=max_parallel, return_state=True)
+    assert set(cached.result().values()) == {"up to date"} and len(cached.result()) == 5
+    assert _task_run_names(cached) == set()
+
+
 # ------------------------------------------------------------------------------------------------ the tiny DAG
 
 
