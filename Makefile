@@ -22,8 +22,9 @@ test: setup
 test-all: setup
 	python -m pytest -q -n 2 -m "not gpu"
 
+# `make flow PARALLEL=2`: independent branches two at a time, one thread each (flows/concurrent.py)
 flow: setup
-	python -m flows.pipeline
+	python -m flows.pipeline $(if $(PARALLEL),--max-parallel $(PARALLEL))
 
 benchmark: setup
 	python benchmarks/pipeline_times.py
