@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -34,12 +35,6 @@ sys.path.insert(0, str(ROOT))
 
 from flows.pipeline import select_stages, stage_graph  # noqa: E402
 from tests.test_dag import _env, make_project  # noqa: E402
-
-
-def torch_version() -> str:
-    from importlib.metadata import version
-
-    return version("torch")
 
 
 def timed(cmd: list[str], cwd: Path, cpu: list[float] | None = None) -> float:
@@ -116,7 +111,7 @@ def main() -> None:
         print(yaml.safe_dump(summary, sort_keys=False))
         if args.out:
             summary = {"command": "python " + " ".join(sys.argv), "machine": f"{os.cpu_count()}-core "
-                       f"{platform.machine()} CPU, torch {torch_version()}", **summary}
+                       f"{platform.machine()} CPU, torch {version('torch')}", **summary}
             args.out.write_text(json.dumps(summary, indent=1) + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
