@@ -10,7 +10,10 @@ fp32 loop, in one run; medians of interleaved repeats and their ratios (docs/res
     generators, at guidance scale 1 and > 1 (classifier-free guidance doubles the U-Net batch); the two must give
     the same images bit for bit (max_abs_diff in the JSON), so the comparison is apples to apples;
 (c) InvDiff (f_θ + r·δ) and Distribution Guidance (h-space gradient step) sampling time against the plain sampler,
-    at Distribution Guidance's guidance batch (distguide.batch_size images: one group).
+    at Distribution Guidance's guidance batch (distguide.batch_size images: one group), and InvDiff again at the
+    batch sample@invdiff uses (sample.batch_size);
+(d) a lever measured, not taken: the plain sampler under bf16 autocast on the CPU against fp32 (same images, n
+    per timing; its images differ from fp32's in the last bits, max |Δ| in the JSON).
 δ and the ADP are built untrained (δ: make_delta of the U-Net; ADP: random probe weights): their cost does not
 depend on what they learnt. Training images are seeded random tensors of the profile's shape, for the same reason.
 Both arms run on one thread (torch.set_num_threads(1), `--threads`) so a shared machine treats them alike; arms
@@ -45,7 +48,7 @@ from pipeline.pretrained import DiffusionModel  # noqa: E402
 from pipeline.sampling import SamplerSettings, make_scheduler, sample, sample_seeds  # noqa: E402
 
 QUICK = {"block_out_channels": [16, 32], "train_batch": 8, "train_steps": 2, "sample_n": 4, "method_n": 4,
-         "sample_steps": 3, "distguide_steps": [0, 2], "reps": 2}
+         "pipeline_n": 8, "sample_steps": 3, "distguide_steps": [0, 2], "reps": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,7 +162,8 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
     params = load_params(params_path)
     d, s = params.diffusion.model_dump(), params.sample
     cfg = {"block_out_channels": d["block_out_channels"], "train_batch": d["batch_size"], "train_steps": 4,
-           "sample_n": 50, "method_n": params.distguide.batch_size, "sample_steps": s.num_inference_steps,
+           "sample_n": 50, "method_n": params.distguide.batch_size, "pipeline_n": s.batch_size,
+           "sample_steps": s.num_inference_steps,
            "distguide_steps": list(params.distguide.steps), "reps": 4}
     if quick:
         cfg.update(QUICK)
@@ -223,9 +227,9 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
     cond, seeds = inputs(n)
     model = DiffusionModel(unet=unet, scheduler_config=dict(sched.config))
 
-    def settings(w, k):
+    def settings(w, k, autocast=None):
         return SamplerSettings(num_inference_steps=steps, guidance_scale=w, eta=0.0, batch_size=k,
-                               scheduler=s.scheduler, timestep_spacing=s.timestep_spacing)
+                               scheduler=s.scheduler, timestep_spacing=s.timestep_spacing, autocast=autocast)
 
     peer_sched = make_scheduler(sched.config, "ddim", s.timestep_spacing)
     invdiff, distguide = untrained_methods(unet, make_scheduler(sched.config, s.scheduler, s.timestep_spacing),
@@ -233,11 +237,11 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
                                            seed=params.seed)
     diffs = {}
 
-    def ours(w, hooks=None, k=n):
+    def ours(w, hooks=None, k=n, autocast=None):
         c, sd = inputs(k)
 
         def fn():
-            sample(model, c, sd, settings(w, k), hooks=hooks, progress=False)
+            sample(model, c, sd, settings(w, k, autocast), hooks=hooks, progress=False)
             return k
         return fn
 
@@ -263,6 +267,19 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
                                "distguide": ours(1.0, distguide, m)}, reps)
     sample_rates.update(rates)
     sample_wall.update(wall)
+    big = cfg["pipeline_n"]
+    log(f"(c) InvDiff at sample@invdiff's batch: {big} images per timing")
+    rates, wall = interleaved({f"baseline_{big}": ours(1.0, None, big), f"invdiff_{big}": ours(1.0, invdiff, big)},
+                              reps)
+    sample_rates.update(rates)
+    sample_wall.update(wall)
+    bf16_diff = float((sample(model, cond, seeds, settings(1.0, n, True), progress=False)
+                                   - sample(model, cond, seeds, settings(1.0, n, False), progress=False)).abs().max())
+    log(f"(d) bf16 autocast on the CPU: {n} images per timing; max |Δ| vs fp32 {bf16_diff:.3g}")
+    rates, wall = interleaved({"ours_w1_fp32": ours(1.0, None, n, False), "ours_w1_bf16": ours(1.0, None, n, True)},
+                              reps)
+    sample_rates.update(rates)
+    sample_wall.update(wall)
 
     med = {f"train_{k}": statistics.median(v) for k, v in train_rates.items()}
     med.update({k: statistics.median(v) for k, v in sample_rates.items()})
@@ -273,20 +290,25 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
               f"sample_w{guidance:g}_ours_over_peer": med[f"ours_w{guidance:g}"] / med[f"peer_w{guidance:g}"],
               # time ratios (method / baseline sampler): the inverse of the rate ratio
               "invdiff_time_over_baseline": med["baseline"] / med["invdiff"],
-              "distguide_time_over_baseline": med["baseline"] / med["distguide"]}
+              f"invdiff_time_over_baseline_at_{big}": med[f"baseline_{big}"] / med[f"invdiff_{big}"],
+              "distguide_time_over_baseline": med["baseline"] / med["distguide"],
+              "sample_bf16_time_over_fp32": med["ours_w1_fp32"] / med["ours_w1_bf16"]}
     # the noise: range over repeats of the paired ratio (same round, adjacent timings)
     pairs = {"train_ours_over_peer": (train_rates["ours"], train_rates["peer"]),
              "sample_w1_ours_over_peer": (sample_rates["ours_w1"], sample_rates["peer_w1"]),
              f"sample_w{guidance:g}_ours_over_peer": (sample_rates[f"ours_w{guidance:g}"],
                                                       sample_rates[f"peer_w{guidance:g}"]),
              "invdiff_time_over_baseline": (sample_rates["baseline"], sample_rates["invdiff"]),
-             "distguide_time_over_baseline": (sample_rates["baseline"], sample_rates["distguide"])}
+             f"invdiff_time_over_baseline_at_{big}": (sample_rates[f"baseline_{big}"], sample_rates[f"invdiff_{big}"]),
+             "distguide_time_over_baseline": (sample_rates["baseline"], sample_rates["distguide"]),
+             "sample_bf16_time_over_fp32": (sample_rates["ours_w1_fp32"], sample_rates["ours_w1_bf16"])}
     paired = {k: [a / b for a, b in zip(*v, strict=True)] for k, v in pairs.items()}
     spread = {k: [min(v), max(v)] for k, v in paired.items()}
     targets = {"train_ge_1": ratios["train_ours_over_peer"] >= 1.0,
                "sample_ge_1": min(ratios["sample_w1_ours_over_peer"],
                                   ratios[f"sample_w{guidance:g}_ours_over_peer"]) >= 1.0,
-               "invdiff_le_1.25": ratios["invdiff_time_over_baseline"] <= 1.25}
+               "invdiff_le_1.25": ratios["invdiff_time_over_baseline"] <= 1.25,
+               f"invdiff_le_1.25_at_{big}": ratios[f"invdiff_time_over_baseline_at_{big}"] <= 1.25}
     result = {"machine": machine(), "quick": quick, "reps": reps, "config": cfg, "guidance_scale": guidance,
               "units": {"train": "steps/s", "sample": "images/s"},
               "timing": "rates per CPU second of the process (one torch thread); wall-clock rates alongside",
@@ -294,6 +316,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
               "wall_rates": {"train": train_wall, "sample": sample_wall}, "medians": med, "wall_medians": wall_med,
               "ratios": ratios, "ratio_range_over_repeats": spread,
               "targets_met": targets, "ours_vs_peer_max_abs_diff": diffs,
+              "bf16_vs_fp32_max_abs_diff": bf16_diff,
               "note": "δ and ADP untrained, training images random: cost does not depend on either"}
     log(f"{'arm':<24}{'median':>10}  unit (per CPU s)  runs  [wall-clock median]")
     for name, v in {**{f"train_{k}": v for k, v in train_rates.items()}, **sample_rates}.items():

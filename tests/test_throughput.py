@@ -37,4 +37,5 @@ def test_quick_run_writes_valid_json(tmp_path, one_thread):
     for name, ratio in result["ratios"].items():
         assert math.isfinite(ratio) and ratio > 0, name
     assert set(result["rates"]["sample"]) == {"ours_w1", "peer_w1", "ours_w3", "peer_w3", "baseline", "invdiff",
-                                              "distguide"}
+                                              "distguide", "baseline_8", "invdiff_8", "ours_w1_fp32", "ours_w1_bf16"}
+    assert 0 < result["bf16_vs_fp32_max_abs_diff"] < 0.5  # bf16 changes the last bits, not the image
