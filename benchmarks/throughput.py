@@ -1,11 +1,12 @@
 """Our training and sampling loops side by side with the obvious peer, the same diffusers U-Net in a plain eager
 fp32 loop, in one run; medians of interleaved repeats and their ratios (docs/results.md, "Where the time goes").
 
-    python benchmarks/throughput.py              # the default profile's U-Net and batches (~3 CPU minutes)
+    python benchmarks/throughput.py              # the default profile's U-Net and batches (~5 CPU minutes)
     python benchmarks/throughput.py --quick      # a tiny U-Net, to check the script (seconds)
 
 (a) training steps/s: pipeline.diffusion.train_step (AdamW, warm-up schedule, grad clipping, EMA, label dropout,
-    through accelerate) against UNet2DModel + DDPMScheduler.add_noise + MSE + AdamW;
+    through accelerate) against UNet2DModel + DDPMScheduler.add_noise + MSE + AdamW, and our step without its EMA
+    and gradient clipping (what the peer does not do) as a third arm;
 (b) sampling images/s: pipeline.sampling.sample against a plain DDIMScheduler loop with the same per-sample
     generators, at guidance scale 1 and > 1 (classifier-free guidance doubles the U-Net batch); the two must give
     the same images bit for bit (max_abs_diff in the JSON), so the comparison is apples to apples;
@@ -32,6 +33,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -184,37 +186,53 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
     gen = torch.Generator().manual_seed(params.seed)
     images = torch.rand((max(1000, cfg["train_batch"]), 3, res, res), generator=gen) * 2 - 1
     classes = torch.randint(0, NUM_CLASSES, (len(images),), generator=gen)
-    ours_unet = new_unet()
     accelerator = Accelerator(mixed_precision="no", cpu=True)
-    ema, opt, lr_sched = optimisers(ours_unet, d)
-    ours_unet, opt = accelerator.prepare(ours_unet, opt)
-    ours_unet.train()
     sched = make_noise_scheduler(d["num_train_timesteps"], d["beta_schedule"], d["prediction_type"])
-    ours_gen, ours_step = torch.Generator().manual_seed(1), [0]
+    k = cfg["train_steps"]
+
+    class WithoutClipping:  # the accelerator, with gradient clipping a no-op (the "bare" arm)
+        def __getattr__(self, name):
+            return getattr(accelerator, name)
+
+        def clip_grad_norm_(self, *args, **kwargs):
+            return None
+
+    def our_loop(bare: bool):
+        """train_diffusion's step on a fresh U-Net; bare: without its EMA and gradient clipping (where the gap
+        to the peer is, if it is in what the peer does not do)."""
+        unet = new_unet()
+        ema, opt, lr_sched = optimisers(unet, d)
+        unet, opt = accelerator.prepare(unet, opt)
+        unet.train()
+        if bare:
+            ema = SimpleNamespace(step=lambda *args, **kwargs: None)
+        acc = WithoutClipping() if bare else accelerator
+        gen, step, null, conditioning = torch.Generator().manual_seed(1), [0], null_class(unet), Conditioning()
+
+        def fn():
+            for _ in range(k):
+                loss = train_step(unet, opt, lr_sched, ema, sched, images, classes, gen,
+                                  batch=cfg["train_batch"], label_dropout=d["label_dropout"], null=null,
+                                  conditioning=conditioning, accelerator=acc, step=step[0])
+                accelerator.gather(loss[None]).mean().item()  # what train_diffusion's loop does with it every step
+                step[0] += 1
+            return k
+        return fn, unet
+
+    ours_train, ours_unet = our_loop(bare=False)
+    ours_bare, _ = our_loop(bare=True)
     peer_unet = UNet2DModel.from_config(ours_unet.config)
     peer_unet.load_state_dict(ours_unet.state_dict())
     peer_unet.train()
     peer_opt = torch.optim.AdamW(peer_unet.parameters(), lr=d["lr"], weight_decay=0.0)
     peer_gen = torch.Generator().manual_seed(1)
-    k = cfg["train_steps"]
-
-    train_null, conditioning = null_class(ours_unet), Conditioning()
-
-    def ours_train():
-        for _ in range(k):
-            loss = train_step(ours_unet, opt, lr_sched, ema, sched, images, classes, ours_gen,
-                              batch=cfg["train_batch"], label_dropout=d["label_dropout"], null=train_null,
-                              conditioning=conditioning, accelerator=accelerator, step=ours_step[0])
-            accelerator.gather(loss[None]).mean().item()  # what train_diffusion's loop does with it every step
-            ours_step[0] += 1
-        return k
 
     def peer_train():
         peer_train_loop(peer_unet, sched, peer_opt, images, classes, peer_gen, batch=cfg["train_batch"], steps=k)
         return k
 
     log(f"(a) training: batch {cfg['train_batch']}, {k} steps per timing, U-Net {cfg['block_out_channels']}")
-    train_rates, train_wall = interleaved({"ours": ours_train, "peer": peer_train}, reps)
+    train_rates, train_wall = interleaved({"ours": ours_train, "peer": peer_train, "ours_bare": ours_bare}, reps)
 
     # (b) sampling, (c) methods
     unet = new_unet().eval()
@@ -286,6 +304,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
     wall_med = {f"train_{k}": statistics.median(v) for k, v in train_wall.items()}
     wall_med.update({k: statistics.median(v) for k, v in sample_wall.items()})
     ratios = {"train_ours_over_peer": med["train_ours"] / med["train_peer"],
+              "train_ours_without_ema_clipping_over_peer": med["train_ours_bare"] / med["train_peer"],
               "sample_w1_ours_over_peer": med["ours_w1"] / med["peer_w1"],
               f"sample_w{guidance:g}_ours_over_peer": med[f"ours_w{guidance:g}"] / med[f"peer_w{guidance:g}"],
               # time ratios (method / baseline sampler): the inverse of the rate ratio
@@ -295,6 +314,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
               "sample_bf16_time_over_fp32": med["ours_w1_fp32"] / med["ours_w1_bf16"]}
     # the noise: range over repeats of the paired ratio (same round, adjacent timings)
     pairs = {"train_ours_over_peer": (train_rates["ours"], train_rates["peer"]),
+             "train_ours_without_ema_clipping_over_peer": (train_rates["ours_bare"], train_rates["peer"]),
              "sample_w1_ours_over_peer": (sample_rates["ours_w1"], sample_rates["peer_w1"]),
              f"sample_w{guidance:g}_ours_over_peer": (sample_rates[f"ours_w{guidance:g}"],
                                                       sample_rates[f"peer_w{guidance:g}"]),
@@ -324,7 +344,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
         log(f"{name:<24}{med[name]:>10.3f}  {unit:<15}  {', '.join(f'{r:.3f}' for r in v)}  "
             f"[{wall_med[name]:.3f}]")
     for name, r in ratios.items():
-        log(f"{name:<34}{r:.3f}  (per-repeat range {spread[name][0]:.3f}–{spread[name][1]:.3f})")
+        log(f"{name:<44}{r:.3f}  (per-repeat range {spread[name][0]:.3f}–{spread[name][1]:.3f})")
     log(f"targets met: {targets}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
