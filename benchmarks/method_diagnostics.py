@@ -3,6 +3,7 @@ Guidance and the synthetic amplifier fall short").
 
     python benchmarks/method_diagnostics.py distguide    # needs data/models/diffusion, data/methods/distguide, judges
     python benchmarks/method_diagnostics.py amplifier    # needs data/prepared and data/methods/ddb_amplifier[_real]
+    python benchmarks/method_diagnostics.py distguide-asymmetric --scales 0.1 0.3 0.5 1   # + data/reference
     python benchmarks/method_diagnostics.py amplifier --data /tmp/ddb_table/rho_0.99/data   # a ddb_table work dir
 
 distguide: samples sample.num_per_class per class with the Distribution Guidance hook as sample@distguide does, and
@@ -12,6 +13,14 @@ softmax(ADP/τ) probability of the aligned attribute after it (the target p* giv
 argmax agrees with the colour judge on the *final* image. An edit that moves the ADP but not the image shows as
 "aligned after the edit ≈ 0" at every step while the judge still finds the samples aligned, and as "aligned before
 the edit" climbing back at the next step (the U-Net restores what the edit changed).
+
+distguide-asymmetric: the same guidance with Asyrp's asymmetric DDIM step (Kwon et al. 2023), which Balancing
+Act's released code carries commented out: at a guided step x̂_0 comes from the edited U-Net output and the direction
+term ε̂ from an unedited second call, x_{t−1} = √ᾱ_{t−1}·x̂_0(f_edit) + √(1−ᾱ_{t−1})·ε̂(f_plain) (DDIM, η = 0), so
+an edit the later steps would undo is carried by x̂_0. Each --scales entry multiplies distguide.scale; both steps,
+symmetric (the published, bit for bit sample@distguide's images at 1×) and asymmetric, are scored by the score
+stage's Scorer (normalised bias, FID vs the colour-balanced split, fidelity, 95% intervals) and bias_removed against
+data/samples/baseline. Settings must be the default's sampler (DDIM, η = 0, guidance scale 1).
 
 amplifier: how well each bias amplifier flags the real training split's bias-conflicting images (the bias labels
 are read here for this diagnostic only; nothing is chosen by it): ROC AUC and average precision of its per-sample
@@ -93,6 +102,113 @@ def distguide(data: Path, params_path: Path) -> dict:
             "guided_steps": list(p.steps), "steps": steps}
 
 
+def guided_samples(model, hooks, cond: np.ndarray, seeds: np.ndarray, settings, *, asymmetric: bool,
+                    group: int) -> torch.Tensor:
+    """Distribution Guidance sampling with the DDIM update written out, so the direction term can come from an
+    unedited U-Net call (`asymmetric`); symmetric, it is pipeline.sampling.sample's DDIM step (η = 0, w = 1)."""
+    if settings.scheduler != "ddim" or settings.eta != 0 or settings.guidance_scale != 1:
+        raise SystemExit("distguide-asymmetric: needs sample.scheduler ddim, eta 0, guidance_scale 1")
+    unet, state = model.unet, {"edit": True, "ctx": None}
+    handle = unet.get_submodule(hooks.h_module).register_forward_hook(
+        lambda m, i, o: hooks.mid_block(o, state["ctx"]) if state["edit"] else o)
+    try:
+        return _guided_loop(model, hooks, cond, seeds, settings, state, asymmetric=asymmetric, group=group)
+    finally:
+        handle.remove()
+
+
+def _guided_loop(model, hooks, cond, seeds, settings, state, *, asymmetric: bool, group: int) -> torch.Tensor:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from pipeline.sampling import StepContext, _x0_eps, make_scheduler
+
+    unet = model.unet
+    sched = make_scheduler(model.scheduler_config, "ddim", settings.timestep_spacing)
+    sched.set_timesteps(settings.num_inference_steps)
+    steps, ac, kind = sched.timesteps, sched.alphas_cumprod, sched.config.prediction_type
+    size = unet.config.sample_size
+    out = []
+    for start in range(0, len(cond), group):  # whole guidance groups, as the sampler's batch_multiple keeps them
+        ids = torch.arange(start, min(start + group, len(cond)))
+        y = torch.as_tensor(cond[ids.numpy()])
+        kwargs = model.conditioning.with_labels(y).unet_kwargs()
+        gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds[ids.numpy()]]
+        x = randn_tensor((len(ids), unet.config.in_channels, size, size), generator=gens,
+                         device=torch.device("cpu")) * sched.init_noise_sigma
+        with torch.no_grad():
+            for i, t in enumerate(steps):
+                state["ctx"] = StepContext(i, len(steps), int(t), y, model.null_class, ids, kwargs)
+                state["edit"] = True
+                f_edit = unet(x, t, **kwargs).sample.float()
+                state["edit"] = False
+                f_plain = (unet(x, t, **kwargs).sample.float() if asymmetric and hooks.active(state["ctx"])
+                           else f_edit)
+                a_prev = ac[int(steps[i + 1])] if i + 1 < len(steps) else sched.final_alpha_cumprod
+                x0, _ = _x0_eps(f_edit, x, ac[int(t)], kind)
+                _, eps = _x0_eps(f_plain, x, ac[int(t)], kind)
+                x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        out.append(x.clamp(-1, 1))
+    return torch.cat(out)
+
+
+def distguide_asymmetric(data: Path, params_path: Path, scales: list[float]) -> dict:
+    from pipeline.data import to_uint8
+    from pipeline.io import load_npz
+    from pipeline.judges import judge_outputs
+    from pipeline.methods.distribution_guidance import distribution_guidance_hooks
+    from pipeline.metrics import bias_floor, bias_removed
+    from pipeline.pretrained import load_model
+    from pipeline.sampling import SamplerSettings, sample_seeds
+    from pipeline.scoring import Scorer
+
+    params = load_params(params_path)
+    p, ps = params.distguide, params.score
+    settings = SamplerSettings.from_params(params.sample)
+    scorer = Scorer(data / "judges", data / "reference", device="cpu", k=ps.pr_k, seed=params.seed,
+                    batch_size=ps.batch_size, bootstrap=ps.bootstrap, bootstrap_fid=ps.bootstrap_fid)
+    model = load_model(data / "models" / "diffusion", "cpu")
+    model.unet.eval()
+    num_attr = len(load_meta(data / "prepared").attr_names)
+    cond = np.repeat(np.arange(model.num_classes), params.sample.num_per_class)
+    seeds = sample_seeds(params.seed, len(cond))
+
+    def counts(images: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(images).float().permute(0, 3, 1, 2) / 127.5 - 1
+        colour, _ = judge_outputs(scorer.colour, x)
+        return np.array([[np.sum((cond == c) & (colour == k)) for k in range(num_attr)]
+                         for c in range(model.num_classes)])
+
+    base = counts(load_npz(data / "samples" / "baseline" / "images.npz", "images")["images"])
+    floor = bias_floor(base.sum(1), num_attr, seed=params.seed)
+    rows = []
+    for mult in scales:
+        for asymmetric in (False, True):
+            hooks = distribution_guidance_hooks(data / "methods" / "distguide" / "adp.safetensors",
+                                                scale=p.scale * mult, tau=p.tau, steps=p.steps,
+                                                group_size=p.batch_size, target=p.target, beta_power=p.beta_power)
+            start = time.process_time()
+            images = to_uint8(guided_samples(model, hooks, cond, seeds, settings, asymmetric=asymmetric,
+                                             group=p.batch_size))
+            cpu = time.process_time() - start
+            metrics, _ = scorer(images, cond)
+            removed, removed_ci = bias_removed(base, counts(images), floor, n_resamples=ps.bootstrap,
+                                               seed=params.seed)
+            row = {"step": "asymmetric" if asymmetric else "symmetric", "scale": p.scale * mult,
+                   "bias_removed": removed, "bias_removed_ci95": removed_ci, "sampling_cpu_s": round(cpu, 1)}
+            row.update({k: metrics[k] for k in ("bias_score_normalised", "bias_score_normalised_ci95",
+                                                "aligned_fraction", "fid_balanced", "fid_balanced_ci95",
+                                                "fidelity", "fidelity_ci95")})
+            stage_images = data / "samples" / "distguide" / "images.npz"
+            if mult == 1 and not asymmetric and stage_images.is_file():  # the written-out loop is the sampler's
+                row["equals_sample_stage_images"] = bool(np.array_equal(
+                    images, load_npz(stage_images, "images")["images"]))
+            rows.append(row)
+            print(f"{row['step']:>10} s = {row['scale']:.3g}: bias removed {removed:.3f} [{removed_ci[0]:.3f}, "
+                  f"{removed_ci[1]:.3f}], normalised bias {row['bias_score_normalised']:.3f}, FID_balanced "
+                  f"{row['fid_balanced']:.1f}, fidelity {row['fidelity']:.3f}", flush=True)
+    return {"samples": len(cond), "bias_floor": floor, "rows": rows}
+
+
 def stroke_chromaticity(images: np.ndarray) -> np.ndarray:
     """Per image: the mean RGB of its pixels brighter than 0.6 × its brightest, divided by their mean brightness
     (max over RGB), so the stroke's colour independent of its intensity. images uint8 [N, H, W, 3] → [N, 3]."""
@@ -147,7 +263,9 @@ def amplifier(data: Path) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=("distguide", "amplifier"))
+    ap.add_argument("which", choices=("distguide", "distguide-asymmetric", "amplifier"))
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0],
+                    help="distguide-asymmetric: multiples of distguide.scale")
     ap.add_argument("--data", type=Path, default=ROOT / "data", help="the project's data/ folder")
     ap.add_argument("--params", type=Path, default=None, help="params.yaml (default: next to --data)")
     ap.add_argument("--out", type=Path, default=None)
@@ -155,10 +273,15 @@ def main(argv=None) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     start = time.process_time()
     params = args.params or args.data.resolve().parent / "params.yaml"
-    result = distguide(args.data, params) if args.which == "distguide" else amplifier(args.data)
+    if args.which == "distguide":
+        result = distguide(args.data, params)
+    elif args.which == "distguide-asymmetric":
+        result = distguide_asymmetric(args.data, params, args.scales)
+    else:
+        result = amplifier(args.data)
     result.update(data=str(args.data), cpu_s=round(time.process_time() - start, 1))
     text = json.dumps(result, indent=1)
-    out = args.out or ROOT / "benchmarks" / "results" / f"method_diagnostics_{args.which}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / f"method_diagnostics_{args.which.replace('-', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     print(text)

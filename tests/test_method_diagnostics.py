@@ -1,8 +1,13 @@
-"""benchmarks/method_diagnostics.py: the stroke chromaticity its amplifier diagnostic compares, on known images."""
+"""benchmarks/method_diagnostics.py: the stroke chromaticity its amplifier diagnostic compares, on known images, and
+its written-out DDIM loop (the asymmetric-step experiment) against the sampler's own step."""
 
 import numpy as np
+import torch
 
-from benchmarks.method_diagnostics import stroke_chromaticity
+from benchmarks.method_diagnostics import guided_samples, stroke_chromaticity
+from pipeline.diffusion import build_unet, make_noise_scheduler
+from pipeline.pretrained import DiffusionModel
+from pipeline.sampling import SamplerHooks, SamplerSettings, sample, sample_seeds
 
 
 def test_stroke_chromaticity_is_the_stroke_colour_over_its_brightness():
@@ -21,3 +26,43 @@ def test_stroke_chromaticity_spread_tracks_colour_noise():
         out[:, 2:6, 3] = np.clip(base + rng.normal(0, noise, (200, 1, 3)), 0, 255).round().astype(np.uint8)
         return out
     assert stroke_chromaticity(images(12.0)).std(0).sum() > 3 * stroke_chromaticity(images(2.0)).std(0).sum()
+
+
+class _Shift(SamplerHooks):
+    """Adds `delta` to h at step indices in [1, 3): an edit for the written-out loop to carry or not."""
+
+    h_module = "mid_block"
+
+    def __init__(self, delta: float):
+        self.delta = delta
+
+    def active(self, ctx) -> bool:
+        return 1 <= ctx.step_index < 3
+
+    def mid_block(self, h, ctx):
+        return h + self.delta if self.active(ctx) else h
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    unet = build_unet(resolution=8, num_classes=10, block_out_channels=[8, 16], layers_per_block=1,
+                      attention=False).eval()
+    return DiffusionModel(unet=unet, scheduler_config=dict(make_noise_scheduler(1000, "squaredcos_cap_v2",
+                                                                                 "v_prediction").config))
+
+
+def test_written_out_ddim_loop_is_the_samplers_step():
+    model, cond, seeds = _tiny_model(), np.arange(6) % 10, sample_seeds(3, 6)
+    settings = SamplerSettings(num_inference_steps=5, batch_size=6, scheduler="ddim")
+    for delta in (0.0, 0.5):  # unguided, and with the edit applied symmetrically as the sampler applies it
+        ours = guided_samples(model, _Shift(delta), cond, seeds, settings, asymmetric=False, group=6)
+        ref = sample(model, cond, seeds, settings, hooks=_Shift(delta), progress=False)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    # asymmetric with an identity edit is the symmetric step; with a real edit it differs from both
+    same = guided_samples(model, _Shift(0.0), cond, seeds, settings, asymmetric=True, group=6)
+    torch.testing.assert_close(same, sample(model, cond, seeds, settings, progress=False), atol=1e-5, rtol=0)
+    asym = guided_samples(model, _Shift(0.5), cond, seeds, settings, asymmetric=True, group=6)
+    sym = guided_samples(model, _Shift(0.5), cond, seeds, settings, asymmetric=False, group=6)
+    plain = sample(model, cond, seeds, settings, progress=False)
+    assert (asym - sym).abs().max() > 1e-3 and (asym - plain).abs().max() > 1e-3
+    assert not model.unet.get_submodule("mid_block")._forward_hooks  # the loop removes its hook
