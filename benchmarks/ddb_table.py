@@ -192,13 +192,16 @@ def main() -> None:
                 continue
             print(f"  seed {seed}: {len(todo)} classifier runs", flush=True)
             set_params(w, rho, seed, base, args.profile)
+            ran = []  # this seed's amplifier stages: only their metrics files describe this seed
             if any(VARIANTS[m] in ("recipe1", "recipe2") for m, _ in todo):
                 run(w, ["stages.sample_bias_aligned"], timings, f"sample_bias_aligned seed {seed}")
                 run(w, ["stages.train_bias_amplifier", "--source", "synthetic"], timings,
                     f"train_bias_amplifier seed {seed}")
+                ran += ["sample_bias_aligned", "train_bias_amplifier"]
             if any(VARIANTS[m].endswith("_real") for m, _ in todo):
                 run(w, ["stages.train_bias_amplifier", "--source", "real"], timings,
                     f"train_bias_amplifier_real seed {seed}")
+                ran.append("train_bias_amplifier_real")
             for m, pt in todo:
                 label, stage_method = point_label(pt), VARIANTS[m]
                 set_params(w, rho, seed, {**base, **pt}, args.profile)
@@ -207,7 +210,7 @@ def main() -> None:
                 row = json.loads((w / "data/metrics" / f"debias_classifier_{stage_method}.json").read_text())
                 row.update(method=m, bias_ratio=rho, seed=seed, point=label,
                            cpu_s=timings[f"debias_classifier@{m} [{label}] seed {seed}"]["cpu_s"])
-                for stage in ("sample_bias_aligned", "train_bias_amplifier", "train_bias_amplifier_real"):
+                for stage in ran:  # not a file an earlier seed (or a copied work directory) left behind
                     f = w / "data/metrics" / f"{stage}.json"
                     if f.is_file():
                         extra = json.loads(f.read_text())

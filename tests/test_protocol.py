@@ -225,3 +225,40 @@ def test_auto_adp_needs_a_held_out_share():
         parse_params(raw)
     raw["distguide"]["adp"] = "linear"
     parse_params(raw)
+
+
+def test_table_rows_carry_only_their_own_seeds_amplifier_figures(tmp_path, monkeypatch):
+    """benchmarks/ddb_table.py: a row records the amplifier figures of the stages run for its seed, never a metrics
+    file an earlier seed (or a copied work directory) left behind."""
+    import json
+    import sys
+
+    import benchmarks.ddb_table as table
+
+    metrics = tmp_path / "rho_0.99" / "data" / "metrics"
+    metrics.mkdir(parents=True)
+    (metrics.parent / "bias_ratio.txt").write_text("0.99")  # the per-ρ stages are done
+    (metrics / "train_bias_amplifier_real.json").write_text(json.dumps({"test_conflicting_accuracy": 0.9}))
+
+    def fake_run(w, args, timings, label):  # each stage writes what the real one would, with marked values
+        timings[label] = {"wall_s": 0.0, "cpu_s": 0.0}
+        out = w / "data" / "metrics"
+        if args[0] == "stages.sample_bias_aligned":
+            (out / "sample_bias_aligned.json").write_text(json.dumps({"aligned_fraction": 0.99}))
+        elif args[0] == "stages.train_bias_amplifier":
+            name = "train_bias_amplifier" + ("_real" if args[-1] == "real" else "")
+            (out / f"{name}.json").write_text(json.dumps({"test_conflicting_accuracy": 0.2}))
+        else:
+            keys = ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy")
+            (out / f"debias_classifier_{args[-1]}.json").write_text(json.dumps(
+                {k: 0.5 for k in (*keys, *(f"val_{k}" for k in keys))}))
+
+    monkeypatch.setattr(table, "run", fake_run)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setattr(sys, "argv", ["ddb_table.py", "--ratios", "0.99", "--seeds", "1", "--methods", "erm",
+                                      "recipe1", "--workdir", str(tmp_path), "--out", str(tmp_path / "table")])
+    table.main()
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 4  # 2 methods × 2 points
+    assert all(r["train_bias_amplifier.test_conflicting_accuracy"] == 0.2 for r in rows)
+    assert not any("train_bias_amplifier_real.test_conflicting_accuracy" in r for r in rows)  # not run this seed
