@@ -52,7 +52,8 @@ def test_dry_run_writes_every_figure(tmp_path):
     assert not stages
     t = r["train"]
     assert t["steps"] == r["params"]["diffusion"]["train_steps"] == 4 and t["batch_size"] == 8
-    assert t["steps_per_s"] > 0 and t["images_per_s"] == round(t["steps_per_s"] * 8, 1)
+    # both are rounded from the same unrounded rate (3 and 1 decimals): they agree to 0.05 + 8 × 0.0005
+    assert t["steps_per_s"] > 0 and abs(t["images_per_s"] - t["steps_per_s"] * 8) <= 0.055
     assert r["invdiff_train"]["steps"] == r["params"]["invdiff"]["steps"] == 4
     assert set(r["gpu"]) >= {"peak_mem_allocated_gib", "util_mean_whole_run", "utilisation_source"}
     assert r["gpu"]["utilisation_source"] is None  # no GPU in the dry run: unmeasured, not zero
