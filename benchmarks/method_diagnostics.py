@@ -19,8 +19,8 @@ Act's released code carries commented out: at a guided step x̂_0 comes from the
 term ε̂ from an unedited second call, x_{t−1} = √ᾱ_{t−1}·x̂_0(f_edit) + √(1−ᾱ_{t−1})·ε̂(f_plain) (DDIM, η = 0), so
 an edit the later steps would undo is carried by x̂_0. Each --scales entry multiplies distguide.scale; both steps,
 symmetric (the published, bit for bit sample@distguide's images at 1×) and asymmetric, are scored by the score
-stage's Scorer (normalised bias, FID vs the colour-balanced split, fidelity, 95% intervals) and bias_removed against
-data/samples/baseline. Settings must be the default's sampler (DDIM, η = 0, guidance scale 1).
+stage's Scorer (normalised bias, FID vs the colour-balanced split, fidelity, 95% intervals) and the report's
+bias_removed against data/scores/baseline. Settings must be the default's sampler (DDIM, η = 0, guidance scale 1).
 
 amplifier: how well each bias amplifier flags the real training split's bias-conflicting images (the bias labels
 are read here for this diagnostic only; nothing is chosen by it): ROC AUC and average precision of its per-sample
@@ -80,10 +80,7 @@ def distguide(data: Path, params_path: Path) -> dict:
 
     hooks.mid_block = recording
     images = sample(model, cond, sample_seeds(params.seed, len(cond)), SamplerSettings.from_params(params.sample),
-                    hooks=hooks)
-    images = torch.as_tensor(np.asarray(images)).float()
-    if images.shape[-1] in (1, 3):
-        images = images.permute(0, 3, 1, 2)
+                    hooks=hooks)  # float NCHW in [-1, 1], the judges' input
     judged, _ = judge_outputs(load_judge(data / "judges" / "colour.safetensors"), images)
     aligned = np.asarray(meta.aligned)[cond]
     steps = []
@@ -153,11 +150,10 @@ def _guided_loop(model, hooks, cond, seeds, settings, state, *, asymmetric: bool
 
 def distguide_asymmetric(data: Path, params_path: Path, scales: list[float]) -> dict:
     from pipeline.data import to_uint8
-    from pipeline.io import load_npz
-    from pipeline.judges import judge_outputs
+    from pipeline.io import load_npz, load_parquet
     from pipeline.methods.distribution_guidance import distribution_guidance_hooks
-    from pipeline.metrics import bias_floor, bias_removed
     from pipeline.pretrained import load_model
+    from pipeline.report import add_bias_removed, per_class_counts
     from pipeline.sampling import SamplerSettings, sample_seeds
     from pipeline.scoring import Scorer
 
@@ -168,18 +164,10 @@ def distguide_asymmetric(data: Path, params_path: Path, scales: list[float]) -> 
                     batch_size=ps.batch_size, bootstrap=ps.bootstrap, bootstrap_fid=ps.bootstrap_fid)
     model = load_model(data / "models" / "diffusion", "cpu")
     model.unet.eval()
-    num_attr = len(load_meta(data / "prepared").attr_names)
     cond = np.repeat(np.arange(model.num_classes), params.sample.num_per_class)
     seeds = sample_seeds(params.seed, len(cond))
-
-    def counts(images: np.ndarray) -> np.ndarray:
-        x = torch.as_tensor(images).float().permute(0, 3, 1, 2) / 127.5 - 1
-        colour, _ = judge_outputs(scorer.colour, x)
-        return np.array([[np.sum((cond == c) & (colour == k)) for k in range(num_attr)]
-                         for c in range(model.num_classes)])
-
-    base = counts(load_npz(data / "samples" / "baseline" / "images.npz", "images")["images"])
-    floor = bias_floor(base.sum(1), num_attr, seed=params.seed)
+    # the baseline's attribute count table, as score@baseline wrote it and the report reads it
+    base = per_class_counts(load_parquet(data / "scores" / "baseline" / "per_class.parquet"))
     rows = []
     for mult in scales:
         for asymmetric in (False, True):
@@ -190,9 +178,11 @@ def distguide_asymmetric(data: Path, params_path: Path, scales: list[float]) -> 
             images = to_uint8(guided_samples(model, hooks, cond, seeds, settings, asymmetric=asymmetric,
                                              group=p.batch_size))
             cpu = time.process_time() - start
-            metrics, _ = scorer(images, cond)
-            removed, removed_ci = bias_removed(base, counts(images), floor, n_resamples=ps.bootstrap,
-                                               seed=params.seed)
+            metrics, per_class = scorer(images, cond)
+            row = {"method": "distguide"}
+            add_bias_removed([row], {"baseline": base, "distguide": per_class_counts(per_class)}, seed=params.seed,
+                             n_resamples=ps.bootstrap)
+            removed, removed_ci, floor = row.pop("bias_removed"), row.pop("bias_removed_ci95"), row.pop("bias_floor")
             row = {"step": "asymmetric" if asymmetric else "symmetric", "scale": p.scale * mult,
                    "bias_removed": removed, "bias_removed_ci95": removed_ci, "sampling_cpu_s": round(cpu, 1)}
             row.update({k: metrics[k] for k in ("bias_score_normalised", "bias_score_normalised_ci95",

@@ -292,7 +292,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
     sample_rates.update(rates)
     sample_wall.update(wall)
     bf16_diff = float((sample(model, cond, seeds, settings(1.0, n, True), progress=False)
-                                   - sample(model, cond, seeds, settings(1.0, n, False), progress=False)).abs().max())
+                       - sample(model, cond, seeds, settings(1.0, n, False), progress=False)).abs().max())
     log(f"(d) bf16 autocast on the CPU: {n} images per timing; max |Δ| vs fp32 {bf16_diff:.3g}")
     rates, wall = interleaved({"ours_w1_fp32": ours(1.0, None, n, False), "ours_w1_bf16": ours(1.0, None, n, True)},
                               reps)
