@@ -199,6 +199,79 @@ def distguide_asymmetric(data: Path, params_path: Path, scales: list[float]) -> 
     return {"samples": len(cond), "bias_floor": floor, "rows": rows}
 
 
+def distguide_space(data: Path, params_path: Path, scales_h: list[float], scales_x: list[float],
+                    per_class: int, steps: list[int] | None = None) -> dict:
+    """Both guidance spaces over their scale grids on validation seeds (stream `knob_validation`, disjoint from the
+    scored samples'), each point scored as the score stage does against the scale-0 run on the same seeds, and the
+    choice rule of issue 16's target applied to the validation figures only: the largest bias_removed with
+    fid_balanced ≤ 1.5× and fidelity ≥ 0.9× the scale-0 run's."""
+    from pipeline.data import to_uint8
+    from pipeline.judges import judge_outputs, load_judge
+    from pipeline.methods.distribution_guidance import distribution_guidance_hooks
+    from pipeline.pretrained import load_model
+    from pipeline.report import add_bias_removed, per_class_counts
+    from pipeline.sampling import SamplerSettings, sample, sample_seeds
+    from pipeline.scoring import Scorer
+    from pipeline.seeds import stream
+
+    params = load_params(params_path)
+    p, ps = params.distguide, params.score
+    steps = tuple(steps or p.steps)
+    settings = SamplerSettings.from_params(params.sample)
+    scorer = Scorer(data / "judges", data / "reference", device="cpu", k=ps.pr_k, seed=params.seed,
+                    batch_size=ps.batch_size, bootstrap=ps.bootstrap, bootstrap_fid=ps.bootstrap_fid)
+    digit = load_judge(data / "judges" / "digit.safetensors")
+    colour = load_judge(data / "judges" / "colour.safetensors")
+    meta = load_meta(data / "prepared")
+    aligned = np.asarray(meta.aligned)
+    owner = {int(a): c for c, a in enumerate(aligned)}  # the class whose bias-aligned colour is a
+    model = load_model(data / "models" / "diffusion", "cpu")
+    model.unet.eval()
+    cond = np.repeat(np.arange(model.num_classes), per_class)
+    seeds = sample_seeds(stream(params.seed, "knob_validation"), len(cond))
+    adp = data / "methods" / "distguide" / "adp.safetensors"
+    rows, base = [], None
+    grid = [("h", 0.0)] + [("h", s) for s in scales_h] + [("x", s) for s in scales_x]
+    for space, scale in grid:
+        hooks = distribution_guidance_hooks(adp, scale=scale, tau=p.tau, steps=steps, group_size=p.batch_size,
+                                            target=p.target, beta_power=p.beta_power, space=space)
+        start = time.process_time()
+        images = sample(model, cond, seeds, settings, hooks=hooks, progress=False)
+        cpu = time.process_time() - start
+        metrics, per_class_table = scorer(to_uint8(images), cond)
+        counts = per_class_counts(per_class_table)
+        row = {"space": space, "scale": scale, "sampling_cpu_s": round(cpu, 1)}
+        if base is None:
+            base = {"counts": counts, "fid": metrics["fid_balanced"], "fidelity": metrics["fidelity"]}
+        else:
+            r = {"method": "distguide"}
+            add_bias_removed([r], {"baseline": base["counts"], "distguide": counts}, seed=params.seed,
+                             n_resamples=ps.bootstrap)
+            row.update(bias_removed=r["bias_removed"], bias_removed_ci95=r["bias_removed_ci95"])
+        row.update({k: metrics[k] for k in ("bias_score_normalised", "aligned_fraction", "fid_balanced",
+                                            "fid_balanced_ci95", "fidelity", "fidelity_ci95")})
+        row.update(fid_ratio=metrics["fid_balanced"] / base["fid"],
+                   fidelity_ratio=metrics["fidelity"] / base["fidelity"])
+        # the digit judge's misreads: how many read as the class that owns the sample's (judged) colour
+        d_pred, _ = judge_outputs(digit, images)
+        c_pred, _ = judge_outputs(colour, images)
+        wrong = d_pred != cond
+        to_owner = np.array([owner.get(int(c), -1) == int(d) for c, d in zip(c_pred, d_pred, strict=True)])
+        row.update(misread=int(wrong.sum()), misread_as_colour_owner=int((wrong & to_owner).sum()))
+        rows.append(row)
+        print(f"{space} s = {scale:g}: removed {row.get('bias_removed', 0):.3f}, FID_bal ×{row['fid_ratio']:.2f}, "
+              f"fidelity ×{row['fidelity_ratio']:.3f}, misread {row['misread']} ({row['misread_as_colour_owner']} "
+              f"as the colour's own class), {cpu:.0f} CPU-s", flush=True)
+    chosen = {}
+    for space in ("h", "x"):
+        ok = [r for r in rows if r["space"] == space and r["scale"] > 0 and r["fid_ratio"] <= 1.5
+              and r["fidelity_ratio"] >= 0.9]
+        chosen[space] = max(ok, key=lambda r: r["bias_removed"])["scale"] if ok else None
+    return {"samples": len(cond), "seeds": "stream knob_validation (not the scored samples)", "steps": list(steps),
+            "rule": "largest bias_removed with fid_balanced <= 1.5x and fidelity >= 0.9x the scale-0 run's",
+            "chosen_scale": chosen, "rows": rows}
+
+
 def stroke_chromaticity(images: np.ndarray) -> np.ndarray:
     """Per image: the mean RGB of its pixels brighter than 0.6 × its brightest, divided by their mean brightness
     (max over RGB), so the stroke's colour independent of its intensity. images uint8 [N, H, W, 3] → [N, 3]."""
@@ -253,9 +326,15 @@ def amplifier(data: Path) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=("distguide", "distguide-asymmetric", "amplifier"))
+    ap.add_argument("which", choices=("distguide", "distguide-asymmetric", "distguide-space", "amplifier"))
     ap.add_argument("--scales", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0],
                     help="distguide-asymmetric: multiples of distguide.scale")
+    ap.add_argument("--scales-h", type=float, nargs="+", default=[3e4, 1e5, 1.5e5, 3e5],
+                    help="distguide-space: h-space scales")
+    ap.add_argument("--scales-x", type=float, nargs="+", default=[100, 200, 300, 500, 1000, 2000],
+                    help="distguide-space: x-space scales")
+    ap.add_argument("--per-class", type=int, default=50, help="distguide-space: validation samples per class")
+    ap.add_argument("--steps", type=int, nargs=2, default=None, help="distguide-space: guided steps [start, end)")
     ap.add_argument("--data", type=Path, default=ROOT / "data", help="the project's data/ folder")
     ap.add_argument("--params", type=Path, default=None, help="params.yaml (default: next to --data)")
     ap.add_argument("--out", type=Path, default=None)
@@ -267,6 +346,8 @@ def main(argv=None) -> None:
         result = distguide(args.data, params)
     elif args.which == "distguide-asymmetric":
         result = distguide_asymmetric(args.data, params, args.scales)
+    elif args.which == "distguide-space":
+        result = distguide_space(args.data, params, args.scales_h, args.scales_x, args.per_class, args.steps)
     else:
         result = amplifier(args.data)
     result.update(data=str(args.data), cpu_s=round(time.process_time() - start, 1))

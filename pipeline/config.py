@@ -275,14 +275,16 @@ class DistGuideParams(_Section):
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     holdout: float = Field(0.2, ge=0.0, lt=1.0)
-    # guidance: h ← h − s·∇_h L at step indices in [steps[0], steps[1])
-    scale: float = Field(1.5e5, ge=0.0)
+    # guidance at step indices in [steps[0], steps[1]): h ← h − s·∇_h L (space h, published) or classifier
+    # guidance by ∇_{x_t} L through the U-Net up to h (space x, ours)
+    space: Literal["h", "x"] = "x"
+    scale: float = Field(4000.0, ge=0.0)
     tau: float = Field(8.0, gt=0.0)
     beta_power: float = Field(0.05, ge=0.0)
-    steps: tuple[int, int] = (5, 25)
+    steps: tuple[int, int] = (12, 25)
     batch_size: int = Field(100, ge=1)
     target: tuple[float, ...] | None = None
-    sweep_scales: tuple[float, ...] = (3.0e4, 1.0e5, 3.0e5)
+    sweep_scales: tuple[float, ...] = (200.0, 800.0, 2000.0)
     sweep_per_class: int = Field(20, ge=1)
 
     @field_validator("steps")

@@ -6,6 +6,8 @@ override what they need:
     mid_block(h, ctx)                h ← f(h)                e.g. Distribution Guidance: h − s·∇_h L
                                      (h: output of the U-Net submodule `h_module`, the mid block by default)
     model_output(out, x_t, ctx)      f_θ ← f(f_θ)            e.g. InvDiff: mix of f_θ and δ
+    needs_input_grad(ctx)            True: that step's U-Net call runs with autograd on, so model_output may take
+                                     ∇_{x_t} of anything read inside it (Distribution Guidance in x-space)
 `model_output` sees the U-Net's raw output in its own parameterisation (ε or v), on the full batch fed
 to the U-Net (conditional and, with guidance, unconditional halves; ctx.labels tells which is which),
 before the guidance combination.
@@ -60,6 +62,8 @@ class StepContext:
     null_class: int
     sample_ids: torch.Tensor  # index of each conditional sample in the run
     unet_kwargs: dict = field(default_factory=dict)  # what the U-Net is called with besides (x_t, t)
+    alpha_bar: float | None = None  # ᾱ of the training schedule at `timestep` (None: not told)
+    prediction_type: str = "epsilon"  # the U-Net output's parameterisation: epsilon | v_prediction | sample
 
 
 class SamplerHooks:
@@ -76,6 +80,11 @@ class SamplerHooks:
 
     def model_output(self, out: torch.Tensor, x_t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return out
+
+    def needs_input_grad(self, ctx: StepContext) -> bool:
+        """True at a step whose model_output takes a gradient with respect to the U-Net's input x_t: the sampler
+        then runs that U-Net call with autograd on (x_t requiring grad) and hands model_output the same x_t."""
+        return False
 
     def _overrides(self, name: str) -> bool:
         return getattr(type(self), name) is not getattr(SamplerHooks, name)
@@ -225,9 +234,14 @@ def _model_call(run: _Pass, x, t, ctx: StepContext):
     run.state["ctx"] = ctx
     w = run.guidance
     x_in = torch.cat([x, x]) if w != 1.0 else x
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
-        f = run.model.unet(x_in, t.to(run.device), **ctx.unet_kwargs).sample.float()
-    f = run.hooks.model_output(f, x_in, ctx)
+    grad = run.hooks.needs_input_grad(ctx)
+    if grad:
+        x_in = x_in.detach().requires_grad_(True)
+    with torch.set_grad_enabled(grad):
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.autocast):
+            f = run.model.unet(x_in, t.to(run.device), **ctx.unet_kwargs).sample.float()
+        f = run.hooks.model_output(f, x_in, ctx)
+    f = f.detach()
     if w != 1.0:  # (2)
         f_cond, f_null = f.chunk(2)
         f = f_null + w * (f_cond - f_null)
@@ -250,7 +264,10 @@ def _sample_batch(run: _Pass, y, ids, gens, noise, bar):
     size = (size, size) if isinstance(size, int) else tuple(size)
     scheduler.set_timesteps(num_steps)
     labels, kwargs = _labels(run, y)
-    ctx = StepContext(-1, num_steps, int(scheduler.timesteps[0]), labels, null, ids, kwargs)
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    acp = scheduler.alphas_cumprod
+    ctx = StepContext(-1, num_steps, int(scheduler.timesteps[0]), labels, null, ids, kwargs,
+                      float(acp[int(scheduler.timesteps[0])]), kind)
     if noise is None:
         # CPU draws keep the noise identical across devices; list of generators = one stream per sample.
         x = randn_tensor((n, c, *size), generator=gens, device=torch.device("cpu")).to(run.device)
@@ -260,12 +277,26 @@ def _sample_batch(run: _Pass, y, ids, gens, noise, bar):
     x = run.hooks.initial_noise(x, ctx)
     step_kwargs = {"eta": run.settings.eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(scheduler.timesteps):
-        ctx = StepContext(i, num_steps, int(t), labels, null, ids, kwargs)
+        ctx = StepContext(i, num_steps, int(t), labels, null, ids, kwargs, float(acp[int(t)]), kind)
         f = _model_call(run, scheduler.scale_model_input(x, t), t, ctx)
         # (3) stochastic steps (DDPM, DDIM with η > 0) draw from the per-sample generators.
         x = scheduler.step(f, t, x, generator=gens, **step_kwargs).prev_sample
         bar.update()
     return x
+
+
+def shift_noise(f: torch.Tensor, delta: torch.Tensor, alpha_bar: float, kind: str) -> torch.Tensor:
+    """The model output whose ε̂ at the same x_t is ε̂ + Δ, in the output's parameterisation (ᾱ = alpha_bar):
+    epsilon: f + Δ;  v_prediction (ε̂ = √ᾱ·v + √(1−ᾱ)·x_t): f + Δ/√ᾱ;  sample (x̂_0): f − √(1−ᾱ)·Δ/√ᾱ.
+    x̂_0 moves by −√(1−ᾱ)·Δ/√ᾱ in every case, as (x_t − √(1−ᾱ)·ε̂)/√ᾱ requires."""
+    a = torch.as_tensor(alpha_bar, dtype=f.dtype, device=f.device)
+    if kind == "epsilon":
+        return f + delta
+    if kind == "v_prediction":
+        return f + delta / a.sqrt()
+    if kind == "sample":
+        return f - (1 - a).sqrt() * delta / a.sqrt()
+    raise UserError(f"unsupported prediction_type {kind!r} (expected epsilon, v_prediction or sample)")
 
 
 def _x0_eps(f: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, kind: str):
@@ -316,7 +347,8 @@ def invert(model, images: torch.Tensor, cond: np.ndarray, settings: SamplerSetti
                 x = x_all[ids].to(dev)
                 for i in reversed(range(len(timesteps))):
                     t = timesteps[i]
-                    ctx = StepContext(i, len(timesteps), int(t), labels, null_class, ids, kwargs)
+                    ctx = StepContext(i, len(timesteps), int(t), labels, null_class, ids, kwargs, float(acp[int(t)]),
+                                      kind)
                     f = _model_call(run, scheduler.scale_model_input(x, t), t, ctx)
                     # x is at level τ_{i+1}: DDIMScheduler.step's previous timestep (ᾱ = final_alpha_cumprod below 0)
                     prev = int(t) - scheduler.config.num_train_timesteps // num_inference_steps

@@ -23,6 +23,13 @@ samples of one class among a block of G consecutive samples of the run:
 with β_t the training noise schedule's beta at the step's timestep (published: 1.5·β_t^0.05, the 1.5 in s).
 With classifier-free guidance the null-class half of the U-Net batch is left alone (the ADP is fitted on
 conditional h), so the edit reaches the output scaled by the guidance scale w.
+
+x-space (distguide.space: x, ours; docs/methods.md "Distribution Guidance in x-space"): the same ADP and loss, but
+the gradient is taken with respect to the U-Net's input x_t, through the layers up to h, and applied as classifier
+guidance (Dhariwal & Nichol 2021, −L in the role of log p):
+    (3x) ε̃_i = ε̂_i + s·β_t^p·√(1−ᾱ_t)·∇_{x_t,i} L,  the sampler's step then runs from ε̃ (x̂_0 moves with it)
+h itself is not edited. Measured on this project's model: an edit of h is mostly undone by the layers after it
+within the step (benchmarks/method_diagnostics.py distguide), while a change of x_t is kept by the steps after it.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.errors import UserError, one_line
-from pipeline.sampling import SamplerHooks, StepContext
+from pipeline.sampling import SamplerHooks, StepContext, shift_noise
 from pipeline.targets import target_distribution
 
 
@@ -224,15 +231,19 @@ def guidance_loss(probs: torch.Tensor, groups: torch.Tensor, target: torch.Tenso
 
 
 class DistributionGuidanceHooks(SamplerHooks):
-    """The mid-block hook: h ← h − s·∇_h L at step indices in [start, end) (module docstring, (1)–(3)).
+    """At step indices in [start, end): h ← h − s·∇_h L (space h, module docstring (1)–(3)), or ε̂ moved by
+    s·β_t^p·√(1−ᾱ_t)·∇_{x_t} L (space x, (3x)).
 
     Groups are blocks of `group_size` consecutive samples of the run, split by class; the sampler's batches
     are made a multiple of `group_size` (`batch_multiple`), so a block is never split and sample i is the
     same whatever the batch size. With s = 0 the hook returns h untouched (bit for bit the baseline)."""
 
     def __init__(self, adp: ADP, target, *, scale: float, tau: float = 1.0, steps=(0, None), group_size: int = 100,
-                 beta_power: float = 0.0):
-        self.adp = adp
+                 beta_power: float = 0.0, space: str = "h"):
+        if space not in ("h", "x"):
+            raise UserError(f"distguide.space: unknown {space!r} (expected h or x)")
+        self.adp, self.space = adp, space
+        self._h: torch.Tensor | None = None  # x-space: h of the current call, still attached to x_t
         betas = adp.config.get("betas") or []
         if beta_power and len(betas) != adp.config["num_steps"]:
             raise UserError("distguide.beta_power: the ADP file holds no β_t per step (re-run fit_adp)")
@@ -248,25 +259,54 @@ class DistributionGuidanceHooks(SamplerHooks):
         end = ctx.num_steps if self.end is None else self.end
         return self.scale != 0 and self.start <= ctx.step_index < end
 
-    def mid_block(self, h, ctx: StepContext):
-        if not self.active(ctx):
-            return h
+    def needs_input_grad(self, ctx: StepContext) -> bool:
+        return self.space == "x" and self.active(ctx)
+
+    def _check_step(self, ctx: StepContext) -> None:
         timesteps = self.adp.config["timesteps"]
         if ctx.num_steps != len(timesteps) or timesteps[ctx.step_index] != ctx.timestep:
             raise UserError(f"distguide: the ADP was fitted on sampling timesteps {timesteps}, this run uses "
                             f"{ctx.num_steps} steps (timestep {ctx.timestep} at step {ctx.step_index}); "
                             "re-run fit_adp with the same sample.* settings")
+
+    def _loss(self, h_cond: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """L of (1)–(2) for the conditional h [n, …] of the batch, each class's block of samples its own group."""
         n = len(ctx.sample_ids)
         y = ctx.labels[:n]
         groups = y.cpu() * (int(ctx.sample_ids.max()) + 1) + ctx.sample_ids // self.batch_multiple
+        probs = torch.softmax(self.adp(h_cond.float().flatten(1), ctx.step_index, y) / self.tau, dim=1)
+        return guidance_loss(probs, groups.to(h_cond.device), self.target.to(h_cond.device))
+
+    def mid_block(self, h, ctx: StepContext):
+        if not self.active(ctx):
+            return h
+        self._check_step(ctx)
+        n = len(ctx.sample_ids)
+        if self.space == "x":  # read only; model_output takes ∇_{x_t} through it
+            self._h = h[:n]
+            return h
         with torch.enable_grad():
-            x = h[:n].detach().float().flatten(1).requires_grad_(True)
-            probs = torch.softmax(self.adp(x, ctx.step_index, y) / self.tau, dim=1)
-            loss = guidance_loss(probs, groups.to(x.device), self.target.to(x.device))
-            (grad,) = torch.autograd.grad(loss, x)
+            x = h[:n].detach().float().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self._loss(x, ctx), x)
         out = h.clone()
-        out[:n] = (x.detach() - self.step_size[ctx.step_index] * grad).view_as(h[:n]).to(h.dtype)
+        out[:n] = (x.detach() - self.step_size[ctx.step_index] * grad).to(h.dtype)
         return out
+
+    def model_output(self, out, x_t, ctx: StepContext):
+        """x-space, (3x): ε̂ of the conditional half moved by s·β_t^p·√(1−ᾱ_t)·∇_{x_t} L."""
+        if self.space != "x" or not self.active(ctx):
+            return out
+        h, self._h = self._h, None
+        if h is None or not x_t.requires_grad:
+            raise RuntimeError("distguide x-space: the sampler ran the U-Net without the input gradient")
+        if ctx.alpha_bar is None:
+            raise RuntimeError("distguide x-space: the sampler did not pass ᾱ_t")
+        n = len(ctx.sample_ids)
+        (grad,) = torch.autograd.grad(self._loss(h, ctx), x_t)
+        delta = self.step_size[ctx.step_index] * (1.0 - ctx.alpha_bar) ** 0.5 * grad[:n].float()
+        shifted = out.detach().clone()
+        shifted[:n] = shift_noise(shifted[:n], delta, ctx.alpha_bar, ctx.prediction_type)
+        return shifted
 
 
 def validate_target(target, num_attr: int) -> np.ndarray:
@@ -275,7 +315,7 @@ def validate_target(target, num_attr: int) -> np.ndarray:
 
 
 def distribution_guidance_hooks(path, *, scale: float, tau: float, steps, group_size: int, target,
-                                device: str | torch.device = "cpu", beta_power: float = 0.0
+                                device: str | torch.device = "cpu", beta_power: float = 0.0, space: str = "h"
                                 ) -> DistributionGuidanceHooks:
     """Hooks from a fit_adp output file and the distguide knobs."""
     adp = load_adp(path, device)
@@ -284,4 +324,4 @@ def distribution_guidance_hooks(path, *, scale: float, tau: float, steps, group_
         raise UserError(f"distguide.steps: end {end} is past the {adp.config['num_steps']} sampling steps the ADP "
                         "was fitted on")
     return DistributionGuidanceHooks(adp, target, scale=scale, tau=tau, steps=(start, end), group_size=group_size,
-                                     beta_power=beta_power)
+                                     beta_power=beta_power, space=space)

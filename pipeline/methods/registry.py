@@ -195,7 +195,7 @@ register(Method("invdiff_oracle", "invdiff", _invdiff_hooks, "strength", _invdif
                 label="ablation: true groups, uses bias labels"))
 
 
-# ---------------------------------------------------------------- Distribution Guidance: h ← h − s·∇_h L
+# ------------------------------------- Distribution Guidance: h ← h − s·∇_h L, or ε̂ + s·√(1−ᾱ)·∇_{x_t} L (x-space)
 
 def _distguide(params, fitted, device, scale):
     from pipeline.methods.distribution_guidance import distribution_guidance_hooks
@@ -203,12 +203,12 @@ def _distguide(params, fitted, device, scale):
     p = params.distguide
     return distribution_guidance_hooks(fitted / "adp.safetensors", scale=scale, tau=p.tau, steps=p.steps,
                                        group_size=p.batch_size, target=p.target, device=device,
-                                       beta_power=p.beta_power)
+                                       beta_power=p.beta_power, space=p.space)
 
 
 def _distguide_hooks(params, fitted, conditions, device):
     p = params.distguide
-    return _distguide(params, fitted, device, p.scale), {"scale": p.scale, "tau": p.tau,
+    return _distguide(params, fitted, device, p.scale), {"scale": p.scale, "tau": p.tau, "space": p.space,
                                                          "guidance_batch": p.batch_size}
 
 
@@ -226,12 +226,17 @@ def _distguide_note(params, fitted, out):
         return []
     shutil.copy(adp_png, out / "distguide_adp_accuracy.png")
     p, summary = params.distguide, load_json(fitted / "summary.json")
+    edit = ("h ← h − s·β_t^p·∇_h L (h-space, published)" if p.space == "h" else
+            "ε̂ ← ε̂ + s·β_t^p·√(1−ᾱ_t)·∇_{x_t} L (x-space classifier guidance through the ADP on h, ours)")
+    fitted_on = ("h along the DDIM inversion of the attribute-balanced split, with its labels" if p.fit_on == "balanced"
+                 else "the biased model's samples, labelled by the colour judge")
     return [
-        f"Distribution Guidance: h ← h − s·∇_h L at steps [{p.steps[0]}, {p.steps[1]}) with s = {p.scale:g}, "
-        f"τ = {p.tau:g}, L = Σ_k (p̂_k − p*_k)² / p*_k over each class's samples in guidance batches of "
-        f"{p.batch_size}; p* {'uniform' if p.target is None else list(p.target)}. ADP: {summary['chosen']} "
-        f"(mean held-out accuracy {summary[summary['chosen'] + '_mean_accuracy']:.3f}), fitted on "
-        "colour-judge pseudo-labels. Held-out accuracy per step:", "",
+        f"Distribution Guidance: {edit} at steps [{p.steps[0]}, {p.steps[1]}) with s = {p.scale:g}, p = "
+        f"{p.beta_power:g}, τ = {p.tau:g}, L = Σ_k (p̂_k − p*_k)² / p*_k over each class's samples in guidance "
+        f"batches of {p.batch_size}; p* {'uniform' if p.target is None else list(p.target)}. ADP at "
+        f"`{p.h_module}`: {summary['chosen']} (mean held-out accuracy "
+        f"{summary[summary['chosen'] + '_mean_accuracy']:.3f}), fitted on {fitted_on}. Held-out accuracy per step:",
+        "",
         "![ADP accuracy per step](distguide_adp_accuracy.png)", ""]
 
 
