@@ -5,6 +5,7 @@ Guidance and the synthetic amplifier fall short").
     python benchmarks/method_diagnostics.py amplifier    # needs data/prepared and data/methods/ddb_amplifier[_real]
     python benchmarks/method_diagnostics.py distguide-asymmetric --scales 0.1 0.3 0.5 1   # + data/reference
     python benchmarks/method_diagnostics.py amplifier --data /tmp/ddb_table/rho_0.99/data   # a ddb_table work dir
+    python benchmarks/method_diagnostics.py distguide-space [--steps 12 25] [--scales-x ...]   # + data/reference
 
 distguide: samples sample.num_per_class per class with the Distribution Guidance hook as sample@distguide does, and
 at every guided step reads the ADP on h before and after the edit h ← h − s·∇_h L. Printed per step: the share of
@@ -21,6 +22,12 @@ an edit the later steps would undo is carried by x̂_0. Each --scales entry mult
 symmetric (the published, bit for bit sample@distguide's images at 1×) and asymmetric, are scored by the score
 stage's Scorer (normalised bias, FID vs the colour-balanced split, fidelity, 95% intervals) and the report's
 bias_removed against data/scores/baseline. Settings must be the default's sampler (DDIM, η = 0, guidance scale 1).
+
+distguide-space: both guidance spaces (h, the published edit; x, classifier guidance by ∇_{x_t} L) over scale grids
+on validation seeds (seed stream `knob_validation`, never the scored samples), each point scored against the unguided
+run on the same seeds, with the count of digit misreads read as the class whose bias-aligned colour the sample now
+has; prints the scale the default's choice rule picks (the largest bias removed with FID_balanced ≤ 1.5× and fidelity
+≥ 0.9× the unguided run's).
 
 amplifier: how well each bias amplifier flags the real training split's bias-conflicting images (the bias labels
 are read here for this diagnostic only; nothing is chosen by it): ROC AUC and average precision of its per-sample
