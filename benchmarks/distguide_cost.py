@@ -45,7 +45,7 @@ def main() -> None:
     seeds = sample_seeds(params.seed, n)
     guided = distribution_guidance_hooks(root / "data/methods/distguide/adp.safetensors", scale=p.scale, tau=p.tau,
                                          steps=p.steps, group_size=p.batch_size, target=p.target, device=dev,
-                                         beta_power=p.beta_power)
+                                         beta_power=p.beta_power, space=p.space)
     runs = {"plain": SamplerHooks(), "guided": guided}
 
     def once(hooks) -> float:

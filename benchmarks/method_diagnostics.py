@@ -57,6 +57,17 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data import load_meta, load_split  # noqa: E402
 
+# The h-space diagnostics study the published edit h ← h − s·∇_h L: with distguide.space x (the default since
+# 2026-12-01) they use the h-space default of the runs they were measured on, s = 1.5e5 at steps [5, 25).
+H_SPACE_DEFAULT = {"scale": 1.5e5, "steps": (5, 25)}
+
+
+def h_space_knobs(p) -> tuple[float, tuple[int, int]]:
+    """(scale, steps) of the h-space edit: the params' own when distguide.space is h, else H_SPACE_DEFAULT."""
+    if p.space == "h":
+        return p.scale, tuple(p.steps)
+    return H_SPACE_DEFAULT["scale"], H_SPACE_DEFAULT["steps"]
+
 
 def distguide(data: Path, params_path: Path) -> dict:
     from pipeline.judges import judge_outputs, load_judge
@@ -69,9 +80,10 @@ def distguide(data: Path, params_path: Path) -> dict:
     model = load_model(data / "models" / "diffusion", "cpu")
     meta = load_meta(data / "prepared")
     cond = np.repeat(np.arange(model.num_classes), params.sample.num_per_class)
-    hooks = distribution_guidance_hooks(data / "methods" / "distguide" / "adp.safetensors", scale=p.scale,
-                                        tau=p.tau, steps=p.steps, group_size=p.batch_size, target=p.target,
-                                        beta_power=p.beta_power)
+    scale, steps = h_space_knobs(p)
+    hooks = distribution_guidance_hooks(data / "methods" / "distguide" / "adp.safetensors", scale=scale,
+                                        tau=p.tau, steps=steps, group_size=p.batch_size, target=p.target,
+                                        beta_power=p.beta_power, space="h")
     edit, records = hooks.mid_block, []
 
     def recording(h, ctx):  # the hook itself, then the ADP read on h before and after its edit
@@ -90,20 +102,20 @@ def distguide(data: Path, params_path: Path) -> dict:
                     hooks=hooks)  # float NCHW in [-1, 1], the judges' input
     judged, _ = judge_outputs(load_judge(data / "judges" / "colour.safetensors"), images)
     aligned = np.asarray(meta.aligned)[cond]
-    steps = []
+    per_step = []
     for s in sorted({r[0] for r in records}):
         rows = [r for r in records if r[0] == s]
         order = np.argsort(np.concatenate([r[1] for r in rows]))
         before, after = (np.concatenate([r[k] for r in rows])[order] for k in (2, 3))
         prob = np.concatenate([r[4] for r in rows])[order]
-        steps.append({"step": s, "adp_aligned_before_edit": float((before == aligned).mean()),
-                      "adp_aligned_after_edit": float((after == aligned).mean()),
-                      "adp_p_aligned_after_edit": float(prob[np.arange(len(cond)), aligned].mean()),
-                      "adp_agrees_with_final_judge_before": float((before == judged).mean()),
-                      "adp_agrees_with_final_judge_after": float((after == judged).mean())})
+        per_step.append({"step": s, "adp_aligned_before_edit": float((before == aligned).mean()),
+                         "adp_aligned_after_edit": float((after == aligned).mean()),
+                         "adp_p_aligned_after_edit": float(prob[np.arange(len(cond)), aligned].mean()),
+                         "adp_agrees_with_final_judge_before": float((before == judged).mean()),
+                         "adp_agrees_with_final_judge_after": float((after == judged).mean())})
     return {"samples": len(cond), "judge_aligned_fraction": float((judged == aligned).mean()),
-            "target_p_aligned": float(1.0 / len(meta.attr_names)), "scale": p.scale, "tau": p.tau,
-            "guided_steps": list(p.steps), "steps": steps}
+            "target_p_aligned": float(1.0 / len(meta.attr_names)), "scale": scale, "tau": p.tau,
+            "guided_steps": list(steps), "steps": per_step}
 
 
 def guided_samples(model, hooks, cond: np.ndarray, seeds: np.ndarray, settings, *, asymmetric: bool,
@@ -176,10 +188,11 @@ def distguide_asymmetric(data: Path, params_path: Path, scales: list[float]) -> 
     # the baseline's attribute count table, as score@baseline wrote it and the report reads it
     base = per_class_counts(load_parquet(data / "scores" / "baseline" / "per_class.parquet"))
     rows = []
+    h_scale, h_steps = h_space_knobs(p)
     for mult in scales:
         for asymmetric in (False, True):
             hooks = distribution_guidance_hooks(data / "methods" / "distguide" / "adp.safetensors",
-                                                scale=p.scale * mult, tau=p.tau, steps=p.steps,
+                                                scale=h_scale * mult, tau=p.tau, steps=h_steps, space="h",
                                                 group_size=p.batch_size, target=p.target, beta_power=p.beta_power)
             start = time.process_time()
             images = to_uint8(guided_samples(model, hooks, cond, seeds, settings, asymmetric=asymmetric,
@@ -190,13 +203,13 @@ def distguide_asymmetric(data: Path, params_path: Path, scales: list[float]) -> 
             add_bias_removed([row], {"baseline": base, "distguide": per_class_counts(per_class)}, seed=params.seed,
                              n_resamples=ps.bootstrap)
             removed, removed_ci, floor = row.pop("bias_removed"), row.pop("bias_removed_ci95"), row.pop("bias_floor")
-            row = {"step": "asymmetric" if asymmetric else "symmetric", "scale": p.scale * mult,
+            row = {"step": "asymmetric" if asymmetric else "symmetric", "scale": h_scale * mult,
                    "bias_removed": removed, "bias_removed_ci95": removed_ci, "sampling_cpu_s": round(cpu, 1)}
             row.update({k: metrics[k] for k in ("bias_score_normalised", "bias_score_normalised_ci95",
                                                 "aligned_fraction", "fid_balanced", "fid_balanced_ci95",
                                                 "fidelity", "fidelity_ci95")})
             stage_images = data / "samples" / "distguide" / "images.npz"
-            if mult == 1 and not asymmetric and stage_images.is_file():  # the written-out loop is the sampler's
+            if mult == 1 and not asymmetric and p.space == "h" and stage_images.is_file():  # the sampler's images
                 row["equals_sample_stage_images"] = bool(np.array_equal(
                     images, load_npz(stage_images, "images")["images"]))
             rows.append(row)

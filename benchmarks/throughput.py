@@ -128,7 +128,7 @@ def untrained_methods(unet, scheduler, params, *, steps: int, group: int, dg_ste
         adp.weight.copy_(torch.randn(adp.weight.shape, generator=gen))
     adp.requires_grad_(False)
     distguide = DistributionGuidanceHooks(adp.eval(), p.target, scale=p.scale, tau=p.tau, steps=tuple(dg_steps),
-                                          group_size=group, beta_power=p.beta_power)
+                                          group_size=group, beta_power=p.beta_power, space=p.space)
     return invdiff, distguide
 
 

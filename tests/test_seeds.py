@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_streams_keep_the_historical_integers():
     # the values every output depends on: changing one changes the bytes of its stage's outputs
     assert {n: stream(100, n) for n in OFFSETS} == {"judge:colour": 100, "judge:digit": 101, "latentdir_fit": 101,
-                                                    "distguide_fit": 102, "ddb_synthetic": 1100}
+                                                    "distguide_fit": 102, "ddb_synthetic": 1100,
+                                                    "knob_validation": 2100}
     assert {n: key(100, n) for n in KEYS} == {"bootstrap:counts": [100, 1], "bootstrap:fid_indomain": [100, 2],
                                               "bootstrap:fid_balanced": [100, 3], "bootstrap:fid_inception": [100, 4],
                                               "latentdir_subset": [100, 7], "distguide_subset": [100, 11]}
