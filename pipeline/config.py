@@ -278,13 +278,13 @@ class DistGuideParams(_Section):
     # guidance at step indices in [steps[0], steps[1]): h ← h − s·∇_h L (space h, published) or classifier
     # guidance by ∇_{x_t} L through the U-Net up to h (space x, ours)
     space: Literal["h", "x"] = "x"
-    scale: float = Field(4000.0, ge=0.0)
+    scale: float = Field(8000.0, ge=0.0)
     tau: float = Field(8.0, gt=0.0)
     beta_power: float = Field(0.05, ge=0.0)
-    steps: tuple[int, int] = (12, 25)
+    steps: tuple[int, int] = (15, 25)
     batch_size: int = Field(100, ge=1)
     target: tuple[float, ...] | None = None
-    sweep_scales: tuple[float, ...] = (200.0, 800.0, 2000.0)
+    sweep_scales: tuple[float, ...] = (400.0, 1600.0, 4000.0)
     sweep_per_class: int = Field(20, ge=1)
 
     @field_validator("steps")
