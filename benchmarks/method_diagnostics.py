@@ -6,6 +6,7 @@ Guidance and the synthetic amplifier fall short").
     python benchmarks/method_diagnostics.py distguide-asymmetric --scales 0.1 0.3 0.5 1   # + data/reference
     python benchmarks/method_diagnostics.py amplifier --data /tmp/ddb_table/rho_0.99/data   # a ddb_table work dir
     python benchmarks/method_diagnostics.py distguide-space [--steps 12 25] [--scales-x ...]   # + data/reference
+    python benchmarks/method_diagnostics.py knob-validation --method latentdir --set 'sweep_weights=[0.2,0.25,0.3]'
 
 distguide: samples sample.num_per_class per class with the Distribution Guidance hook as sample@distguide does, and
 at every guided step reads the ADP on h before and after the edit h ← h − s·∇_h L. Printed per step: the share of
@@ -28,6 +29,9 @@ on validation seeds (seed stream `knob_validation`, never the scored samples), e
 run on the same seeds, with the count of digit misreads read as the class whose bias-aligned colour the sample now
 has; prints the scale the default's choice rule picks (the largest bias removed with FID_balanced ≤ 1.5× and fidelity
 ≥ 0.9× the unguided run's).
+
+knob-validation: any registry method's sweep grid (its params section's sweep keys, overridable with --set) on the
+same validation seeds, scored against the grid's knob-at-0 point, with the same choice rule.
 
 amplifier: how well each bias amplifier flags the real training split's bias-conflicting images (the bias labels
 are read here for this diagnostic only; nothing is chosen by it): ROC AUC and average precision of its per-sample
@@ -292,6 +296,73 @@ def distguide_space(data: Path, params_path: Path, scales_h: list[float], scales
             "chosen_scale": chosen, "rows": rows}
 
 
+def knob_validation(data: Path, params_path: Path, method_name: str, overrides: dict, per_class: int) -> dict:
+    """Any method's sweep grid (pipeline/methods/registry.py; `overrides` replace keys of its params section, e.g.
+    latentdir's sweep_weights) sampled on validation seeds (stream `knob_validation`) and scored against the grid's
+    knob-at-0 point on the same seeds, with the same choice rule as distguide-space."""
+    import tempfile
+
+    from pipeline.data import to_uint8
+    from pipeline.methods.registry import get_method
+    from pipeline.pretrained import load_model
+    from pipeline.report import add_bias_removed, per_class_counts
+    from pipeline.sampling import SamplerSettings, sample, sample_seeds
+    from pipeline.scoring import Scorer
+    from pipeline.seeds import stream
+
+    params = load_params(params_path)
+    method = get_method(method_name)
+    section = getattr(params, method.section).model_copy(update=overrides)
+    params = params.model_copy(update={method.section: section})
+    ps = params.score
+    data = data.resolve()
+    scorer = Scorer(data / "judges", data / "reference", device="cpu", k=ps.pr_k, seed=params.seed,
+                    batch_size=ps.batch_size, bootstrap=ps.bootstrap, bootstrap_fid=ps.bootstrap_fid)
+    model = load_model(data / "models" / "diffusion", "cpu")
+    model.unet.eval()
+    cond = np.repeat(np.arange(model.num_classes), per_class)
+    seeds = sample_seeds(stream(params.seed, "knob_validation"), len(cond))
+    settings = SamplerSettings.from_params(params.sample)
+    here = Path.cwd()
+    with tempfile.TemporaryDirectory() as tmp:  # the registry reads fits at params' relative data/ paths
+        (Path(tmp) / "data").symlink_to(data)
+        os.chdir(tmp)
+        try:
+            grid = method.sweep_grid(params, cond, "cpu")
+            rows, base = [], None
+            for knobs, hooks in grid:
+                start = time.process_time()
+                images = sample(model, cond, seeds, settings, hooks=hooks, progress=False)
+                cpu = time.process_time() - start
+                metrics, per_class_table = scorer(to_uint8(images), cond)
+                counts = per_class_counts(per_class_table)
+                row = {**knobs, "sampling_cpu_s": round(cpu, 1)}
+                if base is None:  # the grid's first point is the knob at 0
+                    base = {"counts": counts, "fid": metrics["fid_balanced"], "fidelity": metrics["fidelity"]}
+                else:
+                    r = {"method": method_name}
+                    add_bias_removed([r], {"baseline": base["counts"], method_name: counts}, seed=params.seed,
+                                     n_resamples=ps.bootstrap)
+                    row.update(bias_removed=r["bias_removed"], bias_removed_ci95=r["bias_removed_ci95"])
+                row.update({k: metrics[k] for k in ("bias_score_normalised", "aligned_fraction", "fid_balanced",
+                                                    "fidelity")})
+                row.update(fid_ratio=metrics["fid_balanced"] / base["fid"],
+                           fidelity_ratio=metrics["fidelity"] / base["fidelity"])
+                rows.append(row)
+                shown = " ".join(f"{k} {v:g}" for k, v in knobs.items() if k != "swept")
+                print(f"{shown}: removed {row.get('bias_removed', 0):.3f}, FID_bal ×{row['fid_ratio']:.3f}, "
+                      f"fidelity ×{row['fidelity_ratio']:.4f}, {cpu:.0f} CPU-s", flush=True)
+        finally:
+            os.chdir(here)
+    ok = [r for r in rows[1:] if r["fid_ratio"] <= 1.5 and r["fidelity_ratio"] >= 0.9]
+    chosen = max(ok, key=lambda r: r["bias_removed"]) if ok else None
+    return {"method": method_name, "overrides": overrides, "samples": len(cond),
+            "seeds": "stream knob_validation (not the scored samples)",
+            "rule": "largest bias_removed with fid_balanced <= 1.5x and fidelity >= 0.9x the knob-at-0 run's",
+            "chosen": {k: v for k, v in chosen.items() if k not in ("bias_removed_ci95",)} if chosen else None,
+            "rows": rows}
+
+
 def stroke_chromaticity(images: np.ndarray) -> np.ndarray:
     """Per image: the mean RGB of its pixels brighter than 0.6 × its brightest, divided by their mean brightness
     (max over RGB), so the stroke's colour independent of its intensity. images uint8 [N, H, W, 3] → [N, 3]."""
@@ -346,14 +417,19 @@ def amplifier(data: Path) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=("distguide", "distguide-asymmetric", "distguide-space", "amplifier"))
+    ap.add_argument("which", choices=("distguide", "distguide-asymmetric", "distguide-space", "knob-validation",
+                                      "amplifier"))
+    ap.add_argument("--method", default="latentdir", help="knob-validation: the registry method whose sweep runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
+                    help="knob-validation: override a key of the method's params section, e.g. sweep_weights=[0.2,0.3]")
     ap.add_argument("--scales", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0],
                     help="distguide-asymmetric: multiples of distguide.scale")
     ap.add_argument("--scales-h", type=float, nargs="+", default=[3e4, 1e5, 1.5e5, 3e5],
                     help="distguide-space: h-space scales")
     ap.add_argument("--scales-x", type=float, nargs="+", default=[100, 200, 300, 500, 1000, 2000],
                     help="distguide-space: x-space scales")
-    ap.add_argument("--per-class", type=int, default=50, help="distguide-space: validation samples per class")
+    ap.add_argument("--per-class", type=int, default=50, help="distguide-space, knob-validation: validation samples "
+                    "per class")
     ap.add_argument("--steps", type=int, nargs=2, default=None, help="distguide-space: guided steps [start, end)")
     ap.add_argument("--data", type=Path, default=ROOT / "data", help="the project's data/ folder")
     ap.add_argument("--params", type=Path, default=None, help="params.yaml (default: next to --data)")
@@ -366,6 +442,11 @@ def main(argv=None) -> None:
         result = distguide(args.data, params)
     elif args.which == "distguide-asymmetric":
         result = distguide_asymmetric(args.data, params, args.scales)
+    elif args.which == "knob-validation":
+        import yaml
+
+        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+        result = knob_validation(args.data, params, args.method, overrides, args.per_class)
     elif args.which == "distguide-space":
         result = distguide_space(args.data, params, args.scales_h, args.scales_x, args.per_class, args.steps)
     else:

@@ -66,3 +66,26 @@ def test_written_out_ddim_loop_is_the_samplers_step():
     plain = sample(model, cond, seeds, settings, progress=False)
     assert (asym - sym).abs().max() > 1e-3 and (asym - plain).abs().max() > 1e-3
     assert not model.unet.get_submodule("mid_block")._forward_hooks  # the loop removes its hook
+
+
+def test_knob_validation_scores_a_registry_sweep_on_validation_seeds(tiny_dag, monkeypatch):
+    """Any method's sweep grid through the registry, on the `knob_validation` seed stream: the knob-at-0 point is
+    the reference of every ratio, the choice obeys the rule, and the working directory is given back."""
+    import os
+
+    from benchmarks.method_diagnostics import knob_validation
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    here = os.getcwd()
+    out = knob_validation(tiny_dag.path / "data", tiny_dag.path / "params.yaml", "latentdir",
+                          {"sweep_weights": [0.2, 0.6]}, per_class=2)
+    assert os.getcwd() == here
+    rows = out["rows"]
+    assert rows[0]["weight"] == 0 and rows[0]["fid_ratio"] == 1 and rows[0]["fidelity_ratio"] == 1
+    assert "bias_removed" not in rows[0] and all("bias_removed" in r for r in rows[1:])
+    assert sorted({r["weight"] for r in rows[1:]}) == [0.2, 0.6] and out["samples"] == 2 * 10  # 2 per class
+    ok = [r for r in rows[1:] if r["fid_ratio"] <= 1.5 and r["fidelity_ratio"] >= 0.9]
+    if ok:
+        assert out["chosen"]["bias_removed"] == max(r["bias_removed"] for r in ok)
+    else:
+        assert out["chosen"] is None
