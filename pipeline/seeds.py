@@ -14,7 +14,7 @@ OFFSETS = {
     "latentdir_fit": 1,         # fit_directions (fit_on: samples): the biased model's samples, not the scored ones
     "distguide_fit": 2,         # fit_adp (fit_on: samples): likewise
     "ddb_synthetic": 1000,      # sample_bias_aligned: Diffusing DeBias's synthetic set (from ddb.seed)
-    "knob_validation": 2000,    # benchmarks/method_diagnostics.py: the seeds a method's default knob is chosen on
+    "knob_validation": 2000,    # sweep@ and benchmarks/method_diagnostics.py: the seeds knobs are chosen on
 }
 
 KEYS = {

@@ -2,7 +2,9 @@
 bias-vs-FID plot. The knob at 0 is always included: the baseline at the same sample size, so points compare fairly.
 Each method's knob and grid: its entry in pipeline/methods/registry.py (latentdir: the weight w at each of
 sweep_steps; invdiff and its ablations: the strength r of f_θ + r·δ; distguide: the scale s of h − s·∇_h L).
-Rows carry `swept` (the knob's name) and the method's other settings."""
+Rows carry `swept` (the knob's name) and the method's other settings. The sweep samples come from the validation
+seed stream (`knob_validation`), never the scored samples' seeds, so a knob read off the sweep is chosen on
+validation data."""
 
 import argparse
 from pathlib import Path
@@ -15,6 +17,7 @@ from pipeline.methods.registry import get_method
 from pipeline.pretrained import load_model
 from pipeline.sampling import SamplerSettings, sample, sample_seeds
 from pipeline.scoring import Scorer
+from pipeline.seeds import stream
 from stages.common import check_name, device, load_params, mlflow_run, stage_main
 
 MODEL, JUDGES, REF = Path("data/models/diffusion"), Path("data/judges"), Path("data/reference")
@@ -32,7 +35,7 @@ def main(argv=None) -> None:
     dev = device()
     model = load_model(MODEL, dev)
     cond = np.repeat(np.arange(model.num_classes), method.sweep_per_class(params))
-    seeds = sample_seeds(params.seed, len(cond))
+    seeds = sample_seeds(stream(params.seed, "knob_validation"), len(cond))  # not the scored samples' seeds
     section, grid = method.section, method.sweep_grid(params, cond, dev)
     settings = SamplerSettings.from_params(ps)
     scorer = Scorer(JUDGES, REF, device=dev, k=params.score.pr_k, seed=params.seed,
