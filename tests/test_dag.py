@@ -156,24 +156,40 @@ def test_the_reports_numbers_are_the_stored_metrics(tiny_dag):
             assert _close(text, metrics[keys[heading]]), (method, heading, text, metrics[keys[heading]])
 
 
-def test_each_sweeps_zero_row_is_the_baseline_at_the_same_samples(tiny_dag):
-    """A swept knob at 0 (w = 0, r = 0, s = 0) is the baseline sampler: on the tiny DAG the sweeps draw as many
-    samples per class as sample@baseline, with the same per-sample seeds, so the row's numbers are score@baseline's,
-    exactly (with fewer samples per class the two would score different images and could not be compared)."""
+def test_each_sweeps_zero_row_is_the_baseline_sampler_on_validation_seeds(tiny_dag):
+    """A swept knob at 0 (w = 0, r = 0, s = 0) is the baseline sampler on the validation seed stream
+    (`knob_validation`): the row's numbers are those of the plain sampler on those seeds, scored here, exactly, and
+    differ from score@baseline's, whose samples use the scored seeds (the sweeps never see the scored samples)."""
+    from pipeline.config import load_params
+    from pipeline.data import to_uint8
+    from pipeline.pretrained import load_model
+    from pipeline.sampling import SamplerSettings, sample, sample_seeds
+    from pipeline.scoring import Scorer
+    from pipeline.seeds import stream
+
     tmp = tiny_dag.path
-    params = yaml.safe_load((tmp / "params.yaml").read_text())
-    n = params["sample"]["num_per_class"]
-    assert params["latentdir"]["sweep_per_class"] == params["invdiff"]["sweep_per_class"] == n
-    assert params["distguide"]["sweep_per_class"] == n
+    params = load_params(tmp / "params.yaml")
+    n = params.sample.num_per_class
+    assert params.latentdir.sweep_per_class == params.invdiff.sweep_per_class == params.distguide.sweep_per_class == n
+    model = load_model(tmp / "data/models/diffusion")
+    cond = np.repeat(np.arange(model.num_classes), n)
+    images = sample(model, cond, sample_seeds(stream(params.seed, "knob_validation"), len(cond)),
+                    SamplerSettings.from_params(params.sample), progress=False)
+    ps = params.score
+    plain, _ = Scorer(tmp / "data/judges", tmp / "data/reference", device="cpu", k=ps.pr_k, seed=params.seed,
+                      batch_size=ps.batch_size, bootstrap=ps.bootstrap,
+                      bootstrap_fid=ps.bootstrap_fid)(to_uint8(images), cond)
+    plain = json.loads(json.dumps(plain))  # as the sweep's JSON holds it
     baseline = json.loads((tmp / "data/scores/baseline/metrics.json").read_text())
     for method in ("latentdir", *INVDIFF, "distguide"):
         rows = json.loads((tmp / f"data/sweeps/{method}.json").read_text())
         zero = [r for r in rows if r[r["swept"]] == 0]
         assert len(zero) == 1, method
-        shared = set(baseline) & set(zero[0])
+        shared = set(plain) & set(zero[0])
         assert len(shared) >= 20, shared
-        differing = {k: (zero[0][k], baseline[k]) for k in shared if zero[0][k] != baseline[k]}
-        assert not differing, f"{method}: zero-strength row differs from score@baseline: {differing}"
+        differing = {k: (zero[0][k], plain[k]) for k in shared if zero[0][k] != plain[k]}
+        assert not differing, f"{method}: zero-strength row differs from the plain sampler: {differing}"
+        assert zero[0]["fid_balanced"] != baseline["fid_balanced"], method  # not the scored samples
         others = [r for r in rows if r[r["swept"]] != 0]
         assert others and all(r["num_samples"] == baseline["num_samples"] for r in rows), method
 
