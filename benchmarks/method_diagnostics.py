@@ -223,59 +223,91 @@ def distguide_asymmetric(data: Path, params_path: Path, scales: list[float]) -> 
     return {"samples": len(cond), "bias_floor": floor, "rows": rows}
 
 
+# The choice rule of the diffusion methods' knobs (docs/protocol.md), on validation seeds only.
+FID_BOUND, FIDELITY_BOUND = 1.5, 0.9
+
+
+class _Validation:
+    """What every validation point shares: the model, the Scorer, the `knob_validation` seeds (never the scored
+    samples'), and the knob-at-0 point every later point is scored against (the first one scored)."""
+
+    def __init__(self, data: Path, params, per_class: int):
+        from pipeline.pretrained import load_model
+        from pipeline.sampling import SamplerSettings, sample_seeds
+        from pipeline.scoring import Scorer
+        from pipeline.seeds import stream
+
+        ps = params.score
+        self.params = params
+        self.scorer = Scorer(data / "judges", data / "reference", device="cpu", k=ps.pr_k, seed=params.seed,
+                             batch_size=ps.batch_size, bootstrap=ps.bootstrap, bootstrap_fid=ps.bootstrap_fid)
+        self.model = load_model(data / "models" / "diffusion", "cpu")
+        self.model.unet.eval()
+        self.cond = np.repeat(np.arange(self.model.num_classes), per_class)
+        self.seeds = sample_seeds(stream(params.seed, "knob_validation"), len(self.cond))
+        self.settings = SamplerSettings.from_params(params.sample)
+        self.reference = None
+
+    def point(self, hooks, keys: tuple[str, ...]) -> tuple[torch.Tensor, dict]:
+        """(the images, their row: sampling CPU-s, bias_removed against the reference, `keys` of the metrics and
+        the FID_balanced and fidelity ratios to the reference's)."""
+        from pipeline.data import to_uint8
+        from pipeline.report import add_bias_removed, per_class_counts
+        from pipeline.sampling import sample
+
+        start = time.process_time()
+        images = sample(self.model, self.cond, self.seeds, self.settings, hooks=hooks, progress=False)
+        row = {"sampling_cpu_s": round(time.process_time() - start, 1)}
+        metrics, per_class_table = self.scorer(to_uint8(images), self.cond)
+        counts = per_class_counts(per_class_table)
+        if self.reference is None:
+            self.reference = {"counts": counts, "fid": metrics["fid_balanced"], "fidelity": metrics["fidelity"]}
+        else:
+            r = {"method": "m"}
+            add_bias_removed([r], {"baseline": self.reference["counts"], "m": counts}, seed=self.params.seed,
+                             n_resamples=self.params.score.bootstrap)
+            row.update(bias_removed=r["bias_removed"], bias_removed_ci95=r["bias_removed_ci95"])
+        row.update({k: metrics[k] for k in keys})
+        row.update(fid_ratio=metrics["fid_balanced"] / self.reference["fid"],
+                   fidelity_ratio=metrics["fidelity"] / self.reference["fidelity"])
+        return images, row
+
+
+def rule_choice(rows: list[dict]) -> dict | None:
+    """The row with the largest bias_removed among those with fid_ratio ≤ FID_BOUND and fidelity_ratio ≥
+    FIDELITY_BOUND (the knob-at-0 row, which has no bias_removed, never counts); None if none qualifies."""
+    ok = [r for r in rows if "bias_removed" in r and r["fid_ratio"] <= FID_BOUND
+          and r["fidelity_ratio"] >= FIDELITY_BOUND]
+    return max(ok, key=lambda r: r["bias_removed"]) if ok else None
+
+
 def distguide_space(data: Path, params_path: Path, scales_h: list[float], scales_x: list[float],
                     per_class: int, steps: list[int] | None = None) -> dict:
     """Both guidance spaces over their scale grids on validation seeds (stream `knob_validation`, disjoint from the
     scored samples'), each point scored as the score stage does against the scale-0 run on the same seeds, and the
     choice rule of issue 16's target applied to the validation figures only: the largest bias_removed with
     fid_balanced ≤ 1.5× and fidelity ≥ 0.9× the scale-0 run's."""
-    from pipeline.data import to_uint8
     from pipeline.judges import judge_outputs, load_judge
     from pipeline.methods.distribution_guidance import distribution_guidance_hooks
-    from pipeline.pretrained import load_model
-    from pipeline.report import add_bias_removed, per_class_counts
-    from pipeline.sampling import SamplerSettings, sample, sample_seeds
-    from pipeline.scoring import Scorer
-    from pipeline.seeds import stream
 
     params = load_params(params_path)
-    p, ps = params.distguide, params.score
+    p = params.distguide
     steps = tuple(steps or p.steps)
-    settings = SamplerSettings.from_params(params.sample)
-    scorer = Scorer(data / "judges", data / "reference", device="cpu", k=ps.pr_k, seed=params.seed,
-                    batch_size=ps.batch_size, bootstrap=ps.bootstrap, bootstrap_fid=ps.bootstrap_fid)
+    val = _Validation(data, params, per_class)
+    cond = val.cond
     digit = load_judge(data / "judges" / "digit.safetensors")
     colour = load_judge(data / "judges" / "colour.safetensors")
-    meta = load_meta(data / "prepared")
-    aligned = np.asarray(meta.aligned)
+    aligned = np.asarray(load_meta(data / "prepared").aligned)
     owner = {int(a): c for c, a in enumerate(aligned)}  # the class whose bias-aligned colour is a
-    model = load_model(data / "models" / "diffusion", "cpu")
-    model.unet.eval()
-    cond = np.repeat(np.arange(model.num_classes), per_class)
-    seeds = sample_seeds(stream(params.seed, "knob_validation"), len(cond))
     adp = data / "methods" / "distguide" / "adp.safetensors"
-    rows, base = [], None
+    rows = []
     grid = [("h", 0.0)] + [("h", s) for s in scales_h] + [("x", s) for s in scales_x]
     for space, scale in grid:
         hooks = distribution_guidance_hooks(adp, scale=scale, tau=p.tau, steps=steps, group_size=p.batch_size,
                                             target=p.target, beta_power=p.beta_power, space=space)
-        start = time.process_time()
-        images = sample(model, cond, seeds, settings, hooks=hooks, progress=False)
-        cpu = time.process_time() - start
-        metrics, per_class_table = scorer(to_uint8(images), cond)
-        counts = per_class_counts(per_class_table)
-        row = {"space": space, "scale": scale, "sampling_cpu_s": round(cpu, 1)}
-        if base is None:
-            base = {"counts": counts, "fid": metrics["fid_balanced"], "fidelity": metrics["fidelity"]}
-        else:
-            r = {"method": "distguide"}
-            add_bias_removed([r], {"baseline": base["counts"], "distguide": counts}, seed=params.seed,
-                             n_resamples=ps.bootstrap)
-            row.update(bias_removed=r["bias_removed"], bias_removed_ci95=r["bias_removed_ci95"])
-        row.update({k: metrics[k] for k in ("bias_score_normalised", "aligned_fraction", "fid_balanced",
-                                            "fid_balanced_ci95", "fidelity", "fidelity_ci95")})
-        row.update(fid_ratio=metrics["fid_balanced"] / base["fid"],
-                   fidelity_ratio=metrics["fidelity"] / base["fidelity"])
+        images, point = val.point(hooks, ("bias_score_normalised", "aligned_fraction", "fid_balanced",
+                                          "fid_balanced_ci95", "fidelity", "fidelity_ci95"))
+        row = {"space": space, "scale": scale, **point}
         # the digit judge's misreads: how many read as the class that owns the sample's (judged) colour
         d_pred, _ = judge_outputs(digit, images)
         c_pred, _ = judge_outputs(colour, images)
@@ -285,12 +317,11 @@ def distguide_space(data: Path, params_path: Path, scales_h: list[float], scales
         rows.append(row)
         print(f"{space} s = {scale:g}: removed {row.get('bias_removed', 0):.3f}, FID_bal ×{row['fid_ratio']:.2f}, "
               f"fidelity ×{row['fidelity_ratio']:.3f}, misread {row['misread']} ({row['misread_as_colour_owner']} "
-              f"as the colour's own class), {cpu:.0f} CPU-s", flush=True)
+              f"as the colour's own class), {row['sampling_cpu_s']:.0f} CPU-s", flush=True)
     chosen = {}
     for space in ("h", "x"):
-        ok = [r for r in rows if r["space"] == space and r["scale"] > 0 and r["fid_ratio"] <= 1.5
-              and r["fidelity_ratio"] >= 0.9]
-        chosen[space] = max(ok, key=lambda r: r["bias_removed"])["scale"] if ok else None
+        best = rule_choice([r for r in rows if r["space"] == space])
+        chosen[space] = best["scale"] if best else None
     return {"samples": len(cond), "seeds": "stream knob_validation (not the scored samples)", "steps": list(steps),
             "rule": "largest bias_removed with fid_balanced <= 1.5x and fidelity >= 0.9x the scale-0 run's",
             "chosen_scale": chosen, "rows": rows}
@@ -302,61 +333,32 @@ def knob_validation(data: Path, params_path: Path, method_name: str, overrides: 
     knob-at-0 point on the same seeds, with the same choice rule as distguide-space."""
     import tempfile
 
-    from pipeline.data import to_uint8
     from pipeline.methods.registry import get_method
-    from pipeline.pretrained import load_model
-    from pipeline.report import add_bias_removed, per_class_counts
-    from pipeline.sampling import SamplerSettings, sample, sample_seeds
-    from pipeline.scoring import Scorer
-    from pipeline.seeds import stream
 
     params = load_params(params_path)
     method = get_method(method_name)
     section = getattr(params, method.section).model_copy(update=overrides)
     params = params.model_copy(update={method.section: section})
-    ps = params.score
     data = data.resolve()
-    scorer = Scorer(data / "judges", data / "reference", device="cpu", k=ps.pr_k, seed=params.seed,
-                    batch_size=ps.batch_size, bootstrap=ps.bootstrap, bootstrap_fid=ps.bootstrap_fid)
-    model = load_model(data / "models" / "diffusion", "cpu")
-    model.unet.eval()
-    cond = np.repeat(np.arange(model.num_classes), per_class)
-    seeds = sample_seeds(stream(params.seed, "knob_validation"), len(cond))
-    settings = SamplerSettings.from_params(params.sample)
+    val = _Validation(data, params, per_class)
     here = Path.cwd()
     with tempfile.TemporaryDirectory() as tmp:  # the registry reads fits at params' relative data/ paths
         (Path(tmp) / "data").symlink_to(data)
         os.chdir(tmp)
         try:
-            grid = method.sweep_grid(params, cond, "cpu")
-            rows, base = [], None
-            for knobs, hooks in grid:
-                start = time.process_time()
-                images = sample(model, cond, seeds, settings, hooks=hooks, progress=False)
-                cpu = time.process_time() - start
-                metrics, per_class_table = scorer(to_uint8(images), cond)
-                counts = per_class_counts(per_class_table)
-                row = {**knobs, "sampling_cpu_s": round(cpu, 1)}
-                if base is None:  # the grid's first point is the knob at 0
-                    base = {"counts": counts, "fid": metrics["fid_balanced"], "fidelity": metrics["fidelity"]}
-                else:
-                    r = {"method": method_name}
-                    add_bias_removed([r], {"baseline": base["counts"], method_name: counts}, seed=params.seed,
-                                     n_resamples=ps.bootstrap)
-                    row.update(bias_removed=r["bias_removed"], bias_removed_ci95=r["bias_removed_ci95"])
-                row.update({k: metrics[k] for k in ("bias_score_normalised", "aligned_fraction", "fid_balanced",
-                                                    "fidelity")})
-                row.update(fid_ratio=metrics["fid_balanced"] / base["fid"],
-                           fidelity_ratio=metrics["fidelity"] / base["fidelity"])
+            rows = []
+            for knobs, hooks in method.sweep_grid(params, val.cond, "cpu"):  # the first point: the knob at 0
+                _, point = val.point(hooks, ("bias_score_normalised", "aligned_fraction", "fid_balanced",
+                                             "fidelity"))
+                row = {**knobs, **point}
                 rows.append(row)
                 shown = " ".join(f"{k} {v:g}" for k, v in knobs.items() if k != "swept")
                 print(f"{shown}: removed {row.get('bias_removed', 0):.3f}, FID_bal ×{row['fid_ratio']:.3f}, "
-                      f"fidelity ×{row['fidelity_ratio']:.4f}, {cpu:.0f} CPU-s", flush=True)
+                      f"fidelity ×{row['fidelity_ratio']:.4f}, {row['sampling_cpu_s']:.0f} CPU-s", flush=True)
         finally:
             os.chdir(here)
-    ok = [r for r in rows[1:] if r["fid_ratio"] <= 1.5 and r["fidelity_ratio"] >= 0.9]
-    chosen = max(ok, key=lambda r: r["bias_removed"]) if ok else None
-    return {"method": method_name, "overrides": overrides, "samples": len(cond),
+    chosen = rule_choice(rows)
+    return {"method": method_name, "overrides": overrides, "samples": len(val.cond),
             "seeds": "stream knob_validation (not the scored samples)",
             "rule": "largest bias_removed with fid_balanced <= 1.5x and fidelity >= 0.9x the knob-at-0 run's",
             "chosen": {k: v for k, v in chosen.items() if k not in ("bias_removed_ci95",)} if chosen else None,
