@@ -207,7 +207,7 @@ class InvDiffParams(_Section):
     split_module: str = "up_blocks.1"
     split_reference: int = Field(32, ge=1)
     # min step: the guidance module δ
-    delta_width: float = Field(0.45, gt=0.0, le=1.0)
+    delta_width: float = Field(0.25, gt=0.0, le=1.0)
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)

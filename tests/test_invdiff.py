@@ -130,7 +130,7 @@ def test_oracle_groups_and_balanced_batches():
 
 
 def test_delta_is_small_zero_output_and_same_class(unet):
-    delta = make_delta(unet)
+    delta = make_delta(unet, width=0.25)
     assert type(delta) is type(unet)
     assert count_params(delta) <= 0.25 * count_params(unet)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
@@ -148,7 +148,7 @@ def test_delta_at_initialisation_leaves_samples_bit_identical(unet, one_thread):
                       SamplerSettings(num_inference_steps=3, batch_size=8, guidance_scale=w), hooks=hooks,
                       progress=False)
 
-    hooks = InvDiffHooks(make_delta(unet), strength=3.0)
+    hooks = InvDiffHooks(make_delta(unet, width=0.25), strength=3.0)
     assert torch.equal(run(hooks), run())
     assert torch.equal(run(hooks, w=2.0), run(w=2.0))
 
@@ -156,7 +156,7 @@ def test_delta_at_initialisation_leaves_samples_bit_identical(unet, one_thread):
 def _train(unet, tmp_path, name, images, cond, W, cfg=CFG, null=10):
     sched = make_noise_scheduler(1000, "squaredcos_cap_v2", "v_prediction")
     torch.manual_seed(0)
-    delta = make_delta(unet)
+    delta = make_delta(unet, width=0.25)
     res = finetune_guidance(unet, delta, sched, images, cond, W, cfg=cfg, seed=0, out_dir=tmp_path / name,
                             ckpt_dir=tmp_path / f"ckpt_{name}", null_class=null, progress=False)
     return res, load_delta(tmp_path / name)
@@ -207,7 +207,7 @@ def test_works_on_a_saved_unet2dconditionmodel(tmp_path, one_thread, class_embed
                                    batch_size=5, progress=False)
     assert losses.shape == ref.shape == (n, 3) and np.isfinite(losses).all() and not np.allclose(losses, ref)
     W = fit_grouper(normalised_scores(losses, None, ref), 2, min_share=0.25, steps=20).W
-    delta = make_delta(base)
+    delta = make_delta(base, width=0.25)
     assert isinstance(delta, UNet2DConditionModel) and count_params(delta) <= 0.25 * count_params(base)
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 2, 3])
     assert torch.equal(call_unet(delta, x, t, cond.select([0, 1, 2])), torch.zeros_like(x))
@@ -407,7 +407,7 @@ def test_target_weighted_finetune_with_ema_and_cosine_resumes_exactly(unet, one_
 
     def train(name):
         torch.manual_seed(0)
-        res = finetune_guidance(unet, make_delta(unet), sched, images, cond, W, cfg=cfg, seed=0,
+        res = finetune_guidance(unet, make_delta(unet, width=0.25), sched, images, cond, W, cfg=cfg, seed=0,
                                 out_dir=tmp_path / name, ckpt_dir=tmp_path / f"ckpt_{name}", null_class=10,
                                 targets=T, progress=False)
         return res, load_delta(tmp_path / name)
@@ -588,7 +588,7 @@ def test_hooks_add_delta_only_inside_its_timesteps(unet):
     from pipeline.sampling import StepContext
 
     torch.manual_seed(0)
-    delta = make_delta(unet)
+    delta = make_delta(unet, width=0.25)
     torch.nn.init.normal_(delta.conv_out.weight, std=0.1)  # a δ whose output is not zero
     x, out = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
 

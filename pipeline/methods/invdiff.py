@@ -66,7 +66,7 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def make_delta(base, *, width: float = 0.45, max_param_ratio: float = 0.25):
+def make_delta(base, *, width: float, max_param_ratio: float = 0.25):
     """δ: the base's own class, built from its config with every channel width scaled by `width` (rounded down to
     a multiple of the GroupNorm group count, which is scaled too), output layer zeroed so f_θ + δ = f_θ at
     initialisation. Raises if δ has more than max_param_ratio × the base's parameters."""
