@@ -223,7 +223,7 @@ class InvDiffParams(_Section):
     checkpoint_every: int = Field(500, ge=1)
     train_timesteps: tuple[int, int] | None = None  # [lo, hi) of δ's t (and of the sampler steps δ acts at)
     # sampling
-    strength: float = Field(1.0, ge=0.0, le=20.0)
+    strength: float = Field(1.1, ge=0.0, le=20.0)
     sweep_strengths: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
     sweep_per_class: int = Field(20, ge=1)
     grid_per_group: int = Field(10, ge=1, le=64)

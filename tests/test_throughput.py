@@ -39,3 +39,18 @@ def test_quick_run_writes_valid_json(tmp_path, one_thread):
     assert set(result["rates"]["sample"]) == {"ours_w1", "peer_w1", "ours_w3", "peer_w3", "baseline", "invdiff",
                                               "distguide", "baseline_8", "invdiff_8", "ours_w1_fp32", "ours_w1_bf16"}
     assert 0 < result["bf16_vs_fp32_max_abs_diff"] < 0.5  # bf16 changes the last bits, not the image
+
+
+def test_invdiff_cost_times_each_delta_width_against_the_plain_sampler(tmp_path, one_thread):
+    from benchmarks.invdiff_cost import main
+
+    out = tmp_path / "invdiff_cost.json"
+    main(["--widths", "0.45", "0.25", "--batches", "3", "--repeats", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    # the widths are make_delta's on the default U-Net (32/64/64 channels, 8 GroupNorm groups)
+    assert result["deltas"]["0.45"]["channels"] == [12, 28, 28]
+    assert result["deltas"]["0.25"]["channels"] == [8, 16, 16]
+    assert 0.18 < result["deltas"]["0.45"]["param_share"] < 0.19 and result["deltas"]["0.25"]["param_share"] < 0.07
+    ratios = result["by_batch"]["3"]["time_over_baseline"]
+    assert set(ratios) == {"invdiff_w0.45", "invdiff_w0.25"}
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values())
