@@ -15,17 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.throughput import sampling_inputs  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.data import NUM_CLASSES  # noqa: E402
 from pipeline.methods.distribution_guidance import distribution_guidance_hooks  # noqa: E402
 from pipeline.pretrained import load_model  # noqa: E402
-from pipeline.sampling import SamplerHooks, SamplerSettings, sample, sample_seeds  # noqa: E402
+from pipeline.sampling import SamplerHooks, SamplerSettings, sample  # noqa: E402
 
 
 def main() -> None:
@@ -41,8 +40,7 @@ def main() -> None:
     model = load_model(root / "data/models/diffusion", dev)
     n = args.batch or 2 * p.batch_size
     settings = SamplerSettings.from_params(ps, batch_size=n)
-    cond = np.repeat(np.arange(NUM_CLASSES), -(-n // NUM_CLASSES))[:n]
-    seeds = sample_seeds(params.seed, n)
+    cond, seeds = sampling_inputs(n, params.seed)
     guided = distribution_guidance_hooks(root / "data/methods/distguide/adp.safetensors", scale=p.scale, tau=p.tau,
                                          steps=p.steps, group_size=p.batch_size, target=p.target, device=dev,
                                          beta_power=p.beta_power, space=p.space)

@@ -17,19 +17,18 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.throughput import interleaved, machine  # noqa: E402
+from benchmarks.throughput import interleaved, machine, sampling_inputs  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data import NUM_CLASSES  # noqa: E402
 from pipeline.diffusion import build_unet, make_noise_scheduler  # noqa: E402
 from pipeline.methods.invdiff import InvDiffHooks, count_params, make_delta  # noqa: E402
 from pipeline.pretrained import DiffusionModel  # noqa: E402
-from pipeline.sampling import SamplerSettings, sample, sample_seeds  # noqa: E402
+from pipeline.sampling import SamplerSettings, sample  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -58,8 +57,7 @@ def main(argv=None) -> None:
                             "param_share": count_params(delta) / count_params(unet)}
     rows = {}
     for k in args.batches:
-        cond = np.repeat(np.arange(NUM_CLASSES), -(-k // NUM_CLASSES))[:k]
-        seeds = sample_seeds(params.seed, k)
+        cond, seeds = sampling_inputs(k, params.seed)
         settings = SamplerSettings.from_params(s, batch_size=k, guidance_scale=1.0)
 
         def arm(h, cond=cond, seeds=seeds, settings=settings, k=k):

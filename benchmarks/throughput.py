@@ -99,6 +99,11 @@ def peer_ddim(unet, scheduler, cond: np.ndarray, seeds: np.ndarray, *, steps: in
 # the arms
 
 
+def sampling_inputs(k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, seeds) of k images: the classes in turn, as balanced as k allows."""
+    return np.repeat(np.arange(NUM_CLASSES), -(-k // NUM_CLASSES))[:k], sample_seeds(seed, k)
+
+
 def h_shape(unet, module: str, size: int) -> tuple[int, ...]:
     """[C, H, W] of the output of the U-Net submodule `module` (where Distribution Guidance reads h)."""
     seen = []
@@ -239,10 +244,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
     null = null_class(unet)
     n, m, steps = cfg["sample_n"], cfg["method_n"], cfg["sample_steps"]
 
-    def inputs(k):
-        return np.repeat(np.arange(NUM_CLASSES), -(-k // NUM_CLASSES))[:k], sample_seeds(params.seed, k)
-
-    cond, seeds = inputs(n)
+    cond, seeds = sampling_inputs(n, params.seed)
     model = DiffusionModel(unet=unet, scheduler_config=dict(sched.config))
 
     def settings(w, k, autocast=None):
@@ -256,7 +258,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
     diffs = {}
 
     def ours(w, hooks=None, k=n, autocast=None):
-        c, sd = inputs(k)
+        c, sd = sampling_inputs(k, params.seed)
 
         def fn():
             sample(model, c, sd, settings(w, k, autocast), hooks=hooks, progress=False)
