@@ -43,7 +43,7 @@ def main() -> None:
     cond, seeds = sampling_inputs(n, params.seed)
     guided = distribution_guidance_hooks(root / "data/methods/distguide/adp.safetensors", scale=p.scale, tau=p.tau,
                                          steps=p.steps, group_size=p.batch_size, target=p.target, device=dev,
-                                         beta_power=p.beta_power, space=p.space)
+                                         beta_power=p.beta_power, space=p.space, guidance_scale=p.guidance_scale)
     runs = {"plain": SamplerHooks(), "guided": guided}
 
     def once(hooks) -> float:

@@ -62,8 +62,9 @@ from pipeline.config import load_params  # noqa: E402
 from pipeline.data import load_meta, load_split  # noqa: E402
 
 # The h-space diagnostics study the published edit h ← h − s·∇_h L: with distguide.space x (the default since
-# 2026-12-01) they use the h-space default of the runs they were measured on, s = 1.5e5 at steps [5, 25).
-H_SPACE_DEFAULT = {"scale": 1.5e5, "steps": (5, 25)}
+# 2026-12-01) they use the h-space default of the runs they were measured on, s = 1.5e5 at steps [5, 25) for L
+# without the group-size factor: 1,500 per sample now, the same step in groups of 100 (smaller groups got more).
+H_SPACE_DEFAULT = {"scale": 1.5e3, "steps": (5, 25)}
 
 
 def h_space_knobs(p) -> tuple[float, tuple[int, int]]:
@@ -304,7 +305,8 @@ def distguide_space(data: Path, params_path: Path, scales_h: list[float], scales
     grid = [("h", 0.0)] + [("h", s) for s in scales_h] + [("x", s) for s in scales_x]
     for space, scale in grid:
         hooks = distribution_guidance_hooks(adp, scale=scale, tau=p.tau, steps=steps, group_size=p.batch_size,
-                                            target=p.target, beta_power=p.beta_power, space=space)
+                                            target=p.target, beta_power=p.beta_power, space=space,
+                                            guidance_scale=p.guidance_scale)
         images, point = val.point(hooks, ("bias_score_normalised", "aligned_fraction", "fid_balanced",
                                           "fid_balanced_ci95", "fidelity", "fidelity_ci95"))
         row = {"space": space, "scale": scale, **point}
@@ -426,9 +428,9 @@ def main(argv=None) -> None:
                     help="knob-validation: override a key of the method's params section, e.g. sweep_weights=[0.2,0.3]")
     ap.add_argument("--scales", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0],
                     help="distguide-asymmetric: multiples of distguide.scale")
-    ap.add_argument("--scales-h", type=float, nargs="+", default=[3e4, 1e5, 1.5e5, 3e5],
+    ap.add_argument("--scales-h", type=float, nargs="+", default=[600, 2000, 3000, 6000],
                     help="distguide-space: h-space scales")
-    ap.add_argument("--scales-x", type=float, nargs="+", default=[100, 200, 300, 500, 1000, 2000],
+    ap.add_argument("--scales-x", type=float, nargs="+", default=[2, 4, 6, 10, 20, 40],
                     help="distguide-space: x-space scales")
     ap.add_argument("--per-class", type=int, default=50, help="distguide-space, knob-validation: validation samples "
                     "per class")

@@ -133,7 +133,8 @@ def untrained_methods(unet, scheduler, params, *, steps: int, group: int, dg_ste
         adp.weight.copy_(torch.randn(adp.weight.shape, generator=gen))
     adp.requires_grad_(False)
     distguide = DistributionGuidanceHooks(adp.eval(), p.target, scale=p.scale, tau=p.tau, steps=tuple(dg_steps),
-                                          group_size=group, beta_power=p.beta_power, space=p.space)
+                                          group_size=group, beta_power=p.beta_power, space=p.space,
+                                          guidance_scale=p.guidance_scale)
     return invdiff, distguide
 
 

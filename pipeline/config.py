@@ -278,13 +278,14 @@ class DistGuideParams(_Section):
     # guidance at step indices in [steps[0], steps[1]): h ← h − s·∇_h L (space h, published) or classifier
     # guidance by ∇_{x_t} L through the U-Net up to h (space x, ours)
     space: Literal["h", "x"] = "x"
-    scale: float = Field(8000.0, ge=0.0)
-    tau: float = Field(8.0, gt=0.0)
+    scale: float = Field(30.0, ge=0.0)
+    tau: float = Field(2.0, gt=0.0)
     beta_power: float = Field(0.05, ge=0.0)
-    steps: tuple[int, int] = (15, 25)
+    steps: tuple[int, int] = (5, 25)
     batch_size: int = Field(100, ge=1)
+    guidance_scale: float | None = Field(1.5, ge=0.0, le=50.0)  # the method's own classifier-free w (None: sample's)
     target: tuple[float, ...] | None = None
-    sweep_scales: tuple[float, ...] = (400.0, 1600.0, 4000.0)
+    sweep_scales: tuple[float, ...] = (10.0, 30.0, 60.0)
     sweep_per_class: int = Field(20, ge=1)
 
     @field_validator("steps")

@@ -71,6 +71,7 @@ class SamplerHooks:
 
     batch_multiple: int = 1  # batches hold whole blocks of this many consecutive samples
     h_module: str = "mid_block"  # the U-Net submodule whose output mid_block() sees and edits (h-space)
+    guidance_scale: float | None = None  # a method's own classifier-free guidance w (None: the settings')
 
     def initial_noise(self, z: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return z
@@ -166,7 +167,8 @@ class _Pass:
 
     @property
     def guidance(self) -> float:
-        return self.settings.guidance_scale
+        w = self.hooks.guidance_scale
+        return self.settings.guidance_scale if w is None else w
 
 
 def _start(model, settings, hooks, device) -> _Pass:

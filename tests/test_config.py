@@ -79,6 +79,7 @@ def test_params_frozen():
     ({"score": {"reference_split": "val"}}, "score.reference_split"),
     ({"score": {"pr_k": 0}}, "score.pr_k"),
     ({"report": {"grid_per_class": 100}}, "report.grid_per_class"),
+    ({"distguide": {"guidance_scale": -1}}, "distguide.guidance_scale"),
     ({"latentdir": {"source_step": 3}}, "source_step"),
     ({"latentdir": {"target": [0.5, 0.5, 0.5]}}, "sum to 1"),
     ({"latentdir": {"record_steps": [-2, 15]}}, "record_steps"),

@@ -155,13 +155,31 @@ def test_gradient_is_zero_when_p_hat_equals_the_target_and_a_step_lowers_L():
         assert guidance_loss(torch.softmax(logits - 0.5 * g, 1), groups, target) < loss
 
 
-def test_guidance_loss_is_the_chi_square_formula_per_group():
-    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    groups = torch.tensor([7, 7, 3, 3])
+def test_guidance_loss_is_the_chi_square_formula_per_group_times_its_size():
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    groups = torch.tensor([7, 7, 3, 3, 3])
     target = torch.tensor([0.25, 0.75])
-    # group 7: p̂ = (.5, .5) → .0625/.25 + .0625/.75; group 3: p̂ = (1, 0) → .5625/.25 + .5625/.75
-    expected = 0.0625 / 0.25 + 0.0625 / 0.75 + 0.5625 / 0.25 + 0.5625 / 0.75
+    # group 7 (2 rows): p̂ = (.5, .5) → .0625/.25 + .0625/.75; group 3 (3 rows): p̂ = (1, 0) → .5625/.25 + .5625/.75
+    expected = 2 * (0.0625 / 0.25 + 0.0625 / 0.75) + 3 * (0.5625 / 0.25 + 0.5625 / 0.75)
     assert guidance_loss(probs, groups, target).item() == pytest.approx(expected)
+
+
+def test_a_rows_gradient_does_not_depend_on_its_groups_size():
+    """∂L/∂logits_i = 2·Σ_k (p̂_k − p*_k)/p*_k·∂p_ik/∂logits_i: a group of 3 copies of a row and a group of 30
+    copies give each row the same gradient (the unscaled χ² gives the large group's rows a tenth of it)."""
+    torch.manual_seed(0)
+    row = torch.randn(1, 4)
+    target = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    grads = []
+    for n in (3, 30):
+        logits = row.repeat(n, 1).requires_grad_(True)
+        (g,) = torch.autograd.grad(guidance_loss(torch.softmax(logits, 1), torch.zeros(n, dtype=torch.long),
+                                                 target), logits)
+        grads.append(g[0])
+    torch.testing.assert_close(grads[0], grads[1])
+    p = torch.softmax(row[0], 0)
+    jac = torch.diag(p) - p[:, None] * p[None, :]  # ∂p_k/∂logit_j
+    torch.testing.assert_close(grads[0], jac.T @ (2 * (p - target) / target))
 
 
 def test_hook_moves_each_class_towards_the_target_and_leaves_the_null_half(recorded):
@@ -430,6 +448,23 @@ def test_x_space_through_the_sampler(unet, scheduler, recorded):
     assert (w2 - _run(unet, scheduler, cond, guidance_scale=2.0)).abs().max() > 1e-3
     h_space = DistributionGuidanceHooks(adp, None, scale=200.0, steps=(1, STEPS), group_size=10)
     assert (_run(unet, scheduler, cond, h_space) - a).abs().max() > 1e-3
+
+
+def test_the_methods_own_guidance_scale_is_the_samplers_and_off_with_the_guidance(unet, scheduler, recorded):
+    """hooks.guidance_scale replaces the settings' w: the same images as the settings at that w; at s = 0 the
+    hooks are the baseline sampler at the settings' w, bit for bit."""
+    cond = np.repeat(np.arange(10), 2)
+    adp = random_adp(recorded, scale=3.0)
+    own = DistributionGuidanceHooks(adp, None, scale=200.0, steps=(1, STEPS), group_size=10, space="x",
+                                    guidance_scale=2.0)
+    plain = DistributionGuidanceHooks(adp, None, scale=200.0, steps=(1, STEPS), group_size=10, space="x")
+    at_w2 = _run(unet, scheduler, cond, own)
+    assert torch.equal(at_w2, _run(unet, scheduler, cond, plain, guidance_scale=2.0))
+    assert (at_w2 - _run(unet, scheduler, cond, plain)).abs().max() > 1e-3
+    off = DistributionGuidanceHooks(adp, None, scale=0.0, steps=(1, STEPS), group_size=10, space="x",
+                                    guidance_scale=2.0)
+    assert off.guidance_scale is None
+    assert torch.equal(_run(unet, scheduler, cond, off), _run(unet, scheduler, cond))
 
 
 def test_unknown_space_names_the_key():

@@ -18,11 +18,19 @@ changes the digit instead of the colour.
 Guide (`DistributionGuidanceHooks`), at every step index in [start, end), for every guidance group B — the
 samples of one class among a block of G consecutive samples of the run:
     (1) p̂ = (1/|B|) Σ_{i∈B} softmax(ADP_t(h_i) / τ)
-    (2) L = Σ_k (p̂_k − p*_k)² / p*_k                          (p* the target, uniform by default)
+    (2) L = |B|·Σ_k (p̂_k − p*_k)² / p*_k                      (p* the target, uniform by default)
     (3) h_i ← h_i − s·β_t^p·∇_{h_i} L                          (each h_i moves only by its own group's L)
 with β_t the training noise schedule's beta at the step's timestep (published: 1.5·β_t^0.05, the 1.5 in s).
+The factor |B| in (2) is ours: the published code guides fixed batches of one prompt, where it is a constant
+(s_published = |B|·s); here a class's samples fall into blocks of unequal size (110 per class in blocks of 100
+gives groups of 10 to 100), and without it a sample's step ∝ 2(p̂_k − p*_k)/(p*_k·|B|) would grow tenfold in the
+small groups and differ between the validation, sweep and scored runs. With it the step of sample i,
+2·Σ_k (p̂_k − p*_k)/p*_k·∇ softmax_k(ADP_t(h_i)/τ), does not depend on the group's size.
 With classifier-free guidance the null-class half of the U-Net batch is left alone (the ADP is fitted on
-conditional h), so the edit reaches the output scaled by the guidance scale w.
+conditional h), so the edit reaches the output scaled by the guidance scale w. `guidance_scale` sets the method's
+own w (distguide.guidance_scale; None: sample.guidance_scale): the model's implicit classifier ∇ log p(y|x_t)
+holds the digit while ∇L moves the colour (docs/methods.md). With s = 0 the hooks are off, w included: the
+baseline sampler.
 
 x-space (distguide.space: x, ours; docs/methods.md "Distribution Guidance in x-space"): the same ADP and loss, but
 the gradient is taken with respect to the U-Net's input x_t, through the layers up to h, and applied as classifier
@@ -222,12 +230,13 @@ def load_adp(path: str | Path, device: str | torch.device = "cpu") -> ADP:
 
 
 def guidance_loss(probs: torch.Tensor, groups: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Σ_groups Σ_k (p̂_gk − p*_k)² / p*_k with p̂_g the mean of `probs` [N, K] over the rows of group g."""
+    """Σ_groups n_g·Σ_k (p̂_gk − p*_k)² / p*_k with p̂_g the mean of `probs` [N, K] over the n_g rows of group g
+    (module docstring (2): a row's gradient does not depend on its group's size)."""
     uniq, inv = torch.unique(groups, return_inverse=True)
     sums = torch.zeros(len(uniq), probs.shape[1], dtype=probs.dtype, device=probs.device).index_add(0, inv, probs)
     counts = torch.bincount(inv, minlength=len(uniq)).to(probs.dtype)
     p_hat = sums / counts[:, None]
-    return ((p_hat - target) ** 2 / target).sum()
+    return (counts[:, None] * (p_hat - target) ** 2 / target).sum()
 
 
 class DistributionGuidanceHooks(SamplerHooks):
@@ -239,9 +248,10 @@ class DistributionGuidanceHooks(SamplerHooks):
     same whatever the batch size. With s = 0 the hook returns h untouched (bit for bit the baseline)."""
 
     def __init__(self, adp: ADP, target, *, scale: float, tau: float = 1.0, steps=(0, None), group_size: int = 100,
-                 beta_power: float = 0.0, space: str = "h"):
+                 beta_power: float = 0.0, space: str = "h", guidance_scale: float | None = None):
         if space not in ("h", "x"):
             raise UserError(f"distguide.space: unknown {space!r} (expected h or x)")
+        self.guidance_scale = guidance_scale if scale else None  # s = 0: the baseline sampler, its w too
         self.adp, self.space = adp, space
         self._h: torch.Tensor | None = None  # x-space: h of the current call, still attached to x_t
         betas = adp.config.get("betas") or []
@@ -315,8 +325,8 @@ def validate_target(target, num_attr: int) -> np.ndarray:
 
 
 def distribution_guidance_hooks(path, *, scale: float, tau: float, steps, group_size: int, target,
-                                device: str | torch.device = "cpu", beta_power: float = 0.0, space: str = "h"
-                                ) -> DistributionGuidanceHooks:
+                                device: str | torch.device = "cpu", beta_power: float = 0.0, space: str = "h",
+                                guidance_scale: float | None = None) -> DistributionGuidanceHooks:
     """Hooks from a fit_adp output file and the distguide knobs."""
     adp = load_adp(path, device)
     start, end = steps
@@ -324,4 +334,4 @@ def distribution_guidance_hooks(path, *, scale: float, tau: float, steps, group_
         raise UserError(f"distguide.steps: end {end} is past the {adp.config['num_steps']} sampling steps the ADP "
                         "was fitted on")
     return DistributionGuidanceHooks(adp, target, scale=scale, tau=tau, steps=(start, end), group_size=group_size,
-                                     beta_power=beta_power, space=space)
+                                     beta_power=beta_power, space=space, guidance_scale=guidance_scale)

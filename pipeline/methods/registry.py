@@ -203,7 +203,7 @@ def _distguide(params, fitted, device, scale):
     p = params.distguide
     return distribution_guidance_hooks(fitted / "adp.safetensors", scale=scale, tau=p.tau, steps=p.steps,
                                        group_size=p.batch_size, target=p.target, device=device,
-                                       beta_power=p.beta_power, space=p.space)
+                                       beta_power=p.beta_power, space=p.space, guidance_scale=p.guidance_scale)
 
 
 def _distguide_hooks(params, fitted, conditions, device):
