@@ -230,10 +230,12 @@ def _distguide_note(params, fitted, out):
             "ε̂ ← ε̂ + s·β_t^p·√(1−ᾱ_t)·∇_{x_t} L (x-space classifier guidance through the ADP on h, ours)")
     fitted_on = ("h along the DDIM inversion of the attribute-balanced split, with its labels" if p.fit_on == "balanced"
                  else "the biased model's samples, labelled by the colour judge")
+    w = params.sample.guidance_scale if p.guidance_scale is None else p.guidance_scale
     return [
         f"Distribution Guidance: {edit} at steps [{p.steps[0]}, {p.steps[1]}) with s = {p.scale:g}, p = "
-        f"{p.beta_power:g}, τ = {p.tau:g}, L = Σ_k (p̂_k − p*_k)² / p*_k over each class's samples in guidance "
-        f"batches of {p.batch_size}; p* {'uniform' if p.target is None else list(p.target)}. ADP at "
+        f"{p.beta_power:g}, τ = {p.tau:g}, L = |B|·Σ_k (p̂_k − p*_k)² / p*_k over each class's samples B in guidance "
+        f"batches of {p.batch_size}; p* {'uniform' if p.target is None else list(p.target)}; classifier-free "
+        f"guidance w = {w:g}. ADP at "
         f"`{p.h_module}`: {summary['chosen']} (mean held-out accuracy "
         f"{summary[summary['chosen'] + '_mean_accuracy']:.3f}), fitted on {fitted_on}. Held-out accuracy per step:",
         "",
