@@ -22,7 +22,8 @@ that evaluates a U-Net of the same kind (InvDiff's δ) calls it with **ctx.unet_
 Latent diffusion: with a VAE, x_t lives in the VAE's latent space (scaled by vae.config.scaling_factor) and
 every hook sees latents; only the final x_0 is decoded to images, model.decode: D(x_0 / scaling_factor).
 
-One step, with w the guidance scale and ∅ the null class:
+One step, with w the guidance scale (the hooks' own `guidance_scale` when a method sets one, else the settings')
+and ∅ the null class:
     (1) f = f_θ(x_t, t, [y; ∅])                    (hooks: mid_block inside, model_output after)
     (2) f̃ = f_∅ + w·(f_y − f_∅)                    (skipped when w = 1)
     (3) x_{t−1} = scheduler.step(f̃, t, x_t)        (DDIM with η, or DDPM ancestral)
