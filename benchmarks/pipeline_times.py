@@ -56,8 +56,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="use the tests' tiny params")
     ap.add_argument("--runs", type=int, default=5, help="repeats of the cached measurements")
-    ap.add_argument("--keep", type=Path, help="copy the run's data/ (report, metrics) and dvc.lock here before "
-                    "cleaning up")
+    ap.add_argument("--keep", type=Path, help="copy the run's data/ (report, metrics), dvc.lock and mlflow.db here "
+                    "before cleaning up")
     ap.add_argument("--out", type=Path, help="also write the summary here as JSON (with the command and machine)")
     ap.add_argument("--max-parallel", type=int, default=1, metavar="N",
                     help="build through the Prefect flow with N branches at a time (default 1: dvc repro per stage)")
@@ -83,6 +83,8 @@ def main() -> None:
         if args.keep:  # before the cached runs, so a failure there keeps the build
             shutil.copytree(tmp / "data", args.keep, dirs_exist_ok=True)
             shutil.copy(tmp / "dvc.lock", args.keep / "dvc.lock")
+            if (tmp / "mlflow.db").is_file():  # every stage's MLflow run, with its start and end times
+                shutil.copy(tmp / "mlflow.db", args.keep / "mlflow.db")
         cpu = {"noop": [], "flow": [], "status": []}
         noop = [timed([*dvc, "repro"], tmp, cpu["noop"]) for _ in range(args.runs)]
         flow = [timed([sys.executable, "-m", "flows.pipeline", "--project-dir", str(tmp)], tmp, cpu["flow"])
