@@ -83,6 +83,10 @@ class SamplerHooks:
     def model_output(self, out: torch.Tensor, x_t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return out
 
+    def guidance_for(self, settings_scale: float) -> float:
+        """The classifier-free guidance scale w a run with these hooks samples at: their own, else the settings'."""
+        return settings_scale if self.guidance_scale is None else self.guidance_scale
+
     def needs_input_grad(self, ctx: StepContext) -> bool:
         """True at a step whose model_output takes a gradient with respect to the U-Net's input x_t: the sampler
         then runs that U-Net call with autograd on (x_t requiring grad) and hands model_output the same x_t."""
@@ -168,8 +172,7 @@ class _Pass:
 
     @property
     def guidance(self) -> float:
-        w = self.hooks.guidance_scale
-        return self.settings.guidance_scale if w is None else w
+        return self.hooks.guidance_for(self.settings.guidance_scale)
 
 
 def _start(model, settings, hooks, device) -> _Pass:

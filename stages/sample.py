@@ -41,7 +41,6 @@ def main(argv=None) -> None:
         return np.repeat(np.arange(k), p.num_per_class)
 
     hooks, knobs = get_method(args.method).sampler(params, conditions, dev)  # pipeline/methods/registry.py
-    w = hooks.guidance_scale  # a method's own classifier-free guidance scale, if it sets one
     cond, model = conditions(), loaded["model"]
     seeds = sample_seeds(params.seed, len(cond))
     with mlflow_run("sample", params, ("sample",), run_name=f"sample@{args.method}",
@@ -50,7 +49,8 @@ def main(argv=None) -> None:
         run.metrics({"num_samples": len(cond)})
     table = pd.DataFrame({"index": np.arange(len(cond)), "condition": cond, "seed": seeds, "method": args.method,
                           "scheduler": p.scheduler, "num_inference_steps": p.num_inference_steps,
-                          "guidance_scale": p.guidance_scale if w is None else w, "eta": p.eta, **knobs})
+                          "guidance_scale": hooks.guidance_for(p.guidance_scale), "eta": p.eta,
+                          **knobs})
     with atomic_path(Path("data/samples") / args.method) as tmp:
         tmp.mkdir(parents=True)
         save_npz(tmp / "images.npz", images=to_uint8(images))
