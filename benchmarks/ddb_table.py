@@ -14,7 +14,8 @@ reported. The .md output states this protocol, the budget and the chosen points 
 Each ρ gets a work directory (<workdir>/rho_<ρ>: a copy of pipeline/, stages/ and params.yaml — with `--profile`
 merged on — with data.bias_ratio = ρ) where the stages run as plain `python -m stages.<name>`, in the DAG's order:
 prepare_data → train_classifiers → train_diffusion (once per ρ), then per seed (ddb.seed = s) sample_bias_aligned →
-train_bias_amplifier[_real] (once per seed, at the base settings: the budget varies the target classifier only) →
+train_bias_amplifier[_real] (once per seed at the base settings, and again for a point that sets an amplifier key,
+`AMPLIFIER_KEYS`: then the amplifier is part of what validation chooses) →
 debias_classifier@<method> for every point of every method. A run whose row exists (<workdir>/rows.jsonl) is skipped,
 so the script resumes. One MLflow run per stage execution (experiment debias-diffusion, tags method / bias_ratio /
 ddb_seed) goes to $MLFLOW_TRACKING_URI, default sqlite:///<workdir>/mlflow.db.
@@ -57,9 +58,18 @@ BUDGET = {"erm": {"ddb.weight_decay": WD}, "lff": {"ddb.weight_decay": WD},
           "recipe1": {"ddb.dro_weight_decay": WD}, "recipe2": {"ddb.weight_decay": WD},
           "recipe2_tempered": {"ddb.ba_temperature": [3.0, 10.0]},
           "recipe1_real": {"ddb.dro_weight_decay": WD}, "recipe2_real": {"ddb.weight_decay": WD}}
-# keys a point may set: read by debias_classifier only (the amplifiers and synthetic set are trained once per seed)
+# keys a point may set: read by debias_classifier (the synthetic set is sampled once per seed), or by
+# train_bias_amplifier (AMPLIFIER_KEYS: the point's amplifier is retrained with them before its classifier runs)
+AMPLIFIER_KEYS = {"ddb.amplifier_epochs", "ddb.amplifier_loss"}
 POINT_KEYS = {"ddb.lr", "ddb.weight_decay", "ddb.dro_weight_decay", "ddb.dro_eta", "ddb.ema", "ddb.gce_q",
-              "ddb.ba_temperature", "ddb.pseudo_bias", "ddb.group_sampling", "ddb.epochs", "ddb.batch_size"}
+              "ddb.ba_temperature", "ddb.pseudo_bias", "ddb.group_sampling", "ddb.epochs", "ddb.batch_size",
+              *AMPLIFIER_KEYS}
+
+
+def amplifier_source(method: str) -> str | None:
+    """The amplifier a table row's classifier reads: synthetic (the recipes), real (the ablations) or none."""
+    stage_method = VARIANTS[method]
+    return "real" if stage_method.endswith("_real") else "synthetic" if stage_method.startswith("recipe") else None
 
 
 def grid_points(spec: dict[str, list]) -> list[dict]:
@@ -117,6 +127,17 @@ def run(w: Path, args: list[str], timings: dict, label: str) -> None:
           flush=True)
     if proc.returncode:
         raise SystemExit(f"{label} failed in {w}:\n" + "\n".join(lines[-20:]))
+
+
+def ensure_amplifier(w: Path, source: str, amp: dict, trained: dict, ran: list, timings: dict, seed: int) -> None:
+    """(Re)train the seed's `source` amplifier if its current model was trained with other amplifier keys than
+    `amp` (params.yaml in `w` already holds them); `trained` maps source → those keys, `ran` the stages run."""
+    if trained.get(source) != amp:
+        name = "train_bias_amplifier" + ("_real" if source == "real" else "")
+        run(w, ["stages.train_bias_amplifier", "--source", source], timings,
+            f"{name} seed {seed}" + (f" [{point_label(amp)}]" if amp else ""))
+        trained[source] = amp
+        ran.append(name)
 
 
 def t_interval(row: dict, key: str) -> float:
@@ -193,18 +214,20 @@ def main() -> None:
             print(f"  seed {seed}: {len(todo)} classifier runs", flush=True)
             set_params(w, rho, seed, base, args.profile)
             ran = []  # this seed's amplifier stages: only their metrics files describe this seed
-            if any(VARIANTS[m] in ("recipe1", "recipe2") for m, _ in todo):
+            trained = {}  # source → the amplifier keys its current model was trained with
+
+            sources = {amplifier_source(m) for m, _ in todo} - {None}
+            if "synthetic" in sources:
                 run(w, ["stages.sample_bias_aligned"], timings, f"sample_bias_aligned seed {seed}")
-                run(w, ["stages.train_bias_amplifier", "--source", "synthetic"], timings,
-                    f"train_bias_amplifier seed {seed}")
-                ran += ["sample_bias_aligned", "train_bias_amplifier"]
-            if any(VARIANTS[m].endswith("_real") for m, _ in todo):
-                run(w, ["stages.train_bias_amplifier", "--source", "real"], timings,
-                    f"train_bias_amplifier_real seed {seed}")
-                ran.append("train_bias_amplifier_real")
+                ran.append("sample_bias_aligned")
+            for source in sorted(sources, reverse=True):  # at the base settings first: every row records them
+                ensure_amplifier(w, source, {}, trained, ran, timings, seed)
             for m, pt in todo:
                 label, stage_method = point_label(pt), VARIANTS[m]
                 set_params(w, rho, seed, {**base, **pt}, args.profile)
+                if amplifier_source(m):
+                    ensure_amplifier(w, amplifier_source(m), {k: v for k, v in pt.items() if k in AMPLIFIER_KEYS},
+                                     trained, ran, timings, seed)
                 run(w, ["stages.debias_classifier", "--method", stage_method], timings,
                     f"debias_classifier@{m} [{label}] seed {seed}")
                 row = json.loads((w / "data/metrics" / f"debias_classifier_{stage_method}.json").read_text())

@@ -262,3 +262,52 @@ def test_table_rows_carry_only_their_own_seeds_amplifier_figures(tmp_path, monke
     assert len(rows) == 4  # 2 methods × 2 points
     assert all(r["train_bias_amplifier.test_conflicting_accuracy"] == 0.2 for r in rows)
     assert not any("train_bias_amplifier_real.test_conflicting_accuracy" in r for r in rows)  # not run this seed
+
+
+def test_a_point_that_sets_an_amplifier_key_gets_its_own_amplifier(tmp_path, monkeypatch):
+    """benchmarks/ddb_table.py: a point that sets ddb.amplifier_* retrains the amplifier its row reads with those
+    settings before its classifier runs (so validation chooses the amplifier too); rows without them use the
+    seed's amplifier at the base settings, retrained if a point changed it."""
+    import json
+    import sys
+
+    import yaml
+
+    import benchmarks.ddb_table as table
+
+    metrics = tmp_path / "rho_0.99" / "data" / "metrics"
+    metrics.mkdir(parents=True)
+    (metrics.parent / "bias_ratio.txt").write_text("0.99")
+    calls = []
+
+    def fake_run(w, args, timings, label):
+        timings[label] = {"wall_s": 0.0, "cpu_s": 0.0}
+        ddb = yaml.safe_load((w / "params.yaml").read_text())["ddb"]
+        calls.append((args[0], args[-1], ddb["amplifier_epochs"]))
+        out = w / "data" / "metrics"
+        if args[0] == "stages.train_bias_amplifier":
+            name = "train_bias_amplifier" + ("_real" if args[-1] == "real" else "")
+            (out / f"{name}.json").write_text(json.dumps({"test_conflicting_accuracy": ddb["amplifier_epochs"] / 1000}))
+        elif args[0] == "stages.debias_classifier":
+            keys = ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy")
+            (out / f"debias_classifier_{args[-1]}.json").write_text(json.dumps(
+                {k: 0.5 for k in (*keys, *(f"val_{k}" for k in keys))}))
+
+    budget = tmp_path / "budget.yaml"
+    budget.write_text(yaml.safe_dump({"recipe1": {"ddb.amplifier_epochs": [5, 50]},
+                                      "recipe2": {"ddb.weight_decay": [0.0, 0.003]}}))
+    monkeypatch.setattr(table, "run", fake_run)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setattr(sys, "argv", ["ddb_table.py", "--ratios", "0.99", "--seeds", "0", "--methods", "recipe1",
+                                      "recipe2", "--budget", str(budget), "--workdir", str(tmp_path),
+                                      "--out", str(tmp_path / "table")])
+    table.main()
+    base = yaml.safe_load((table.ROOT / "params.yaml").read_text())["ddb"]["amplifier_epochs"]
+    amp = [(c[1], c[2]) for c in calls if c[0] == "stages.train_bias_amplifier"]
+    assert amp == [("synthetic", base), ("synthetic", 5), ("synthetic", 50), ("synthetic", base)]
+    runs = [c for c in calls if c[0] != "stages.sample_bias_aligned"]
+    # each classifier runs right after the amplifier of its settings
+    assert [c[2] for c in runs if c[0] == "stages.debias_classifier"] == [5, 50, base, base]
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["train_bias_amplifier.test_conflicting_accuracy"] for r in rows] == [0.005, 0.05, base / 1000,
+                                                                                   base / 1000]
