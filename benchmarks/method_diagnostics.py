@@ -7,6 +7,7 @@ Guidance and the synthetic amplifier fall short").
     python benchmarks/method_diagnostics.py amplifier --data /tmp/ddb_table/rho_0.99/data   # a ddb_table work dir
     python benchmarks/method_diagnostics.py distguide-space [--steps 12 25] [--scales-x ...]   # + data/reference
     python benchmarks/method_diagnostics.py knob-validation --method latentdir --set 'sweep_weights=[0.2,0.25,0.3]'
+    python benchmarks/method_diagnostics.py amplifier-size --sizes 50 100 200 --data /tmp/ddb_table/rho_0.99/data
 
 distguide: samples sample.num_per_class per class with the Distribution Guidance hook as sample@distguide does, and
 at every guided step reads the ADP on h before and after the edit h ← h − s·∇_h L. Printed per step: the share of
@@ -39,6 +40,11 @@ cross-entropy, and for "the amplifier is wrong" (Recipe I's conflicting pseudo-l
 conflicting images and the precision, with the most frequent (class → predicted) pairs among the aligned images
 it gets wrong; and the spread of the stroke colour (each image's bright pixels, divided by their brightness) of the
 synthetic images against the real bias-aligned ones, per class, with the median over classes of ‖std_syn‖/‖std_real‖.
+
+amplifier-size: the synthetic amplifier against the size of its training set: for each --sizes n it is trained as
+train_bias_amplifier trains it (params.yaml's ddb section, its seed) on the first n synthetic images of every class,
+then read on the validation split (aligned and conflicting accuracy: what a choice of n may read) and, as in
+`amplifier`, on the training split with its bias labels (recall, precision, aligned images misread).
 Writes benchmarks/results/method_diagnostics_<which>.json (`--out`).
 """
 
@@ -405,24 +411,68 @@ def amplifier(data: Path) -> dict:
             continue
         pred, logits = predict(load_classifier(path), x)
         ce = amplifier_ce(logits, y).numpy()
-        wrong = pred != train.classes
-        flagged_conflicting = int((wrong & conflicting).sum())
-        aligned_wrong = wrong & ~conflicting
-        errors = Counter(zip(train.classes[aligned_wrong].tolist(), pred[aligned_wrong].tolist(), strict=True))
         out[name] = {"ce_auc": float(roc_auc_score(conflicting, ce)),
                      "ce_average_precision": float(average_precision_score(conflicting, ce)),
-                     "wrong": int(wrong.sum()), "wrong_conflicting": flagged_conflicting,
-                     "wrong_aligned": int(aligned_wrong.sum()),
-                     "recall": flagged_conflicting / max(1, int(conflicting.sum())),
-                     "precision": flagged_conflicting / max(1, int(wrong.sum())),
-                     "aligned_errors_top": [[c, q, k] for (c, q), k in errors.most_common(5)]}
+                     **flag_stats(pred, train.classes, conflicting)}
+    return out
+
+
+def flag_stats(pred: np.ndarray, classes: np.ndarray, conflicting: np.ndarray) -> dict:
+    """Recipe I's conflicting pseudo-label (the amplifier is wrong) against the true one: counts, recall, precision,
+    and the most frequent (class → predicted) pairs among the aligned images it gets wrong."""
+    wrong = pred != classes
+    hit, aligned_wrong = int((wrong & conflicting).sum()), wrong & ~conflicting
+    errors = Counter(zip(classes[aligned_wrong].tolist(), pred[aligned_wrong].tolist(), strict=True))
+    return {"wrong": int(wrong.sum()), "wrong_conflicting": hit, "wrong_aligned": int(aligned_wrong.sum()),
+            "recall": hit / max(1, int(conflicting.sum())), "precision": hit / max(1, int(wrong.sum())),
+            "aligned_errors_top": [[c, q, k] for (c, q), k in errors.most_common(5)]}
+
+
+def amplifier_size(data: Path, params_path: Path, sizes: list[int]) -> dict:
+    from pipeline.config import load_params
+    from pipeline.methods.diffusing_debias import (
+        VALIDATION_SPLIT,
+        SyntheticImages,
+        TrainConfig,
+        evaluate,
+        flatten_images,
+        load_synthetic,
+        predict,
+        train_bias_amplifier,
+    )
+
+    p = load_params(params_path).ddb
+    cfg = TrainConfig.from_params(p, p.amplifier_epochs, p.amplifier_loss)
+    meta = load_meta(data / "prepared")
+    aligned = np.asarray(meta.aligned)
+    train = load_split(data / "prepared", "train", with_bias=True)
+    val = load_split(data / "prepared", VALIDATION_SPLIT, with_bias=True)
+    conflicting = train.bias != aligned[train.classes]
+    synthetic = load_synthetic(data / "methods" / "ddb_synthetic" / "images.npz")
+    images, classes = synthetic.images, synthetic.classes
+    per_class = np.bincount(classes).min()
+    out = {"synthetic_per_class": int(per_class), "amplifier_epochs": p.amplifier_epochs,
+           "amplifier_loss": p.amplifier_loss, "seed": p.seed, "train_conflicting": int(conflicting.sum()), "rows": []}
+    for n in sizes:
+        if n > per_class:
+            raise SystemExit(f"--sizes {n}: the synthetic set has {per_class} images per class")
+        keep = np.concatenate([np.flatnonzero(classes == c)[:n] for c in range(meta.num_classes)])
+        subset = SyntheticImages(images[keep], classes[keep], synthetic.guidance_scale)
+        model = train_bias_amplifier(subset, meta.num_classes, cfg)
+        v = evaluate(model, val.images, val.classes, val.bias, aligned)
+        pred, _ = predict(model, flatten_images(train.images))
+        row = {"per_class": n, "val_aligned_accuracy": v["aligned_accuracy"],
+               "val_conflicting_accuracy": v["conflicting_accuracy"], **flag_stats(pred, train.classes, conflicting)}
+        out["rows"].append(row)
+        print(json.dumps({k: row[k] for k in ("per_class", "val_aligned_accuracy", "val_conflicting_accuracy",
+                                              "wrong_aligned", "recall", "precision")}), flush=True)
     return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=("distguide", "distguide-asymmetric", "distguide-space", "knob-validation",
-                                      "amplifier"))
+                                      "amplifier", "amplifier-size"))
     ap.add_argument("--method", default="latentdir", help="knob-validation: the registry method whose sweep runs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
                     help="knob-validation: override a key of the method's params section, e.g. sweep_weights=[0.2,0.3]")
@@ -437,6 +487,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, nargs=2, default=None, help="distguide-space: guided steps [start, end)")
     ap.add_argument("--data", type=Path, default=ROOT / "data", help="the project's data/ folder")
     ap.add_argument("--params", type=Path, default=None, help="params.yaml (default: next to --data)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200],
+                    help="amplifier-size: synthetic images per class")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
@@ -453,6 +505,8 @@ def main(argv=None) -> None:
         result = knob_validation(args.data, params, args.method, overrides, args.per_class)
     elif args.which == "distguide-space":
         result = distguide_space(args.data, params, args.scales_h, args.scales_x, args.per_class, args.steps)
+    elif args.which == "amplifier-size":
+        result = amplifier_size(args.data, params, args.sizes)
     else:
         result = amplifier(args.data)
     result.update(data=str(args.data), cpu_s=round(time.process_time() - start, 1))

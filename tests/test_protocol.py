@@ -311,3 +311,30 @@ def test_a_point_that_sets_an_amplifier_key_gets_its_own_amplifier(tmp_path, mon
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["train_bias_amplifier.test_conflicting_accuracy"] for r in rows] == [0.005, 0.05, base / 1000,
                                                                                    base / 1000]
+
+
+def test_amplifier_size_diagnostic_trains_the_stages_amplifier_on_each_subset(prepared, monkeypatch):
+    """benchmarks/method_diagnostics.py amplifier-size: at the synthetic set's full size its amplifier is the
+    stage's (the same validation accuracies as its summary.json); a smaller size trains on the first n of every
+    class; a size beyond the set is refused."""
+    import stages.train_bias_amplifier as stage
+    from benchmarks.method_diagnostics import amplifier_size
+    from pipeline.io import load_json
+
+    rng = np.random.default_rng(1)
+    (prepared / "data" / "methods" / "ddb_synthetic").mkdir(parents=True)
+    save_npz(prepared / "data" / "methods" / "ddb_synthetic" / "images.npz",
+             images=rng.integers(0, 255, (60, 8, 8, 3), dtype=np.uint8), classes=np.repeat(np.arange(10), 6),
+             guidance_scale=np.float64(1.0), origin=np.array("synthetic"))
+    watch(stage, monkeypatch, ("fit_classifier",))
+    stage.main(["--source", "synthetic"])
+    summary = load_json(prepared / "data" / "methods" / "ddb_amplifier" / "summary.json")
+    out = amplifier_size(prepared / "data", prepared / "params.yaml", [2, 6])
+    small, whole = out["rows"]
+    assert (small["per_class"], whole["per_class"], out["synthetic_per_class"]) == (2, 6, 6)
+    assert whole["val_aligned_accuracy"] == summary["val_aligned_accuracy"]
+    assert whole["val_conflicting_accuracy"] == summary["val_conflicting_accuracy"]
+    for row in out["rows"]:
+        assert row["wrong"] == row["wrong_conflicting"] + row["wrong_aligned"] and 0 <= row["precision"] <= 1
+    with pytest.raises(SystemExit, match="images per class"):
+        amplifier_size(prepared / "data", prepared / "params.yaml", [7])
