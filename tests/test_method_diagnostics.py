@@ -89,4 +89,3 @@ def test_knob_validation_scores_a_registry_sweep_on_validation_seeds(tiny_dag, m
         assert out["chosen"]["bias_removed"] == max(r["bias_removed"] for r in ok)
     else:
         assert out["chosen"] is None
-
