@@ -215,7 +215,6 @@ def main() -> None:
             set_params(w, rho, seed, base, args.profile)
             ran = []  # this seed's amplifier stages: only their metrics files describe this seed
             trained = {}  # source → the amplifier keys its current model was trained with
-
             sources = {amplifier_source(m) for m, _ in todo} - {None}
             if "synthetic" in sources:
                 run(w, ["stages.sample_bias_aligned"], timings, f"sample_bias_aligned seed {seed}")
@@ -225,8 +224,8 @@ def main() -> None:
             for m, pt in todo:
                 label, stage_method = point_label(pt), VARIANTS[m]
                 set_params(w, rho, seed, {**base, **pt}, args.profile)
-                if amplifier_source(m):
-                    ensure_amplifier(w, amplifier_source(m), {k: v for k, v in pt.items() if k in AMPLIFIER_KEYS},
+                if source := amplifier_source(m):
+                    ensure_amplifier(w, source, {k: v for k, v in pt.items() if k in AMPLIFIER_KEYS},
                                      trained, ran, timings, seed)
                 run(w, ["stages.debias_classifier", "--method", stage_method], timings,
                     f"debias_classifier@{m} [{label}] seed {seed}")
