@@ -4,6 +4,7 @@ chosen on validation, scored on test once; means ± std and 95% t-intervals per 
     python benchmarks/ddb_table.py --profile params_lff.yaml --ratios 0.99 0.995 --seeds 0 1 2   # LfF's setting
     python benchmarks/ddb_table.py --ratios 0.99 --seeds 0 1 2                                  # the CPU profile
     python benchmarks/ddb_table.py --budget my_budget.yaml ...                                  # another budget
+    python benchmarks/ddb_table.py --jobs 3 ...                                # the seeds side by side, one thread each
 
 Protocol (docs/protocol.md, "Diffusing DeBias"): every table row (method) gets the same selection budget — the same
 number of hyperparameter points, `BUDGET` below or a `--budget` YAML file {method: {ddb.KEY: [values]}} (product per
@@ -16,9 +17,12 @@ merged on — with data.bias_ratio = ρ) where the stages run as plain `python -
 prepare_data → train_classifiers → train_diffusion (once per ρ), then per seed (ddb.seed = s) sample_bias_aligned →
 train_bias_amplifier[_real] (once per seed at the base settings, and again for a point that sets an amplifier key,
 `AMPLIFIER_KEYS`: then the amplifier is part of what validation chooses) →
-debias_classifier@<method> for every point of every method. A run whose row exists (<workdir>/rows.jsonl) is skipped,
-so the script resumes. One MLflow run per stage execution (experiment debias-diffusion, tags method / bias_ratio /
-ddb_seed) goes to $MLFLOW_TRACKING_URI, default sqlite:///<workdir>/mlflow.db.
+debias_classifier@<method> for every point of every method. With `--jobs N` the seeds run N at a time, each in a
+work directory of its own (<workdir>/rho_<ρ>_seed_<s>: the per-ρ stages' outputs linked, data/ of its own) at one
+torch thread (OMP_NUM_THREADS, when set); a stage's CPU time is its own process's either way. A run whose row exists
+(<workdir>/rows.jsonl) is skipped, so the script resumes. One MLflow run per stage execution (experiment
+debias-diffusion, tags method / bias_ratio / ddb_seed) goes to $MLFLOW_TRACKING_URI, default
+sqlite:///<workdir>/mlflow.db.
 
 Writes <out>.json (every row, the summary, the choice, the budget, timings) and <out>.md (the table and protocol).
 """
@@ -30,11 +34,13 @@ import itertools
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +70,10 @@ AMPLIFIER_KEYS = {"ddb.amplifier_epochs", "ddb.amplifier_loss"}
 POINT_KEYS = {"ddb.lr", "ddb.weight_decay", "ddb.dro_weight_decay", "ddb.dro_eta", "ddb.ema", "ddb.gce_q",
               "ddb.ba_temperature", "ddb.pseudo_bias", "ddb.group_sampling", "ddb.epochs", "ddb.batch_size",
               *AMPLIFIER_KEYS}
+
+
+SHARED = ("data/prepared", "data/judges", "data/models")  # the per-ρ stages' outputs every seed's stages read
+LOCK = threading.Lock()  # rows and timings, written by side-by-side seeds (`--jobs`)
 
 
 def amplifier_source(method: str) -> str | None:
@@ -111,33 +121,89 @@ def set_params(w: Path, rho: float, seed: int, overrides: dict, profile: Path | 
     (w / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def _children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
-def run(w: Path, args: list[str], timings: dict, label: str) -> None:
-    start, cpu = time.perf_counter(), _children_cpu()
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=w, env={**os.environ, "PYTHONPATH": str(w)},
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    timings[label] = {"wall_s": time.perf_counter() - start, "cpu_s": _children_cpu() - cpu}
-    lines = [ln for ln in proc.stdout.splitlines() if "it/s]" not in ln and "s/it]" not in ln]
-    t = timings[label]
+def run(w: Path, args: list[str], timings: dict, label: str, threads: int | None = None) -> None:
+    """`python -m <args>` in work directory `w`; its wall and CPU seconds go to timings[label]. The CPU time is the
+    child's own rusage (os.wait4), so it stays exact while other seeds' stages run beside it (`--jobs`); `threads`:
+    the child's OMP_NUM_THREADS."""
+    env = {**os.environ, "PYTHONPATH": str(w), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    start = time.perf_counter()
+    with tempfile.TemporaryFile(mode="w+") as out:
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=w, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        lines = [ln for ln in out.read().splitlines() if "it/s]" not in ln and "s/it]" not in ln]
+    t = {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime}
+    with LOCK:
+        timings[label] = t
     print(f"  [{t['wall_s']:6.0f} s wall, {t['cpu_s']:6.0f} s CPU] {label}: " + (lines[-1] if lines else ""),
           flush=True)
     if proc.returncode:
         raise SystemExit(f"{label} failed in {w}:\n" + "\n".join(lines[-20:]))
 
 
-def ensure_amplifier(w: Path, source: str, amp: dict, trained: dict, ran: list, timings: dict, seed: int) -> None:
+def ensure_amplifier(w: Path, source: str, amp: dict, trained: dict, ran: list, timings: dict, seed: int,
+                     threads: int | None = None) -> None:
     """(Re)train the seed's `source` amplifier if its current model was trained with other amplifier keys than
     `amp` (params.yaml in `w` already holds them); `trained` maps source → those keys, `ran` the stages run."""
     if trained.get(source) != amp:
         name = "train_bias_amplifier" + ("_real" if source == "real" else "")
         run(w, ["stages.train_bias_amplifier", "--source", source], timings,
-            f"{name} seed {seed}" + (f" [{point_label(amp)}]" if amp else ""))
+            f"{name} seed {seed}" + (f" [{point_label(amp)}]" if amp else ""), threads=threads)
         trained[source] = amp
         ran.append(name)
+
+
+def seed_workdir(w: Path, seed: int) -> Path:
+    """One seed's own work directory beside the ρ one (`--jobs` > 1): copies of its pipeline/ and stages/, links to
+    the per-ρ stages' outputs (`SHARED`, read only), and data/ of its own for everything the seed's stages write."""
+    ws = w.parent / f"{w.name}_seed_{seed}"
+    for name in ("pipeline", "stages"):
+        if (ws / name).exists():
+            shutil.rmtree(ws / name)
+        shutil.copytree(w / name, ws / name)
+    for rel in SHARED:
+        link = ws / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to((w / rel).resolve())
+    (ws / "data" / "metrics").mkdir(parents=True, exist_ok=True)
+    return ws
+
+
+def run_seed(w: Path, rho: float, seed: int, todo: list, base: dict, profile: Path | None, timings: dict,
+             record, threads: int | None = None) -> None:
+    """One seed's stages in work directory `w`: sample_bias_aligned (if a row reads the synthetic amplifier), the
+    amplifiers at the base settings, then each (method, point) of `todo` — its amplifier retrained first if the point
+    sets `AMPLIFIER_KEYS` — and its classifier; `record(row)` gets each finished row."""
+    set_params(w, rho, seed, base, profile)
+    ran = []  # this seed's amplifier stages: only their metrics files describe this seed
+    trained = {}  # source → the amplifier keys its current model was trained with
+    sources = {amplifier_source(m) for m, _ in todo} - {None}
+    if "synthetic" in sources:
+        run(w, ["stages.sample_bias_aligned"], timings, f"sample_bias_aligned seed {seed}", threads=threads)
+        ran.append("sample_bias_aligned")
+    for source in sorted(sources, reverse=True):  # at the base settings first: every row records them
+        ensure_amplifier(w, source, {}, trained, ran, timings, seed, threads)
+    for m, pt in todo:
+        label, stage_method = point_label(pt), VARIANTS[m]
+        set_params(w, rho, seed, {**base, **pt}, profile)
+        if source := amplifier_source(m):
+            ensure_amplifier(w, source, {k: v for k, v in pt.items() if k in AMPLIFIER_KEYS},
+                             trained, ran, timings, seed, threads)
+        key = f"debias_classifier@{m} [{label}] seed {seed}"
+        run(w, ["stages.debias_classifier", "--method", stage_method], timings, key, threads=threads)
+        row = json.loads((w / "data/metrics" / f"debias_classifier_{stage_method}.json").read_text())
+        row.update(method=m, bias_ratio=rho, seed=seed, point=label, cpu_s=timings[key]["cpu_s"])
+        for stage in ran:  # not a file an earlier seed (or a copied work directory) left behind
+            f = w / "data/metrics" / f"{stage}.json"
+            if f.is_file():
+                extra = json.loads(f.read_text())
+                row[f"{stage}.aligned_fraction" if stage == "sample_bias_aligned" else
+                    f"{stage}.test_conflicting_accuracy"] = extra.get(
+                    "aligned_fraction", extra.get("test_conflicting_accuracy"))
+        record(row)
 
 
 def t_interval(row: dict, key: str) -> float:
@@ -178,6 +244,8 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, default=None, help="a params_<name>.yaml merged onto params.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="extra params overrides")
     ap.add_argument("--budget", type=Path, default=None, help="YAML {method: {ddb.KEY: [values]}}; default BUDGET")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run side by side, each in its own work directory "
+                    "(<workdir>/rho_<ρ>_seed_<s>) at one torch thread (OMP_NUM_THREADS, when set)")
     ap.add_argument("--select-by", default="val_unbiased_accuracy", help="validation metric that chooses the point")
     args = ap.parse_args()
     base = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -196,6 +264,15 @@ def main() -> None:
         return any(r["bias_ratio"] == rho and r["seed"] == seed and r["method"] == m and r["point"] == label
                    for r in done)
 
+    def record(row: dict) -> None:  # one finished classifier run; seeds may finish side by side (`--jobs`)
+        with LOCK:
+            done.append(row)
+            timings_path.write_text(json.dumps(timings_all, indent=1))
+            with results_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # side-by-side seeds run their stages at one thread each unless OMP_NUM_THREADS says otherwise
+    seed_threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
     for rho in args.ratios:
         w = workdir_for(args.workdir, rho)
         print(f"ρ = {rho}: {w}", flush=True)
@@ -207,42 +284,23 @@ def main() -> None:
                 run(w, [f"stages.{stage}"], timings, stage)
             marker.write_text(str(rho))
             timings_path.write_text(json.dumps(timings_all, indent=1))
-        for seed in args.seeds:
-            todo = [(m, pt) for m in args.methods for pt in points[m] if not have(rho, seed, m, point_label(pt))]
-            if not todo:
-                continue
-            print(f"  seed {seed}: {len(todo)} classifier runs", flush=True)
-            set_params(w, rho, seed, base, args.profile)
-            ran = []  # this seed's amplifier stages: only their metrics files describe this seed
-            trained = {}  # source → the amplifier keys its current model was trained with
-            sources = {amplifier_source(m) for m, _ in todo} - {None}
-            if "synthetic" in sources:
-                run(w, ["stages.sample_bias_aligned"], timings, f"sample_bias_aligned seed {seed}")
-                ran.append("sample_bias_aligned")
-            for source in sorted(sources, reverse=True):  # at the base settings first: every row records them
-                ensure_amplifier(w, source, {}, trained, ran, timings, seed)
-            for m, pt in todo:
-                label, stage_method = point_label(pt), VARIANTS[m]
-                set_params(w, rho, seed, {**base, **pt}, args.profile)
-                if source := amplifier_source(m):
-                    ensure_amplifier(w, source, {k: v for k, v in pt.items() if k in AMPLIFIER_KEYS},
-                                     trained, ran, timings, seed)
-                run(w, ["stages.debias_classifier", "--method", stage_method], timings,
-                    f"debias_classifier@{m} [{label}] seed {seed}")
-                row = json.loads((w / "data/metrics" / f"debias_classifier_{stage_method}.json").read_text())
-                row.update(method=m, bias_ratio=rho, seed=seed, point=label,
-                           cpu_s=timings[f"debias_classifier@{m} [{label}] seed {seed}"]["cpu_s"])
-                for stage in ran:  # not a file an earlier seed (or a copied work directory) left behind
-                    f = w / "data/metrics" / f"{stage}.json"
-                    if f.is_file():
-                        extra = json.loads(f.read_text())
-                        row[f"{stage}.aligned_fraction" if stage == "sample_bias_aligned" else
-                            f"{stage}.test_conflicting_accuracy"] = extra.get(
-                            "aligned_fraction", extra.get("test_conflicting_accuracy"))
-                done.append(row)
-                timings_path.write_text(json.dumps(timings_all, indent=1))
-                with results_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+        todo = {seed: [(m, pt) for m in args.methods for pt in points[m]
+                       if not have(rho, seed, m, point_label(pt))] for seed in args.seeds}
+        todo = {seed: runs for seed, runs in todo.items() if runs}
+
+        def one_seed(item, w=w, rho=rho, timings=timings):
+            seed, runs = item
+            ws = w if args.jobs == 1 else seed_workdir(w, seed)
+            print(f"  seed {seed}: {len(runs)} classifier runs" + (f" in {ws}" if ws != w else ""), flush=True)
+            run_seed(ws, rho, seed, runs, base, args.profile, timings, record,
+                     threads=None if args.jobs == 1 else seed_threads)
+
+        if args.jobs == 1:
+            for item in todo.items():
+                one_seed(item)
+        else:
+            with ThreadPoolExecutor(args.jobs) as pool:
+                list(pool.map(one_seed, todo.items()))  # re-raises a seed's failure here
     labels = {m: {point_label(pt) for pt in points[m]} for m in args.methods}
     rows = [r for r in done if r["bias_ratio"] in args.ratios and r["seed"] in args.seeds
             and r["method"] in args.methods and r["point"] in labels[r["method"]]]

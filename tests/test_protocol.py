@@ -240,7 +240,7 @@ def test_table_rows_carry_only_their_own_seeds_amplifier_figures(tmp_path, monke
     (metrics.parent / "bias_ratio.txt").write_text("0.99")  # the per-ρ stages are done
     (metrics / "train_bias_amplifier_real.json").write_text(json.dumps({"test_conflicting_accuracy": 0.9}))
 
-    def fake_run(w, args, timings, label):  # each stage writes what the real one would, with marked values
+    def fake_run(w, args, timings, label, threads=None):  # each stage writes what the real one would, marked values
         timings[label] = {"wall_s": 0.0, "cpu_s": 0.0}
         out = w / "data" / "metrics"
         if args[0] == "stages.sample_bias_aligned":
@@ -280,7 +280,7 @@ def test_a_point_that_sets_an_amplifier_key_gets_its_own_amplifier(tmp_path, mon
     (metrics.parent / "bias_ratio.txt").write_text("0.99")
     calls = []
 
-    def fake_run(w, args, timings, label):
+    def fake_run(w, args, timings, label, threads=None):
         timings[label] = {"wall_s": 0.0, "cpu_s": 0.0}
         ddb = yaml.safe_load((w / "params.yaml").read_text())["ddb"]
         calls.append((args[0], args[-1], ddb["amplifier_epochs"]))
@@ -311,6 +311,79 @@ def test_a_point_that_sets_an_amplifier_key_gets_its_own_amplifier(tmp_path, mon
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["train_bias_amplifier.test_conflicting_accuracy"] for r in rows] == [0.005, 0.05, base / 1000,
                                                                                    base / 1000]
+
+
+def test_side_by_side_seeds_each_run_in_a_work_directory_of_their_own(tmp_path, monkeypatch):
+    """benchmarks/ddb_table.py --jobs 2: each seed's stages run in <workdir>/rho_<ρ>_seed_<s> (its own params.yaml
+    and data/, the per-ρ stages' outputs linked) at one thread, and every row carries its own seed's figures."""
+    import json
+    import sys
+    import threading
+
+    import yaml
+
+    import benchmarks.ddb_table as table
+
+    rho_dir = tmp_path / "rho_0.99"
+    (rho_dir / "data" / "metrics").mkdir(parents=True)
+    (rho_dir / "data" / "bias_ratio.txt").write_text("0.99")
+    for rel in table.SHARED:
+        (rho_dir / rel).mkdir(parents=True)
+    calls, both_started, lock = [], threading.Barrier(2, timeout=10), threading.Lock()
+
+    def fake_run(w, args, timings, label, threads=None):
+        seed = yaml.safe_load((w / "params.yaml").read_text())["ddb"]["seed"]
+        if args[0] == "stages.sample_bias_aligned":
+            both_started.wait()  # the two seeds really are in flight together
+        with lock:
+            calls.append((w.name, seed, args[0], threads))
+            timings[label] = {"wall_s": 0.0, "cpu_s": 0.0}
+        out = w / "data" / "metrics"
+        if args[0] == "stages.train_bias_amplifier":
+            (out / "train_bias_amplifier.json").write_text(json.dumps({"test_conflicting_accuracy": seed / 10}))
+        elif args[0] == "stages.debias_classifier":
+            keys = ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy")
+            (out / f"debias_classifier_{args[-1]}.json").write_text(json.dumps(
+                {k: 0.5 + seed / 10 for k in (*keys, *(f"val_{k}" for k in keys))}))
+
+    monkeypatch.setattr(table, "run", fake_run)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setattr(sys, "argv", ["ddb_table.py", "--ratios", "0.99", "--seeds", "1", "2", "--methods", "erm",
+                                      "recipe1", "--jobs", "2", "--workdir", str(tmp_path),
+                                      "--out", str(tmp_path / "table")])
+    table.main()
+    assert {(name, seed) for name, seed, _, _ in calls} == {("rho_0.99_seed_1", 1), ("rho_0.99_seed_2", 2)}
+    assert {threads for *_, threads in calls} == {1}
+    for seed in (1, 2):
+        for rel in table.SHARED:
+            assert (tmp_path / f"rho_0.99_seed_{seed}" / rel).resolve() == (rho_dir / rel).resolve()
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 8  # 2 seeds × 2 methods × 2 points
+    for r in rows:
+        assert r["unbiased_accuracy"] == 0.5 + r["seed"] / 10
+        if r["method"] == "recipe1":
+            assert r["train_bias_amplifier.test_conflicting_accuracy"] == r["seed"] / 10
+    timings = json.loads((tmp_path / "timings.json").read_text())["0.99"]
+    assert sum(label.startswith("debias_classifier") for label in timings) == 8
+
+
+def test_a_stages_cpu_time_is_its_own_while_another_runs_beside_it(tmp_path):
+    """benchmarks/ddb_table.run: the CPU seconds recorded for a stage are its own process's (os.wait4), not those of
+    another stage that ended meanwhile (`--jobs`)."""
+    import threading
+
+    import benchmarks.ddb_table as table
+
+    timings = {}
+    busy = threading.Thread(target=table.run, args=(tmp_path, ["timeit", "-n", "1", "-r", "1", "sum(range(3 * 10**7))"],
+                                                     timings, "busy"))
+    busy.start()
+    table.run(tmp_path, ["timeit", "-n", "1", "-r", "1", "-s", "import time", "time.sleep(3)"], timings, "sleeper")
+    busy.join()
+    assert timings["busy"]["wall_s"] < timings["sleeper"]["wall_s"]  # the busy one ended while the sleeper ran
+    assert timings["busy"]["cpu_s"] > 0.3
+    assert timings["sleeper"]["cpu_s"] < 0.5 * timings["busy"]["cpu_s"]
 
 
 def test_amplifier_size_diagnostic_trains_the_stages_amplifier_on_each_subset(prepared, monkeypatch):
