@@ -214,7 +214,7 @@ def t_interval(row: dict, key: str) -> float:
     return float(t.ppf(0.975, n - 1) * row[key + "_std"] / np.sqrt(n)) if n > 1 else float("nan")
 
 
-def protocol_note(budget: dict, select_by: str, chosen: dict, profile, seeds, timings) -> list[str]:
+def protocol_note(budget: dict, select_by: str, chosen: dict, profile, seeds, timings, jobs: int = 1) -> list[str]:
     """The protocol, stated beside the table (docs/protocol.md)."""
     n = check_budget({m: grid_points(s) for m, s in budget.items()})
     cpu = sum(t["cpu_s"] for rho in timings.values() for t in rho.values() if isinstance(t, dict))
@@ -224,7 +224,9 @@ def protocol_note(budget: dict, select_by: str, chosen: dict, profile, seeds, ti
              "balanced, held out of all training) is chosen; the test split (colour-uniform) is read only to score "
              "the chosen point. Cells: test mean ± sample std over seeds [95% t-interval half-width]. "
              f"Profile: {profile or 'params.yaml (CPU base)'}. Machine: {platform.machine()} CPU, "
-             f"{os.environ.get('OMP_NUM_THREADS', '?')} torch thread(s), {os.cpu_count()} cores, load average "
+             + (f"{os.environ.get('OMP_NUM_THREADS', 'all')} torch thread(s)" if jobs == 1 else
+                f"the seeds {jobs} at a time at {os.environ.get('OMP_NUM_THREADS', '1')} torch thread(s) each")
+             + f", {os.cpu_count()} cores, load average "
              f"{os.getloadavg()[0]:.1f} at the end; "
              f"{cpu:.0f} CPU-s in all stage runs of the work directory.", "", "| method | budget | chosen (per ρ) |",
              "|---|---|---|"]
@@ -311,7 +313,7 @@ def main() -> None:
         for k in ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy"):
             r[k + "_ci95"] = t_interval(r, k)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    note = protocol_note(budget, args.select_by, chosen, args.profile, args.seeds, timings_all)
+    note = protocol_note(budget, args.select_by, chosen, args.profile, args.seeds, timings_all, args.jobs)
     Path(f"{args.out}.json").write_text(json.dumps(
         {"rows": rows, "summary": table, "timings": timings_all, "selected_by": args.select_by, "budget": budget,
          "chosen": {f"{k[0]}|{k[1]}": v for k, v in chosen.items()},

@@ -376,14 +376,15 @@ def test_a_stages_cpu_time_is_its_own_while_another_runs_beside_it(tmp_path):
     import benchmarks.ddb_table as table
 
     timings = {}
-    busy = threading.Thread(target=table.run, args=(tmp_path, ["timeit", "-n", "1", "-r", "1", "sum(range(3 * 10**7))"],
-                                                     timings, "busy"))
-    busy.start()
-    table.run(tmp_path, ["timeit", "-n", "1", "-r", "1", "-s", "import time", "time.sleep(3)"], timings, "sleeper")
-    busy.join()
-    assert timings["busy"]["wall_s"] < timings["sleeper"]["wall_s"]  # the busy one ended while the sleeper ran
+    waiter = threading.Thread(target=table.run, args=(  # idles until the busy stage below has ended
+        tmp_path, ["timeit", "-n", "1", "-r", "1", "-s", "import os, time",
+                   "while not os.path.exists('busy_done'): time.sleep(0.05)"], timings, "waiter"))
+    waiter.start()
+    table.run(tmp_path, ["timeit", "-n", "1", "-r", "1", "sum(range(3 * 10**7))"], timings, "busy")
+    (tmp_path / "busy_done").touch()
+    waiter.join(timeout=60)
     assert timings["busy"]["cpu_s"] > 0.3
-    assert timings["sleeper"]["cpu_s"] < 0.5 * timings["busy"]["cpu_s"]
+    assert timings["waiter"]["cpu_s"] < 0.5 * timings["busy"]["cpu_s"]
 
 
 def test_amplifier_size_diagnostic_trains_the_stages_amplifier_on_each_subset(prepared, monkeypatch):
