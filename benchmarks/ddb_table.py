@@ -94,12 +94,17 @@ def point_label(over: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in over.items()) or "(params)"
 
 
+def copy_code(src: Path, dst: Path) -> None:
+    """Fresh copies of src's pipeline/ and stages/ in dst (what a work directory runs its stages with)."""
+    for name in ("pipeline", "stages"):
+        if (dst / name).exists():
+            shutil.rmtree(dst / name)
+        shutil.copytree(src / name, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+
+
 def workdir_for(root: Path, rho: float) -> Path:
     w = root / f"rho_{rho}"
-    for name in ("pipeline", "stages"):
-        if (w / name).exists():
-            shutil.rmtree(w / name)
-        shutil.copytree(ROOT / name, w / name, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_code(ROOT, w)
     return w
 
 
@@ -159,10 +164,7 @@ def seed_workdir(w: Path, seed: int) -> Path:
     """One seed's own work directory beside the ρ one (`--jobs` > 1): copies of its pipeline/ and stages/, links to
     the per-ρ stages' outputs (`SHARED`, read only), and data/ of its own for everything the seed's stages write."""
     ws = w.parent / f"{w.name}_seed_{seed}"
-    for name in ("pipeline", "stages"):
-        if (ws / name).exists():
-            shutil.rmtree(ws / name)
-        shutil.copytree(w / name, ws / name)
+    copy_code(w, ws)
     for rel in SHARED:
         link = ws / rel
         link.parent.mkdir(parents=True, exist_ok=True)
