@@ -18,8 +18,9 @@ fp32 loop, in one run; medians of interleaved repeats and their ratios (docs/res
 δ and the ADP are built untrained (δ: make_delta of the U-Net; ADP: random probe weights): their cost does not
 depend on what they learnt. Training images are seeded random tensors of the profile's shape, for the same reason.
 Both arms run on one thread (torch.set_num_threads(1), `--threads`) so a shared machine treats them alike; arms
-are interleaved (ABBA order) over `--reps` repeats, and rates count the process's CPU seconds (wall-clock rates
-are kept alongside: under load they also count other jobs' turns on the core).
+are interleaved over `--reps` repeats (`round_order`: over 2k repeats of k arms each arm runs in each position
+equally often), and rates count the process's CPU seconds (wall-clock rates are kept alongside: under load they
+also count other jobs' turns on the core).
 Results: benchmarks/results/throughput_cpu.json (`--out`).
 """
 
@@ -138,15 +139,24 @@ def untrained_methods(unet, scheduler, params, *, steps: int, group: int, dg_ste
     return invdiff, distguide
 
 
+def round_order(names: list[str], r: int) -> list[str]:
+    """The arms' order in round r: the list rotated by r mod k, reversed on every other pass of k rounds. Over 2k
+    rounds every arm runs in every position twice (k = 2: ABBA BAAB), so no arm always sits between two others
+    — plain ABBA with three arms keeps the middle one there every round, where it meets a warmer cache."""
+    k = len(names)
+    rotated = names[r % k:] + names[:r % k]
+    return rotated[::-1] if (r // k) % 2 else rotated
+
+
 def interleaved(arms: dict, reps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """(rates by CPU time, rates by wall time) of each arm — a callable returning the work done per call — over
-    `reps` rounds in ABBA order, after one warm-up call each. CPU time (process_time, one torch thread) is what
+    `reps` rounds in `round_order`, after one warm-up call each. CPU time (process_time, one torch thread) is what
     the ratios use: on a shared machine the wall clock also counts the time other jobs held the core."""
     for fn in arms.values():
         fn()
     cpu, wall = {k: [] for k in arms}, {k: [] for k in arms}
     for r in range(reps):
-        for name in (list(arms) if r % 2 == 0 else list(reversed(arms))):
+        for name in round_order(list(arms), r):
             c0, w0 = time.process_time(), time.perf_counter()
             work = arms[name]()
             cpu[name].append(work / (time.process_time() - c0))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from benchmarks.throughput import peer_ddim, run
+from benchmarks.throughput import interleaved, peer_ddim, round_order, run
 from pipeline.diffusion import build_unet, make_noise_scheduler, null_class
 from pipeline.pretrained import DiffusionModel
 from pipeline.sampling import SamplerSettings, make_scheduler, sample, sample_seeds
@@ -54,3 +54,17 @@ def test_invdiff_cost_times_each_delta_width_against_the_plain_sampler(tmp_path,
     ratios = result["by_batch"]["3"]["time_over_baseline"]
     assert set(ratios) == {"invdiff_w0.45", "invdiff_w0.25"}
     assert all(math.isfinite(r) and r > 0 for r in ratios.values())
+
+
+def test_every_arm_runs_in_every_position_equally_often():
+    # plain ABBA with three arms put the middle arm (the peer) in the middle of every round
+    for k in (2, 3, 4):
+        names = [f"arm{i}" for i in range(k)]
+        orders = [round_order(names, r) for r in range(2 * k)]
+        assert all(sorted(o) == names for o in orders)
+        for name in names:
+            assert sorted(o.index(name) for o in orders) == sorted(list(range(k)) * 2), (k, name)
+    assert [round_order(["a", "b"], r) for r in range(4)] == [["a", "b"], ["b", "a"], ["b", "a"], ["a", "b"]]
+    calls = []
+    interleaved({n: (lambda n=n: calls.append(n) or 1) for n in "abc"}, reps=6)
+    assert calls[3:] == [x for r in range(6) for x in round_order(list("abc"), r)]  # after one warm-up call each
