@@ -74,7 +74,8 @@ def main(argv=None) -> None:
         print(f"batch {k}: " + ", ".join(f"{n} {r:.3f}x" for n, r in rows[str(k)]["time_over_baseline"].items()),
               flush=True)
     result = {"machine": machine(), "steps": s.num_inference_steps, "repeats": args.repeats, "deltas": deltas,
-              "timing": "rates per CPU second of the process (one torch thread); arms interleaved ABBA",
+              "timing": "rates per CPU second of the process (one torch thread); arms interleaved, each in "
+                        "every position in turn (throughput.round_order)",
               "by_batch": rows, "target": "InvDiff time <= 1.25x the baseline sampler's"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
