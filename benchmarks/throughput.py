@@ -142,7 +142,7 @@ def untrained_methods(unet, scheduler, params, *, steps: int, group: int, dg_ste
 def round_order(names: list[str], r: int) -> list[str]:
     """The arms' order in round r: the list rotated by r mod k, reversed on every other pass of k rounds. Over 2k
     rounds every arm runs in every position twice (k = 2: ABBA BAAB), so no arm always sits between two others
-    — plain ABBA with three arms keeps the middle one there every round, where it meets a warmer cache."""
+    — plain ABBA with three arms keeps the middle one there every round, so any order effect hits it every time."""
     k = len(names)
     rotated = names[r % k:] + names[:r % k]
     return rotated[::-1] if (r // k) % 2 else rotated

@@ -3,6 +3,7 @@ gives bit for bit our sampler's images, so the side-by-side timing compares the 
 
 import json
 import math
+import time
 
 import numpy as np
 import torch
@@ -66,5 +67,15 @@ def test_every_arm_runs_in_every_position_equally_often():
             assert sorted(o.index(name) for o in orders) == sorted(list(range(k)) * 2), (k, name)
     assert [round_order(["a", "b"], r) for r in range(4)] == [["a", "b"], ["b", "a"], ["b", "a"], ["a", "b"]]
     calls = []
-    interleaved({n: (lambda n=n: calls.append(n) or 1) for n in "abc"}, reps=6)
+
+    def arm(name):
+        def fn():  # runs until the process clock moves, so the arm's rate has a non-zero time
+            calls.append(name)
+            t = time.process_time()
+            while time.process_time() == t:
+                pass
+            return 1
+        return fn
+
+    interleaved({n: arm(n) for n in "abc"}, reps=6)
     assert calls[3:] == [x for r in range(6) for x in round_order(list("abc"), r)]  # after one warm-up call each
