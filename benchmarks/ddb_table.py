@@ -30,6 +30,7 @@ Writes <out>.json (every row, the summary, the choice, the budget, timings) and 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -66,12 +67,17 @@ BUDGET = {"erm": {"ddb.weight_decay": WD}, "lff": {"ddb.weight_decay": WD},
           "recipe1_real": {"ddb.dro_weight_decay": WD}, "recipe2_real": {"ddb.weight_decay": WD}}
 # keys a point may set: read by debias_classifier (the synthetic set is sampled once per seed), or by
 # train_bias_amplifier (AMPLIFIER_KEYS: the point's amplifier is retrained with them before its classifier runs)
-AMPLIFIER_KEYS = {"ddb.amplifier_epochs", "ddb.amplifier_loss"}
+AMPLIFIER_KEYS = {"ddb.amplifier_epochs", "ddb.amplifier_loss", "ddb.amplifier_shift"}
 POINT_KEYS = {"ddb.lr", "ddb.weight_decay", "ddb.dro_weight_decay", "ddb.dro_eta", "ddb.ema", "ddb.gce_q",
               "ddb.ba_temperature", "ddb.pseudo_bias", "ddb.group_sampling", "ddb.epochs", "ddb.batch_size",
               *AMPLIFIER_KEYS}
 
 
+# what sample_bias_aligned reads from the `ddb` section (`sampling_stamp`), where it writes, and the stamp beside it
+SAMPLING_KEYS = {"ddb": ("seed", "num_per_class", "guidance_scale", "num_inference_steps", "sample_batch_size"),
+                 "sample": ("scheduler", "timestep_spacing", "eta")}
+SYNTHETIC = Path("data/methods/ddb_synthetic/images.npz")
+SAMPLED_STAMP = Path("data/ddb_synthetic_stamp.json")
 SHARED = ("data/prepared", "data/judges", "data/models")  # the per-ρ stages' outputs every seed's stages read
 LOCK = threading.Lock()  # rows and timings, written by side-by-side seeds (`--jobs`)
 
@@ -174,6 +180,19 @@ def seed_workdir(w: Path, seed: int) -> Path:
     return ws
 
 
+def sampling_stamp(w: Path) -> dict:
+    """What sample_bias_aligned's images depend on in work directory `w`: its sampling params, the bias ratio
+    and the diffusion model's files (sha256). A seed whose synthetic set was made with the same stamp reuses it (the
+    sampler is seeded: the same stamp gives the same images), so a table re-run with other classifier or amplifier
+    settings does not sample again — the costliest stage of the branch."""
+    raw = yaml.safe_load((w / "params.yaml").read_text())
+    model = w / "data/models/diffusion"
+    files = {str(f.relative_to(model)): hashlib.sha256(f.read_bytes()).hexdigest()
+             for f in sorted(model.rglob("*")) if f.is_file()}
+    return {"bias_ratio": raw["data"]["bias_ratio"], "model": files,
+            **{f"{section}.{k}": raw[section][k] for section, keys in SAMPLING_KEYS.items() for k in keys}}
+
+
 def run_seed(w: Path, rho: float, seed: int, todo: list, base: dict, profile: Path | None, timings: dict,
              record, threads: int | None = None) -> None:
     """One seed's stages in work directory `w`: sample_bias_aligned (if a row reads the synthetic amplifier), the
@@ -184,7 +203,14 @@ def run_seed(w: Path, rho: float, seed: int, todo: list, base: dict, profile: Pa
     trained = {}  # source → the amplifier keys its current model was trained with
     sources = {amplifier_source(m) for m, _ in todo} - {None}
     if "synthetic" in sources:
-        run(w, ["stages.sample_bias_aligned"], timings, f"sample_bias_aligned seed {seed}", threads=threads)
+        stamp, made = sampling_stamp(w), w / SAMPLED_STAMP
+        if made.is_file() and json.loads(made.read_text()) == stamp and (w / SYNTHETIC).is_file():
+            print(f"  sample_bias_aligned seed {seed}: reused ({made}: the same model and sampling params)",
+                  flush=True)
+        else:
+            made.unlink(missing_ok=True)
+            run(w, ["stages.sample_bias_aligned"], timings, f"sample_bias_aligned seed {seed}", threads=threads)
+            made.write_text(json.dumps(stamp))
         ran.append("sample_bias_aligned")
     for source in sorted(sources, reverse=True):  # at the base settings first: every row records them
         ensure_amplifier(w, source, {}, trained, ran, timings, seed, threads)

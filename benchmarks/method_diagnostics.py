@@ -442,7 +442,7 @@ def amplifier_size(data: Path, params_path: Path, sizes: list[int]) -> dict:
     )
 
     p = load_params(params_path).ddb
-    cfg = TrainConfig.from_params(p, p.amplifier_epochs, p.amplifier_loss)
+    cfg = TrainConfig.from_params(p, p.amplifier_epochs, p.amplifier_loss, p.amplifier_shift)
     meta = load_meta(data / "prepared")
     aligned = np.asarray(meta.aligned)
     train = load_split(data / "prepared", "train", with_bias=True)

@@ -327,6 +327,7 @@ class DdbParams(_Section):
     epochs: int = Field(30, ge=1)
     amplifier_epochs: int = Field(100, ge=1)
     amplifier_loss: Literal["gce", "ce"] = "gce"
+    amplifier_shift: int = Field(0, ge=0, le=8)
     # the recipes
     ema: float = Field(0.7, ge=0.0, lt=1.0)
     gce_q: float = Field(0.7, gt=0.0, le=1.0)

@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     meta = load_meta(PREPARED)  # class count and each class's bias-aligned attribute value
     p = params.ddb
     device()  # thread count
-    cfg = TrainConfig.from_params(p, p.amplifier_epochs, p.amplifier_loss)
+    cfg = TrainConfig.from_params(p, p.amplifier_epochs, p.amplifier_loss, p.amplifier_shift)
     name = "train_bias_amplifier" + ("_real" if args.source == "real" else "")
     with mlflow_run(name, params, ("ddb",), extra_tags={"bias_ratio": str(params.data.bias_ratio),
                                                         "ddb_seed": str(p.seed)}) as run:
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
         else:
             train = load_split(PREPARED, "train", with_bias=False)
             model = fit_classifier(flatten_images(train.images), torch.from_numpy(train.classes), meta.num_classes, cfg,
-                                   what="bias amplifier (real)", log=log)
+                                   what="bias amplifier (real)", log=log, image_shape=train.images.shape[1:])
             n = len(train.classes)
         summary = {}
         for prefix, split in (("val", VALIDATION_SPLIT), ("test", "test")):  # read after training only

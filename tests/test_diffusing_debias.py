@@ -191,6 +191,47 @@ def test_bias_amplifier_trains_on_synthetic_images_only(monkeypatch):
         ddb.train_bias_amplifier(real, 3, ddb.TrainConfig(epochs=1))
 
 
+def test_random_translate_matches_an_explicit_shift():
+    """Against a by-hand reference: out[i, j] = x[i − dy, j − dx] inside the image, 0 elsewhere, with the offsets
+    the generator draws (top, left ~ U{0..2s}; dy = s − top, dx = s − left)."""
+    shape, shift = (5, 4, 3), 2
+    x = torch.rand((6, *shape), generator=torch.Generator().manual_seed(1)) + 0.5  # no zeros of its own
+    out = ddb.random_translate(x.flatten(1), shape, shift, torch.Generator().manual_seed(0)).view(6, *shape)
+    g = torch.Generator().manual_seed(0)
+    top, left = torch.randint(0, 2 * shift + 1, (6,), generator=g), torch.randint(0, 2 * shift + 1, (6,), generator=g)
+    for b in range(6):
+        dy, dx = shift - int(top[b]), shift - int(left[b])
+        ref = torch.zeros(shape)
+        for i, j in itertools.product(range(shape[0]), range(shape[1])):
+            if 0 <= i - dy < shape[0] and 0 <= j - dx < shape[1]:
+                ref[i, j] = x[b, i - dy, j - dx]
+        assert torch.equal(out[b], ref)
+    assert len({(int(a), int(c)) for a, c in zip(top, left, strict=True)}) > 1  # the images move independently
+
+
+def test_amplifier_shift_translates_its_batches_and_zero_draws_nothing(monkeypatch):
+    g = np.random.default_rng(0)
+    synthetic = ddb.SyntheticImages(g.integers(0, 256, (30, 4, 5, 3), dtype=np.uint8), np.arange(30) % 3, 1.0)
+    calls, translate = [], ddb.random_translate
+
+    def spy(x, shape, shift, gen):
+        calls.append((tuple(shape), shift))
+        return translate(x, shape, shift, gen)
+
+    monkeypatch.setattr(ddb, "random_translate", spy)
+    cfg = ddb.TrainConfig(epochs=2, hidden=4, depth=1, batch_size=16, loss="gce")
+    plain = [ddb.train_bias_amplifier(synthetic, 3, cfg) for _ in range(2)]
+    assert not calls  # shift 0: no translation and no extra random draw (the published amplifier, bit for bit)
+    assert all(torch.equal(a, b) for a, b in zip(plain[0].state_dict().values(), plain[1].state_dict().values(),
+                                                  strict=True))
+    moved = ddb.train_bias_amplifier(synthetic, 3, ddb.TrainConfig(**{**cfg.__dict__, "shift": 1}))
+    assert calls == [((4, 5, 3), 1)] * 4  # every batch of both epochs, at the images' own shape
+    assert not torch.equal(moved.head.weight, plain[0].head.weight)
+    with pytest.raises(ValueError, match="image_shape"):
+        ddb.fit_classifier(ddb.flatten_images(synthetic.images), torch.from_numpy(synthetic.classes), 3,
+                           ddb.TrainConfig(epochs=1, shift=1))
+
+
 def test_load_synthetic_refuses_other_sets(tmp_path):
     from pipeline.io import save_npz
 
@@ -253,6 +294,7 @@ def test_classifier_round_trip(tmp_path):
 @pytest.mark.parametrize("key,value,expected", [
     ("guidance_scale", -1.0, "ddb.guidance_scale"), ("pseudo_bias", "colour", "ddb.pseudo_bias"),
     ("epochs", 0, "ddb.epochs"), ("ema", 1.0, "ddb.ema"), ("gce_q", 0.0, "ddb.gce_q"), ("nope", 1, "ddb.nope"),
+    ("amplifier_shift", -1, "ddb.amplifier_shift"),
 ])
 def test_bad_params_are_one_line_user_errors(key, value, expected):
     raw = tiny_params()

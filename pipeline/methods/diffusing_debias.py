@@ -232,15 +232,16 @@ class TrainConfig:
     dro_weight_decay: float = 3e-3  # Recipe I's Adam weight decay (Sagawa et al.: GroupDRO needs strong ℓ2)
     group_sampling: str = "balanced"  # Recipe I: balanced (∝ 1/n_g) | uniform
     loss: str = "ce"  # fit_classifier: ce | gce (the bias amplifiers: GCE, q = gce_q, as LfF's bias model)
+    shift: int = 0  # fit_classifier: random translation of each training image by up to `shift` pixels (0 = none)
     seed: int = 0
 
     @classmethod
-    def from_params(cls, p, epochs: int, loss: str = "ce") -> TrainConfig:
+    def from_params(cls, p, epochs: int, loss: str = "ce", shift: int = 0) -> TrainConfig:
         """From the `ddb` params section (any object with these attributes) and the stage's epoch count."""
         return cls(epochs=epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, hidden=p.hidden,
                    depth=p.depth, ema=p.ema, gce_q=p.gce_q, dro_eta=p.dro_eta, dro_weight_decay=p.dro_weight_decay,
                    ba_temperature=p.ba_temperature,
-                   group_sampling=p.group_sampling, loss=loss, seed=p.seed)
+                   group_sampling=p.group_sampling, loss=loss, shift=shift, seed=p.seed)
 
 
 def _batches(n: int, cfg: TrainConfig, gen: torch.Generator, weights: torch.Tensor | None = None):
@@ -264,10 +265,26 @@ def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor, what: str, step: in
     opt.step()
 
 
+def random_translate(x: torch.Tensor, shape: tuple[int, int, int], shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Each flattened NHWC image of x [B, H·W·C] moved by its own (dy, dx), both uniform on {−shift, …, shift}, the
+    pixels moved in being 0 (zero padding by `shift`, then a random H × W crop: the standard "random crop with
+    padding"); out[b, i, j] = x[b, i − dy_b, j − dx_b] where that lies inside the image, else 0."""
+    B, (H, W, C) = len(x), shape
+    padded = F.pad(x.view(B, H, W, C), (0, 0, shift, shift, shift, shift))
+    top = torch.randint(0, 2 * shift + 1, (B,), generator=gen)
+    left = torch.randint(0, 2 * shift + 1, (B,), generator=gen)
+    rows = (top[:, None] + torch.arange(H))[:, :, None]
+    cols = (left[:, None] + torch.arange(W))[:, None, :]
+    return padded[torch.arange(B)[:, None, None], rows, cols].reshape(B, -1)
+
+
 def fit_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: TrainConfig, *, what: str = "ERM",
-                   log=None) -> MLP:
+                   log=None, image_shape: tuple[int, int, int] | None = None) -> MLP:
     """ERM with cross-entropy (cfg.loss = ce: the target baseline) or GCE (cfg.loss = gce: the bias amplifiers,
-    which GCE pushes further onto the easy, biased feature)."""
+    which GCE pushes further onto the easy, biased feature). With cfg.shift > 0 every batch is randomly translated
+    (`random_translate`; x's images have `image_shape` (H, W, C)): the amplifiers' option, docs/methods.md."""
+    if cfg.shift and image_shape is None:
+        raise ValueError("fit_classifier: cfg.shift > 0 needs image_shape")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model, opt = _model(x.shape[1], num_classes, cfg)
@@ -275,7 +292,8 @@ def fit_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: Trai
     for epoch in range(cfg.epochs):
         model.train()
         for idx in _batches(len(x), cfg, gen):
-            logits = model(x[idx])
+            xb = random_translate(x[idx], image_shape, cfg.shift, gen) if cfg.shift else x[idx]
+            logits = model(xb)
             loss = (gce_loss(logits, y[idx], cfg.gce_q).mean() if cfg.loss == "gce"
                     else F.cross_entropy(logits, y[idx]))
             _descend(opt, loss, what, step)
@@ -290,7 +308,7 @@ def train_bias_amplifier(synthetic: SyntheticImages, num_classes: int, cfg: Trai
     if not isinstance(synthetic, SyntheticImages):
         raise TypeError(f"the bias amplifier trains on SyntheticImages only, got {type(synthetic).__name__}")
     return fit_classifier(flatten_images(synthetic.images), torch.from_numpy(synthetic.classes), num_classes, cfg,
-                          what="bias amplifier", log=log)
+                          what="bias amplifier", log=log, image_shape=synthetic.images.shape[1:])
 
 
 def fit_groupdro(x, y, groups: np.ndarray, num_classes: int, cfg: TrainConfig, log=None) -> tuple[MLP, dict]:
