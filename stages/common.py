@@ -298,12 +298,18 @@ def _dvc_ancestor():
 PARENT_STAGE = "pipeline"  # the `stage` tag of a pipeline run's parent run
 
 
-def _parent_run(client, experiment_id: str, key: str, name: str, tags: dict) -> str:
-    """The id of the pipeline run's parent run, created by the first stage that asks (under a file lock, so two
-    stages starting together make one), set RUNNING again by each later stage."""
-    lock = Path(tempfile.gettempdir()) / f"debias-mlflow-{os.getuid()}.lock"
-    with open(lock, "a") as fh:
+@contextmanager
+def _tracking_lock():
+    """One stage at a time on this machine (a file lock): what two stages starting together must not both do."""
+    with open(Path(tempfile.gettempdir()) / f"debias-mlflow-{os.getuid()}.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _parent_run(client, experiment_id: str, key: str, name: str, tags: dict) -> str:
+    """The id of the pipeline run's parent run, created by the first stage that asks (under `_tracking_lock`, so
+    two stages starting together make one), set RUNNING again by each later stage."""
+    with _tracking_lock():
         safe = key.replace("\\", "").replace("'", "")
         found = client.search_runs([experiment_id], filter_string=f"tags.stage = '{PARENT_STAGE}' and "
                                    f"tags.pipeline_run = '{safe}'", max_results=1)
@@ -365,7 +371,8 @@ def mlflow_run(stage: str, params: Params, sections: tuple[str, ...], run_name: 
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", params.mlflow.experiment)
     try:
         mlflow.set_tracking_uri(uri)
-        exp = _experiment(mlflow, experiment)
+        with _tracking_lock():  # a new SQLite store's schema is made by the first client: two at once collide
+            exp = _experiment(mlflow, experiment)
     except Exception as exc:
         why = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise UserError(f"{key}: cannot open experiment {config._clip(experiment)!r} at {config._clip(uri)!r} "

@@ -48,3 +48,34 @@ def test_tracking_on_without_mlflow_or_a_bad_switch_is_one_line(tmp_path):
         "error: mlflow is not installed: install it, or set DEBIAS_TRACKING=off to run untracked"], proc.stderr
     proc = _run(tmp_path, "maybe", block_mlflow=True)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: DEBIAS_TRACKING: expected on or off, got 'maybe'"
+
+
+# Three stages of side-by-side jobs (`ddb_table.py --jobs`, the flow's branches) open a store nobody has made yet,
+# together: each waits for the others to be ready before it opens it.
+OPEN_TOGETHER = """\
+import sys, time
+from pathlib import Path
+import mlflow  # noqa: F401  (imported before the barrier: the three reach the store at once)
+from stages.common import load_params, mlflow_run
+Path(f"ready{sys.argv[1]}").touch()
+while len(list(Path(".").glob("ready*"))) < 3:
+    time.sleep(0.005)
+with mlflow_run("probe", load_params(), ("ddb",), run_name=f"probe{sys.argv[1]}") as run:
+    run.metrics({"x": 1.0})
+"""
+
+
+def test_stages_opening_a_new_store_together_all_run(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DEBIAS_TRACKING": "on",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, str(i)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert all(rc == 0 for rc, _ in results), [err[-500:] for _, err in results]
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=[tiny_params()["mlflow"]["experiment"]])
+    assert sorted(runs["tags.mlflow.runName"]) == ["probe0", "probe1", "probe2"]
+    assert set(runs["status"]) == {"FINISHED"}
