@@ -223,7 +223,8 @@ def run_seed(w: Path, rho: float, seed: int, todo: list, base: dict, profile: Pa
         key = f"debias_classifier@{m} [{label}] seed {seed}"
         run(w, ["stages.debias_classifier", "--method", stage_method], timings, key, threads=threads)
         row = json.loads((w / "data/metrics" / f"debias_classifier_{stage_method}.json").read_text())
-        row.update(method=m, bias_ratio=rho, seed=seed, point=label, cpu_s=timings[key]["cpu_s"])
+        row.update(method=m, bias_ratio=rho, seed=seed, point=label, set=point_label(base),
+                   cpu_s=timings[key]["cpu_s"])
         for stage in ran:  # not a file an earlier seed (or a copied work directory) left behind
             f = w / "data/metrics" / f"{stage}.json"
             if f.is_file():
@@ -242,7 +243,8 @@ def t_interval(row: dict, key: str) -> float:
     return float(t.ppf(0.975, n - 1) * row[key + "_std"] / np.sqrt(n)) if n > 1 else float("nan")
 
 
-def protocol_note(budget: dict, select_by: str, chosen: dict, profile, seeds, timings, jobs: int = 1) -> list[str]:
+def protocol_note(budget: dict, select_by: str, chosen: dict, profile, seeds, timings, jobs: int = 1,
+                  overrides: str = "(params)") -> list[str]:
     """The protocol, stated beside the table (docs/protocol.md)."""
     n = check_budget({m: grid_points(s) for m, s in budget.items()})
     cpu = sum(t["cpu_s"] for rho in timings.values() for t in rho.values() if isinstance(t, dict))
@@ -251,7 +253,9 @@ def protocol_note(budget: dict, select_by: str, chosen: dict, profile, seeds, ti
              f"point with the best seed-mean `{select_by}` on the validation split (the judge split: class × colour "
              "balanced, held out of all training) is chosen; the test split (colour-uniform) is read only to score "
              "the chosen point. Cells: test mean ± sample std over seeds [95% t-interval half-width]. "
-             f"Profile: {profile or 'params.yaml (CPU base)'}. Machine: {platform.machine()} CPU, "
+             f"Profile: {profile or 'params.yaml (CPU base)'}"
+             + (f", with {overrides} on every row" if overrides != "(params)" else "")
+             + f". Machine: {platform.machine()} CPU, "
              + (f"{os.environ.get('OMP_NUM_THREADS', 'all')} torch thread(s)" if jobs == 1 else
                 f"the seeds {jobs} at a time at {os.environ.get('OMP_NUM_THREADS', '1')} torch thread(s) each")
              + f", {os.cpu_count()} cores, load average "
@@ -290,9 +294,11 @@ def main() -> None:
     timings_path = args.workdir / "timings.json"  # kept across resumed invocations: the CPU figures cover them all
     timings_all = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
+    overrides = point_label(base)  # `--set`: a row made under other overrides is another run's, never reused
+
     def have(rho, seed, m, label):
         return any(r["bias_ratio"] == rho and r["seed"] == seed and r["method"] == m and r["point"] == label
-                   for r in done)
+                   and r.get("set", "(params)") == overrides for r in done)
 
     def record(row: dict) -> None:  # one finished classifier run; seeds may finish side by side (`--jobs`)
         with LOCK:
@@ -333,7 +339,8 @@ def main() -> None:
                 list(pool.map(one_seed, todo.items()))  # re-raises a seed's failure here
     labels = {m: {point_label(pt) for pt in points[m]} for m in args.methods}
     rows = [r for r in done if r["bias_ratio"] in args.ratios and r["seed"] in args.seeds
-            and r["method"] in args.methods and r["point"] in labels[r["method"]]]
+            and r["method"] in args.methods and r["point"] in labels[r["method"]]
+            and r.get("set", "(params)") == overrides]
     reported, chosen = select_and_score(rows, args.select_by)  # validation decides; test read here, once
     table = summarise(reported)
     for r in table:
@@ -341,7 +348,8 @@ def main() -> None:
         for k in ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy"):
             r[k + "_ci95"] = t_interval(r, k)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    note = protocol_note(budget, args.select_by, chosen, args.profile, args.seeds, timings_all, args.jobs)
+    note = protocol_note(budget, args.select_by, chosen, args.profile, args.seeds, timings_all, args.jobs,
+                         overrides)
     Path(f"{args.out}.json").write_text(json.dumps(
         {"rows": rows, "summary": table, "timings": timings_all, "selected_by": args.select_by, "budget": budget,
          "chosen": {f"{k[0]}|{k[1]}": v for k, v in chosen.items()},

@@ -412,3 +412,51 @@ def test_amplifier_size_diagnostic_trains_the_stages_amplifier_on_each_subset(pr
         assert row["wrong"] == row["wrong_conflicting"] + row["wrong_aligned"] and 0 <= row["precision"] <= 1
     with pytest.raises(SystemExit, match="images per class"):
         amplifier_size(prepared / "data", prepared / "params.yaml", [7])
+
+
+def test_a_seeds_synthetic_set_is_reused_only_for_the_same_model_and_sampling_params(tmp_path, monkeypatch):
+    """benchmarks/ddb_table.py: sample_bias_aligned runs again only when the diffusion model's files or a sampling
+    param changed (`sampling_stamp`); a row made under other `--set` overrides is not taken for this run's."""
+    import json
+    import sys
+
+    import benchmarks.ddb_table as table
+
+    rho_dir = tmp_path / "rho_0.99"
+    (rho_dir / "data" / "metrics").mkdir(parents=True)
+    (rho_dir / "data" / "bias_ratio.txt").write_text("0.99")
+    weights = rho_dir / "data" / "models" / "diffusion" / "unet" / "w.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"model one")
+    calls = []
+
+    def fake_run(w, args, timings, label, threads=None):
+        timings[label] = {"wall_s": 0.0, "cpu_s": 0.0}
+        calls.append(args[0])
+        if args[0] == "stages.sample_bias_aligned":
+            (w / table.SYNTHETIC).parent.mkdir(parents=True, exist_ok=True)
+            (w / table.SYNTHETIC).write_bytes(b"images")
+        elif args[0] == "stages.debias_classifier":
+            keys = ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy")
+            (w / "data" / "metrics" / f"debias_classifier_{args[-1]}.json").write_text(json.dumps(
+                {k: 0.5 for k in (*keys, *(f"val_{k}" for k in keys))}))
+
+    monkeypatch.setattr(table, "run", fake_run)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+
+    def table_run(*extra):
+        calls.clear()
+        monkeypatch.setattr(sys, "argv", ["ddb_table.py", "--ratios", "0.99", "--seeds", "0", "--methods", "recipe1",
+                                          "--workdir", str(tmp_path), "--out", str(tmp_path / "table"), *extra])
+        table.main()
+        return calls.count("stages.sample_bias_aligned"), calls.count("stages.debias_classifier")
+
+    assert table_run() == (1, 2)
+    assert table_run() == (0, 0)  # every row there already
+    assert table_run("--set", "ddb.amplifier_shift=2") == (0, 2)  # new rows (other overrides), the same images
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["set"] for r in rows] == ["(params)"] * 2 + ["ddb.amplifier_shift=2"] * 2
+    assert "with ddb.amplifier_shift=2 on every row" in (tmp_path / "table.md").read_text()
+    assert table_run("--set", "ddb.num_per_class=7") == (1, 2)  # a sampling param changed
+    weights.write_bytes(b"model two")
+    assert table_run("--set", "ddb.amplifier_epochs=3") == (1, 2)  # the model changed
