@@ -3,9 +3,11 @@ gives bit for bit our sampler's images, so the side-by-side timing compares the 
 
 import json
 import math
+import statistics
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.throughput import interleaved, peer_ddim, round_order, run
@@ -79,3 +81,19 @@ def test_every_arm_runs_in_every_position_equally_often():
 
     interleaved({n: arm(n) for n in "abc"}, reps=6)
     assert calls[3:] == [x for r in range(6) for x in round_order(list("abc"), r)]  # after one warm-up call each
+
+
+def test_cpu_levers_times_each_lever_against_eager_on_the_same_work(tmp_path, one_thread):
+    """benchmarks/cpu_levers.py --quick without torch.compile (its compilation alone takes minutes): every arm gets
+    a rate per repeat for both kinds of work, and the ratios are those rates' medians over eager's."""
+    from benchmarks.cpu_levers import run as levers
+
+    out = tmp_path / "levers.json"
+    result = levers(quick=True, arms=["eager", "channels_last"], reps=2, out=out, log=lambda *a: None)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    for what in ("train", "forward"):
+        rates = result["rates"][what]
+        assert set(rates) == {"eager", "channels_last"} and all(len(v) == 2 and min(v) > 0 for v in rates.values())
+        ratio = result["speedup_over_eager"][f"{what}_channels_last_over_eager"]
+        assert ratio == pytest.approx(statistics.median(rates["channels_last"]) / statistics.median(rates["eager"]))
+    assert result["compile_break_even_calls"] == {}
