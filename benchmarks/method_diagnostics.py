@@ -384,6 +384,23 @@ def stroke_chromaticity(images: np.ndarray) -> np.ndarray:
     return colour / ((bright * mask).sum(axis=(1, 2)) / weight + 1e-9)[:, None]
 
 
+def stroke_typicality(images: np.ndarray, classes: np.ndarray, synthetic: np.ndarray, s_classes: np.ndarray
+                      ) -> np.ndarray:
+    """Per image: Σ_p w_p·occ_y(p), w its stroke brightness (max over RGB) normalised to sum 1, occ_y(p) the share of
+    its class's synthetic images with a stroke (brightness > 0.3) at pixel p: low where the image puts its strokes
+    where the amplifier's training images of that class rarely do. uint8 [N, H, W, 3] → [N]."""
+    bright = images.astype(np.float64).max(-1) / 255.0
+    occ = np.stack([(synthetic[s_classes == c].max(-1) / 255.0 > 0.3).mean(0) for c in range(int(s_classes.max()) + 1)])
+    w = bright / bright.sum(axis=(1, 2), keepdims=True).clip(min=1e-9)
+    return (w * occ[classes]).sum(axis=(1, 2))
+
+
+def percentile_among(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each value's percentile (share of `reference` strictly below it, × 100)."""
+    ref = np.sort(reference)
+    return 100.0 * np.searchsorted(ref, values, side="left") / len(ref)
+
+
 def amplifier(data: Path) -> dict:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -414,6 +431,19 @@ def amplifier(data: Path) -> dict:
         out[name] = {"ce_auc": float(roc_auc_score(conflicting, ce)),
                      "ce_average_precision": float(average_precision_score(conflicting, ce)),
                      **flag_stats(pred, train.classes, conflicting)}
+        misread = (pred != train.classes) & ~conflicting
+        if "stroke_colour_spread" in out and misread.any():
+            # where the misread aligned images stand among all aligned ones: their strokes' position (typicality
+            # for their class's synthetic images) and their brightness (the brightest pixel)
+            aligned = ~conflicting
+            typical = stroke_typicality(train.images, train.classes, s_images, s_classes)
+            peak = train.images.max(axis=(1, 2, 3)).astype(np.float64)
+            pct_t = percentile_among(typical[misread], typical[aligned])
+            pct_b = percentile_among(peak[misread], peak[aligned])
+            out[name]["misread_aligned_percentiles"] = {
+                "stroke_typicality_median": float(np.median(pct_t)),
+                "stroke_typicality_share_below_10": float((pct_t < 10).mean()),
+                "peak_brightness_median": float(np.median(pct_b))}
     return out
 
 

@@ -4,7 +4,7 @@ its written-out DDIM loop (the asymmetric-step experiment) against the sampler's
 import numpy as np
 import torch
 
-from benchmarks.method_diagnostics import guided_samples, stroke_chromaticity
+from benchmarks.method_diagnostics import guided_samples, percentile_among, stroke_chromaticity, stroke_typicality
 from pipeline.diffusion import build_unet, make_noise_scheduler
 from pipeline.pretrained import DiffusionModel
 from pipeline.sampling import SamplerHooks, SamplerSettings, sample, sample_seeds
@@ -16,6 +16,24 @@ def test_stroke_chromaticity_is_the_stroke_colour_over_its_brightness():
     img[1, 2:6, 3] = (100, 50, 25)  # the same colour at half the intensity
     img[1, 0, 0] = (10, 40, 10)  # a faint pixel below 0.6 × the brightest: not stroke
     np.testing.assert_allclose(stroke_chromaticity(img), [[1.0, 0.5, 0.25], [1.0, 0.5, 0.25]], atol=1e-9)
+
+
+def test_stroke_typicality_by_hand():
+    """Class 0's synthetic images stroke pixel (0, 0) always and (0, 1) half the time; class 1's pixel (1, 1)."""
+    synthetic = np.zeros((4, 2, 2, 3), np.uint8)
+    synthetic[:2, 0, 0] = 200
+    synthetic[0, 0, 1] = 200
+    synthetic[2:, 1, 1] = 255
+    images = np.zeros((4, 2, 2, 3), np.uint8)
+    images[0, 0, 0] = 100                      # class 0, where every class-0 image strokes: 1
+    images[1, 0, 1, 2] = 255                   # class 0, where half do: 0.5
+    images[2, 0, 0] = 255
+    images[2, 1, 1] = 255                      # class 0, half its brightness where none does: 0.5
+    images[3, 0, 0] = 255                      # class 1, where no class-1 image strokes: 0
+    got = stroke_typicality(images, np.array([0, 0, 0, 1]), synthetic, np.array([0, 0, 1, 1]))
+    np.testing.assert_allclose(got, [1.0, 0.5, 0.5, 0.0])
+    np.testing.assert_allclose(percentile_among(np.array([0.0, 0.5, 2.0]), np.array([0.1, 0.5, 0.7, 1.0])),
+                               [0.0, 25.0, 100.0])
 
 
 def test_stroke_chromaticity_spread_tracks_colour_noise():
