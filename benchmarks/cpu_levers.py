@@ -111,7 +111,7 @@ def run(*, quick: bool, arms: list[str], reps: int, out: Path | None, log=print)
               "rates": {"train": train_rates, "forward": forward_rates}, "medians": med,
               "speedup_over_eager": speedup, "first_call_cpu_s": one_off, "compile_break_even_calls": break_even}
     for name, r in speedup.items():
-        log(f"{name:<32}{r:.3f}")
+        log(f"{name:<36}{r:.3f}")
     log(f"first call (CPU s): {json.dumps({k: {w: round(s, 1) for w, s in v.items()} for k, v in one_off.items()})}")
     if break_even:
         log(f"torch.compile pays for itself after (calls): {break_even}")
