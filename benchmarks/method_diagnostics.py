@@ -422,6 +422,10 @@ def amplifier(data: Path) -> dict:
                            "synthetic_std": stroke_chromaticity(s_images[s_classes == c]).std(0).round(4).tolist()})
         ratio = [np.linalg.norm(r["synthetic_std"]) / max(np.linalg.norm(r["real_std"]), 1e-9) for r in spread]
         out["stroke_colour_spread"] = {"synthetic_over_real_median": float(np.median(ratio)), "per_class": spread}
+        # what the misread aligned images are ranked on below, once for both amplifiers: their strokes' position
+        # (typicality for their class's synthetic images) and their brightness (the brightest pixel)
+        typical = stroke_typicality(train.images, train.classes, s_images, s_classes)
+        peak = train.images.max(axis=(1, 2, 3)).astype(np.float64)
     for name in ("ddb_amplifier", "ddb_amplifier_real"):
         path = data / "methods" / name / "model.safetensors"
         if not path.is_file():
@@ -432,14 +436,9 @@ def amplifier(data: Path) -> dict:
                      "ce_average_precision": float(average_precision_score(conflicting, ce)),
                      **flag_stats(pred, train.classes, conflicting)}
         misread = (pred != train.classes) & ~conflicting
-        if "stroke_colour_spread" in out and misread.any():
-            # where the misread aligned images stand among all aligned ones: their strokes' position (typicality
-            # for their class's synthetic images) and their brightness (the brightest pixel)
-            aligned = ~conflicting
-            typical = stroke_typicality(train.images, train.classes, s_images, s_classes)
-            peak = train.images.max(axis=(1, 2, 3)).astype(np.float64)
-            pct_t = percentile_among(typical[misread], typical[aligned])
-            pct_b = percentile_among(peak[misread], peak[aligned])
+        if "stroke_colour_spread" in out and misread.any():  # where they stand among all aligned images
+            pct_t = percentile_among(typical[misread], typical[~conflicting])
+            pct_b = percentile_among(peak[misread], peak[~conflicting])
             out[name]["misread_aligned_percentiles"] = {
                 "stroke_typicality_median": float(np.median(pct_t)),
                 "stroke_typicality_share_below_10": float((pct_t < 10).mean()),
@@ -472,7 +471,7 @@ def amplifier_size(data: Path, params_path: Path, sizes: list[int]) -> dict:
     )
 
     p = load_params(params_path).ddb
-    cfg = TrainConfig.from_params(p, p.amplifier_epochs, p.amplifier_loss, p.amplifier_shift)
+    cfg = TrainConfig.for_amplifiers(p)
     meta = load_meta(data / "prepared")
     aligned = np.asarray(meta.aligned)
     train = load_split(data / "prepared", "train", with_bias=True)

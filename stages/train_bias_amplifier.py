@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     meta = load_meta(PREPARED)  # class count and each class's bias-aligned attribute value
     p = params.ddb
     device()  # thread count
-    cfg = TrainConfig.from_params(p, p.amplifier_epochs, p.amplifier_loss, p.amplifier_shift)
+    cfg = TrainConfig.for_amplifiers(p)
     name = "train_bias_amplifier" + ("_real" if args.source == "real" else "")
     with mlflow_run(name, params, ("ddb",), extra_tags={"bias_ratio": str(params.data.bias_ratio),
                                                         "ddb_seed": str(p.seed)}) as run:

@@ -243,6 +243,11 @@ class TrainConfig:
                    ba_temperature=p.ba_temperature,
                    group_sampling=p.group_sampling, loss=loss, shift=shift, seed=p.seed)
 
+    @classmethod
+    def for_amplifiers(cls, p) -> TrainConfig:
+        """The bias amplifiers' settings (synthetic and real-data alike) from the `ddb` params section."""
+        return cls.from_params(p, p.amplifier_epochs, p.amplifier_loss, p.amplifier_shift)
+
 
 def _batches(n: int, cfg: TrainConfig, gen: torch.Generator, weights: torch.Tensor | None = None):
     """One epoch of index batches: a permutation, or n draws ∝ weights (with replacement)."""
