@@ -51,7 +51,7 @@ from pipeline.pretrained import DiffusionModel  # noqa: E402
 from pipeline.sampling import SamplerSettings, make_scheduler, sample, sample_seeds  # noqa: E402
 
 QUICK = {"block_out_channels": [16, 32], "train_batch": 8, "train_steps": 2, "sample_n": 4, "method_n": 4,
-         "pipeline_n": 8, "sample_steps": 3, "distguide_steps": [0, 2], "reps": 2}
+         "pipeline_n": 8, "sample_steps": 3, "distguide_steps": [0, 2], "reps": 2, "train_reps": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,6 +164,16 @@ def interleaved(arms: dict, reps: int) -> tuple[dict[str, list[float]], dict[str
     return cpu, wall
 
 
+def ratio_interval(a: list[float], b: list[float], *, seed: int, resamples: int = 2000) -> list[float]:
+    """95% percentile-bootstrap interval of median(a) / median(b), resampling the rounds (a[r] and b[r] were timed
+    in the same round, so a round is resampled whole: slow spells of a shared machine hit both arms)."""
+    a, b = np.asarray(a), np.asarray(b)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    boot = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    return [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
+
+
 def machine() -> dict:
     import diffusers
 
@@ -182,10 +192,12 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
     cfg = {"block_out_channels": d["block_out_channels"], "train_batch": d["batch_size"], "train_steps": 4,
            "sample_n": 50, "method_n": params.distguide.batch_size, "pipeline_n": s.batch_size,
            "sample_steps": s.num_inference_steps,
-           "distguide_steps": list(params.distguide.steps), "reps": 4}
+           "distguide_steps": list(params.distguide.steps), "reps": 4, "train_reps": 24}
     if quick:
         cfg.update(QUICK)
     reps = reps or cfg["reps"]
+    # the training ratio sits near 1 (the target's edge): more rounds, so its interval can tell a 1% difference
+    train_reps = max(reps, cfg["train_reps"])
     res = params.data.resolution
     log(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} (both arms), "
         f"load {os.getloadavg()[0]:.2f}; {reps} interleaved repeats")
@@ -248,7 +260,8 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
         return k
 
     log(f"(a) training: batch {cfg['train_batch']}, {k} steps per timing, U-Net {cfg['block_out_channels']}")
-    train_rates, train_wall = interleaved({"ours": ours_train, "peer": peer_train, "ours_bare": ours_bare}, reps)
+    train_rates, train_wall = interleaved({"ours": ours_train, "peer": peer_train, "ours_bare": ours_bare},
+                                          train_reps)
 
     # (b) sampling, (c) methods
     unet = new_unet().eval()
@@ -337,6 +350,7 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
              "sample_bf16_time_over_fp32": (sample_rates["ours_w1_fp32"], sample_rates["ours_w1_bf16"])}
     paired = {k: [a / b for a, b in zip(*v, strict=True)] for k, v in pairs.items()}
     spread = {k: [min(v), max(v)] for k, v in paired.items()}
+    ci95 = {k: ratio_interval(*v, seed=params.seed) for k, v in pairs.items()}
     targets = {"train_ge_1": ratios["train_ours_over_peer"] >= 1.0,
                "sample_ge_1": min(ratios["sample_w1_ours_over_peer"],
                                   ratios[f"sample_w{guidance:g}_ours_over_peer"]) >= 1.0,
@@ -347,7 +361,8 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
               "timing": "rates per CPU second of the process (one torch thread); wall-clock rates alongside",
               "rates": {"train": train_rates, "sample": sample_rates},
               "wall_rates": {"train": train_wall, "sample": sample_wall}, "medians": med, "wall_medians": wall_med,
-              "ratios": ratios, "ratio_range_over_repeats": spread,
+              "ratios": ratios, "ratio_ci95": ci95, "ratio_range_over_repeats": spread,
+              "train_reps": train_reps,
               "targets_met": targets, "ours_vs_peer_max_abs_diff": diffs,
               "bf16_vs_fp32_max_abs_diff": bf16_diff,
               "note": "δ and ADP untrained, training images random: cost does not depend on either"}
@@ -357,7 +372,8 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
         log(f"{name:<24}{med[name]:>10.3f}  {unit:<15}  {', '.join(f'{r:.3f}' for r in v)}  "
             f"[{wall_med[name]:.3f}]")
     for name, r in ratios.items():
-        log(f"{name:<44}{r:.3f}  (per-repeat range {spread[name][0]:.3f}–{spread[name][1]:.3f})")
+        log(f"{name:<44}{r:.3f}  [95% {ci95[name][0]:.3f}, {ci95[name][1]:.3f}]  (per-repeat range "
+            f"{spread[name][0]:.3f}–{spread[name][1]:.3f})")
     log(f"targets met: {targets}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

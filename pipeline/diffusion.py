@@ -74,12 +74,44 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
     return x0
 
 
-def optimisers(unet, cfg: dict):
-    """(EMA of the weights, AdamW, linear LR warm-up over cfg["warmup_steps"]) for the `diffusion` params."""
+def foreach_ema(parameters, **kwargs):
+    """diffusers' EMAModel whose step s ← s − (1 − d)·(s − θ) runs as three foreach ops over all parameters.
+    Bit for bit the arithmetic of EMAModel's per-parameter loop (the same three element-wise ops, each rounded
+    alike; `tests/test_diffusion.py`), without that loop's Python work per parameter (≈ 0.7 ms of a CPU step).
+    diffusers' own `foreach=True` fuses the last two ops and so differs in the last bit."""
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel(unet.parameters(), decay=cfg["ema_decay"], use_ema_warmup=True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    class ForeachEMA(EMAModel):
+        @torch.no_grad()
+        def step(self, parameters):
+            parameters = list(parameters)
+            self.optimization_step += 1
+            decay = self.get_decay(self.optimization_step)
+            self.cur_decay_value = decay
+            pairs = [(s, p) for s, p in zip(self.shadow_params, parameters, strict=True) if p.requires_grad]
+            for s, p in zip(self.shadow_params, parameters, strict=True):
+                if not p.requires_grad:
+                    s.copy_(p)
+            if pairs:
+                shadow = [s for s, _ in pairs]
+                diff = torch._foreach_sub(shadow, [p for _, p in pairs])
+                torch._foreach_mul_(diff, 1 - decay)
+                torch._foreach_sub_(shadow, diff)
+
+    return ForeachEMA(parameters, **kwargs)
+
+
+def adamw(parameters, lr: float):
+    """AdamW (weight decay 0) with its multi-tensor (foreach) implementation: on CUDA the default already, on
+    the CPU bit for bit the per-parameter one (`tests/test_diffusion.py`) at ≈ 0.2× its optimiser-step time.
+    Not the fused kernel: faster still, but it changes the last bits and with them every published figure."""
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0, foreach=True)
+
+
+def optimisers(unet, cfg: dict):
+    """(EMA of the weights, AdamW, linear LR warm-up over cfg["warmup_steps"]) for the `diffusion` params."""
+    ema = foreach_ema(unet.parameters(), decay=cfg["ema_decay"], use_ema_warmup=True)
+    opt = adamw(unet.parameters(), cfg["lr"])
     warmup = max(1, cfg["warmup_steps"])
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     return ema, opt, lr_sched

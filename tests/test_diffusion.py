@@ -231,3 +231,42 @@ def test_nan_loss_stops_training_naming_the_step_and_writes_no_model(toy_data, t
         train_diffusion(bad, classes, num_classes=10, cfg=tiny_cfg(), seed=0, out_dir=tmp_path / "model",
                         ckpt_dir=tmp_path / "ckpt")
     assert not (tmp_path / "model").exists() and not list((tmp_path / "ckpt").iterdir())
+
+
+def test_foreach_optimiser_and_ema_equal_the_per_parameter_ones_bit_for_bit():
+    """The training loop's AdamW and EMA run as foreach ops for speed (benchmarks/throughput.py); every published
+    figure was made with the per-parameter implementations, so the two must agree to the last bit."""
+    from diffusers.training_utils import EMAModel
+
+    from pipeline.diffusion import adamw, build_unet, foreach_ema
+    from pipeline.methods.invdiff import ema_update
+
+    torch.manual_seed(0)
+    ours = build_unet(resolution=8, num_classes=3, block_out_channels=[8, 16], layers_per_block=1, attention=True)
+    ref = build_unet(resolution=8, num_classes=3, block_out_channels=[8, 16], layers_per_block=1, attention=True)
+    ref.load_state_dict(ours.state_dict())
+    ours.conv_in.bias.requires_grad_(False)  # EMAModel copies a frozen parameter instead of averaging it
+    ref.conv_in.bias.requires_grad_(False)
+    opt_a = adamw([p for p in ours.parameters() if p.requires_grad], 1e-2)
+    opt_b = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0,
+                              foreach=False)
+    ema_a = foreach_ema(ours.parameters(), decay=0.9, use_ema_warmup=True)
+    ema_b = EMAModel(ref.parameters(), decay=0.9, use_ema_warmup=True)
+    lerp_a = [p.detach().clone() for p in ours.parameters()]
+    lerp_b = [p.detach().clone() for p in ref.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        opt_a.step()
+        opt_b.step()
+        ema_a.step(ours.parameters())
+        ema_b.step(ref.parameters())
+        ema_update(lerp_a, ours.parameters(), 0.7)
+        for e, p in zip(lerp_b, ref.parameters(), strict=True):  # ema_update's per-parameter form
+            e.lerp_(p.detach().float(), 1.0 - 0.7)
+    assert any(not torch.equal(a, b) for a, b in zip(ema_a.shadow_params, ours.parameters(), strict=True))
+    for name, a, b in zip(["params", "ema", "lerp"], [list(ours.parameters()), ema_a.shadow_params, lerp_a],
+                          [list(ref.parameters()), ema_b.shadow_params, lerp_b], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), name

@@ -39,6 +39,8 @@ def test_quick_run_writes_valid_json(tmp_path, one_thread):
     assert result["ours_vs_peer_max_abs_diff"] == {"w1": 0.0, "w3": 0.0}
     for name, ratio in result["ratios"].items():
         assert math.isfinite(ratio) and ratio > 0, name
+        lo, hi = result["ratio_ci95"][name]
+        assert 0 < lo <= hi, name
     assert set(result["rates"]["sample"]) == {"ours_w1", "peer_w1", "ours_w3", "peer_w3", "baseline", "invdiff",
                                               "distguide", "baseline_8", "invdiff_8", "ours_w1_fp32", "ours_w1_bf16"}
     assert 0 < result["bf16_vs_fp32_max_abs_diff"] < 0.5  # bf16 changes the last bits, not the image
@@ -97,3 +99,12 @@ def test_cpu_levers_times_each_lever_against_eager_on_the_same_work(tmp_path, on
         ratio = result["speedup_over_eager"][f"{what}_channels_last_over_eager"]
         assert ratio == pytest.approx(statistics.median(rates["channels_last"]) / statistics.median(rates["eager"]))
     assert result["compile_break_even_calls"] == {}
+
+
+def test_ratio_interval_resamples_rounds_whole():
+    from benchmarks.throughput import ratio_interval
+
+    # a constant ratio in every round: every resample gives it exactly, however slow the round
+    assert ratio_interval([2.0, 4.0, 8.0], [1.0, 2.0, 4.0], seed=0) == [2.0, 2.0]
+    lo, hi = ratio_interval([1.0, 1.1, 0.9, 1.05, 0.95] * 4, [1.0] * 20, seed=0)
+    assert 0.9 <= lo < 1.0 < hi <= 1.1

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from pipeline.checkpoints import Checkpointer, LossHistory, check_finite, config_fingerprint, tensor_digest
 from pipeline.conditioning import Conditioning, call_unet
-from pipeline.diffusion import training_target
+from pipeline.diffusion import adamw, training_target
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
 from pipeline.sampling import SamplerHooks, StepContext, make_scheduler
@@ -392,9 +392,8 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
 
 @torch.no_grad()
 def ema_update(ema: list[torch.Tensor], params, decay: float) -> None:
-    """θ̄ ← decay·θ̄ + (1 − decay)·θ for every parameter."""
-    for e, p in zip(ema, params, strict=True):
-        e.lerp_(p.detach().float(), 1.0 - decay)
+    """θ̄ ← decay·θ̄ + (1 − decay)·θ for every parameter (one foreach lerp: the per-parameter lerp_'s bits)."""
+    torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1.0 - decay)
 
 
 def grouping_quality(W: np.ndarray, conflicting: np.ndarray, scores: np.ndarray | None = None) -> dict:
@@ -698,7 +697,7 @@ def finetune_guidance(base, delta, scheduler, images: torch.Tensor, cond: Condit
     schedule, warmup = cfg.get("lr_schedule", "constant"), int(cfg.get("warmup_steps", 0))
     ema_decay = float(cfg.get("ema_decay", 0.0))
     base.requires_grad_(False).eval()
-    opt = torch.optim.AdamW(delta.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    opt = adamw(delta.parameters(), cfg["lr"])
     fingerprint = config_fingerprint({**cfg, "seed": seed, "W": tensor_digest(W_t), "data": tensor_digest(images),
                                       "base": tensor_digest(*[p.detach().cpu() for p in base.parameters()]),
                                       "delta": dict(delta.config), "null": null_class,
