@@ -1,8 +1,11 @@
 """benchmarks/method_diagnostics.py: the stroke chromaticity its amplifier diagnostic compares, on known images, and
 its written-out DDIM loop (the asymmetric-step experiment) against the sampler's own step."""
 
+import json
+
 import numpy as np
 import torch
+import yaml
 
 from benchmarks.method_diagnostics import guided_samples, percentile_among, stroke_chromaticity, stroke_typicality
 from pipeline.diffusion import build_unet, make_noise_scheduler
@@ -107,3 +110,43 @@ def test_knob_validation_scores_a_registry_sweep_on_validation_seeds(tiny_dag, m
         assert out["chosen"]["bias_removed"] == max(r["bias_removed"] for r in ok)
     else:
         assert out["chosen"] is None
+
+
+def test_paired_difference_by_hand():
+    from benchmarks.invdiff_steps import paired_difference
+
+    cond = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    a = np.array([1, 1, 0, 1, 1, 0, 0, 1])
+    b = np.array([1, 0, 0, 1, 1, 0, 1, 1])
+    out = paired_difference(a, b, cond, seed=0)
+    assert out["difference"] == 0.0 and out["only_a"] == 1 and out["only_b"] == 1
+    lo, hi = out["ci95"]
+    assert -0.5 <= lo < 0 < hi <= 0.5
+    same = paired_difference(a, a, cond, seed=0)  # identical outcomes: no spread at all, however resampled
+    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    shifted = paired_difference(np.ones(8), np.zeros(8), cond, seed=0)
+    assert shifted["difference"] == 1.0 and shifted["ci95"] == [1.0, 1.0]
+
+
+def test_invdiff_steps_trains_a_shorter_delta_and_pairs_it_with_the_default(tiny_dag, tmp_path, monkeypatch):
+    """A shorter δ trained by the stage itself beside the built project's (which is read, not trained again), both
+    sampled on the validation seeds and paired."""
+    from benchmarks.invdiff_steps import run
+    from tests.dag import copy_project
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    project = copy_project(tiny_dag.path, tmp_path / "p")
+    default = yaml.safe_load((project / "params.yaml").read_text())["invdiff"]["steps"]
+    out = run(project / "data", [default // 2], ["invdiff"], tmp_path / "work", per_class=2, jobs=1,
+              warmup_share=None)
+    short = json.loads((tmp_path / "work" / f"steps_{default // 2}" / "data" / "methods" / "invdiff" /
+                        "summary.json").read_text())
+    assert short["steps"] == default // 2
+    assert [(r["steps"], r["finetune_cpu_s"] is None) for r in out["rows"]] == [(default, True),
+                                                                                (default // 2, False)]
+    (pair,) = out["paired_to_default"]
+    assert pair["steps"] == default // 2 and pair["against"] == default
+    for key in ("aligned_fraction", "fidelity"):
+        lo, hi = pair[key]["ci95"]
+        assert -1 <= lo <= hi <= 1
+    assert out["samples"] == 20 and all("bias_removed" in r for r in out["rows"])
