@@ -196,7 +196,8 @@ def run(*, quick: bool = False, reps: int | None = None, threads: int = 1, guida
     if quick:
         cfg.update(QUICK)
     reps = reps or cfg["reps"]
-    # the training ratio sits near 1 (the target's edge): more rounds, so its interval can tell a 1% difference
+    # the training ratio sits near 1 (the target's edge): more rounds for a tighter interval (still ±6% on a
+    # noisy shared 2-core machine: docs/results.md "Where the time goes")
     train_reps = max(reps, cfg["train_reps"])
     res = params.data.resolution
     log(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()} (both arms), "
