@@ -128,25 +128,30 @@ def test_paired_difference_by_hand():
     assert shifted["difference"] == 1.0 and shifted["ci95"] == [1.0, 1.0]
 
 
-def test_invdiff_steps_trains_a_shorter_delta_and_pairs_it_with_the_default(tiny_dag, tmp_path, monkeypatch):
-    """A shorter δ trained by the stage itself beside the built project's (which is read, not trained again), both
-    sampled on the validation seeds and paired."""
+def test_invdiff_steps_trains_cheaper_settings_and_pairs_them_with_the_default(tiny_dag, tmp_path, monkeypatch):
+    """A shorter δ, and δs on groups from fewer loss draws, trained by the stages themselves beside the built
+    project's δ (read, not trained again), all sampled on the validation seeds and paired; a grouper setting leaves
+    the oracle (which reads no inferred groups) out."""
     from benchmarks.invdiff_steps import run
     from tests.dag import copy_project
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     project = copy_project(tiny_dag.path, tmp_path / "p")
-    default = yaml.safe_load((project / "params.yaml").read_text())["invdiff"]["steps"]
-    out = run(project / "data", [default // 2], ["invdiff"], tmp_path / "work", per_class=2, jobs=1,
-              warmup_share=None)
-    short = json.loads((tmp_path / "work" / f"steps_{default // 2}" / "data" / "methods" / "invdiff" /
-                        "summary.json").read_text())
-    assert short["steps"] == default // 2
-    assert [(r["steps"], r["finetune_cpu_s"] is None) for r in out["rows"]] == [(default, True),
-                                                                                (default // 2, False)]
-    (pair,) = out["paired_to_default"]
-    assert pair["steps"] == default // 2 and pair["against"] == default
-    for key in ("aligned_fraction", "fidelity"):
-        lo, hi = pair[key]["ci95"]
-        assert -1 <= lo <= hi <= 1
+    invdiff = yaml.safe_load((project / "params.yaml").read_text())["invdiff"]
+    steps, draws = invdiff["steps"] // 2, invdiff["loss_draws"] - 1
+    out = run(project / "data", [steps], ["invdiff", "invdiff_oracle"], tmp_path / "work", per_class=2, jobs=1,
+              warmup_share=None, loss_draws=[draws])
+    work = tmp_path / "work"
+    assert json.loads((work / f"steps_{steps}/data/methods/invdiff/summary.json").read_text())["steps"] == steps
+    grouped = np.load(work / f"loss_draws_{draws}/data/methods/invdiff_groups/groups.npz")
+    assert grouped["losses"].shape[1] == draws and not (work / f"steps_{steps}/fit_grouper.json").exists()
+    assert [(r["variant"], r["setting"], r["finetune_cpu_s"] is None) for r in out["rows"]] == [
+        ("invdiff", "default", True), ("invdiff", f"steps={steps}", False), ("invdiff", f"loss_draws={draws}", False),
+        ("invdiff_oracle", "default", True), ("invdiff_oracle", f"steps={steps}", False)]
+    assert sorted((p["variant"], p["setting"]) for p in out["paired_to_default"]) == [
+        ("invdiff", f"loss_draws={draws}"), ("invdiff", f"steps={steps}"), ("invdiff_oracle", f"steps={steps}")]
+    for pair in out["paired_to_default"]:
+        for key in ("aligned_fraction", "fidelity"):
+            lo, hi = pair[key]["ci95"]
+            assert -1 <= lo <= hi <= 1
     assert out["samples"] == 20 and all("bias_removed" in r for r in out["rows"])
