@@ -194,7 +194,7 @@ class LatentDirParams(_Section):
 class InvDiffParams(_Section):
     # max step: per-sample losses of the frozen model, then the grouper
     loss_timesteps: tuple[int, int] = (10, 100)
-    loss_draws: int = Field(3, ge=1, le=1000)
+    loss_draws: int = Field(2, ge=1, le=1000)
     loss_contrast: bool = True
     loss_batch_size: int = Field(500, ge=1)
     num_groups: int = Field(2, ge=2, le=16)
