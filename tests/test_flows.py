@@ -253,6 +253,32 @@ def test_a_real_stage_failure_is_retried_unless_it_is_a_user_error(flaky_project
     assert set(tried) == {str(state.state_details.flow_run_id)}  # the stage's pipeline_run tag
 
 
+def test_the_cli_holds_the_checkout_through_the_flow_and_reads_dvc_status_once(flaky_project, prefect_api,
+                                                                               monkeypatch, capsys):
+    """main() takes the checkout and reads DVC's status before the flow starts (overlapping the ephemeral API
+    server's boot); the flow uses that status and does not take the checkout again."""
+    import flows.pipeline as fp
+
+    (flaky_project / "dvc.yaml").write_text(textwrap.dedent("""\
+        stages:
+          holder:
+            cmd: python -c "import shutil; shutil.copy('.dvc/tmp/flow.lock', 'holder.txt')"
+            deps: [code.txt]
+            outs: [holder.txt]
+    """))
+    (flaky_project / "code.txt").write_text("0")
+    calls = []
+    monkeypatch.setattr(fp, "dag_and_changed", lambda *a, **k: calls.append(a) or dag_and_changed(*a, **k))
+    assert fp.start_ephemeral_api() is None  # the harness's API server is configured: nothing to boot
+    fp.main(["--project-dir", str(flaky_project)])
+    assert capsys.readouterr().out.split() == ["holder", "ran"]
+    assert len(calls) == 1 and not fp._HANDED_OVER
+    # the stage ran while the checkout was held, by the command line's run, not the flow's
+    assert (flaky_project / "holder.txt").read_text() == f"flow run from the command line (pid {os.getpid()})"
+    fp.main(["--project-dir", str(flaky_project)])  # held again and released: a second run is not refused
+    assert capsys.readouterr().out.split() == ["holder", "up", "to", "date"]
+
+
 @pytest.mark.parametrize(("args", "key"), [
     (["--set", "seed=[1"], "seed"), (["--set", "data.bias_ratio=1.5"], "data.bias_ratio"),
     (["--project-dir", "/no/such/dir"], "/no/such/dir"), (["--methods", "nosuch"], "nosuch"),
