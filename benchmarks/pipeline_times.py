@@ -85,11 +85,14 @@ def main() -> None:
             shutil.copy(tmp / "dvc.lock", args.keep / "dvc.lock")
             if (tmp / "mlflow.db").is_file():  # every stage's MLflow run, with its start and end times
                 shutil.copy(tmp / "mlflow.db", args.keep / "mlflow.db")
+        # Rounds of no-op repro, cached flow, status side by side: the flow's overhead is taken round by round, so
+        # a drift in the machine's speed moves both figures of a round alike.
         cpu = {"noop": [], "flow": [], "status": []}
-        noop = [timed([*dvc, "repro"], tmp, cpu["noop"]) for _ in range(args.runs)]
-        flow = [timed([sys.executable, "-m", "flows.pipeline", "--project-dir", str(tmp)], tmp, cpu["flow"])
-                for _ in range(max(3, args.runs // 2))]
-        status = [timed([*dvc, "status"], tmp, cpu["status"]) for _ in range(args.runs)]
+        noop, flow, status = [], [], []
+        for _ in range(args.runs):
+            noop.append(timed([*dvc, "repro"], tmp, cpu["noop"]))
+            flow.append(timed([sys.executable, "-m", "flows.pipeline", "--project-dir", str(tmp)], tmp, cpu["flow"]))
+            status.append(timed([*dvc, "status"], tmp, cpu["status"]))
         summary = {
             "stage_seconds": {k: round(v, 2) for k, v in stage_times.items()},
             "total_seconds": round(total, 1),
@@ -104,10 +107,16 @@ def main() -> None:
         summary["load_average"] = list(os.getloadavg())
         summary["flow_minus_noop_s"] = round(summary["cached_prefect_flow_median_s"]
                                              - summary["noop_dvc_repro_median_s"], 2)
+        summary["flow_minus_noop_paired_s"] = {  # per round: median and range of (flow − no-op repro)
+            "median": round(statistics.median(f - n for f, n in zip(flow, noop, strict=True)), 2),
+            "range": [round(min(f - n for f, n in zip(flow, noop, strict=True)), 2),
+                      round(max(f - n for f, n in zip(flow, noop, strict=True)), 2)]}
         print(f"no-op dvc repro:      median {summary['noop_dvc_repro_median_s']:.2f} s over {len(noop)} runs")
         print(f"cached Prefect flow:  median {summary['cached_prefect_flow_median_s']:.2f} s over {len(flow)} runs "
               f"(python -m flows.pipeline, ephemeral API server included)")
-        print(f"flow − no-op repro:   {summary['flow_minus_noop_s']:.2f} s")
+        paired = summary["flow_minus_noop_paired_s"]
+        print(f"flow − no-op repro:   {summary['flow_minus_noop_s']:.2f} s (difference of medians); per round: "
+              f"median {paired['median']:.2f} s, range {paired['range'][0]:.2f}–{paired['range'][1]:.2f} s")
         summary["baseline_scores"] = json.loads((tmp / "data/scores/baseline/metrics.json").read_text())
         summary["judges"] = json.loads((tmp / "data/metrics/train_classifiers.json").read_text())
         print(yaml.safe_dump(summary, sort_keys=False))
