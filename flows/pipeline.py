@@ -250,9 +250,16 @@ def changed_stages(repo) -> set[str]:
 
 def dag_and_changed(root: Path, wait: bool) -> tuple[dict[str, set[str]], dict[str, str], set[str]]:
     """`stage_dag` and `changed_stages` from one DVC Repo: each Repo parses dvc.yaml and dvc.lock into its own
-    index (about 1 s), so one is built instead of two."""
-    with dvc_repo(str(root), wait=wait) as repo:
-        return (*_graph(repo), changed_stages(repo))
+    index (about 1 s), so one is built instead of two. Another DVC command holding the checkout's lock (DVC gives
+    up after 3 s unless `wait`) is a UserError."""
+    from dvc.lock import LockError
+
+    try:
+        with dvc_repo(str(root), wait=wait) as repo:
+            return (*_graph(repo), changed_stages(repo))
+    except LockError:
+        raise UserError(f"{root}: another DVC command is running in this checkout (it holds .dvc/tmp/lock); wait "
+                        "for it to finish") from None
 
 
 # {checkout: (deps, cmds, changed)} that main() read while holding the checkout for the flow run it starts

@@ -279,6 +279,15 @@ def test_the_cli_holds_the_checkout_through_the_flow_and_reads_dvc_status_once(f
     assert capsys.readouterr().out.split() == ["holder", "up", "to", "date"]
 
 
+def test_a_dvc_command_running_in_the_checkout_is_a_one_line_refusal(flaky_project):
+    from dvc.repo import Repo
+
+    with Repo(str(flaky_project)) as repo, repo.lock:  # as a running `dvc repro` holds it
+        with pytest.raises(UserError, match="another DVC command is running in this checkout"):
+            dag_and_changed(flaky_project, wait=False)
+    assert dag_and_changed(flaky_project, wait=False)[0] == {"flaky": set()}  # free again
+
+
 @pytest.mark.parametrize(("args", "key"), [
     (["--set", "seed=[1"], "seed"), (["--set", "data.bias_ratio=1.5"], "data.bias_ratio"),
     (["--project-dir", "/no/such/dir"], "/no/such/dir"), (["--methods", "nosuch"], "nosuch"),
