@@ -477,8 +477,9 @@ def _fail(message: str, code: int) -> None:
 def _at_exit() -> None:
     """The flow's one-line error, last and alone, after Prefect's log lines; then the garbage collector's objects
     are frozen (gc.freeze): the interpreter's collections at exit then skip what Prefect, DVC and pydantic
-    allocated, about 1.2 s of a cached run (docs/flows.md). Nothing is left unclosed: only unreachable cycles go
-    uncollected, and the process ends."""
+    allocated, about 1.2 s of a cached run (docs/flows.md). Only objects kept alive by reference cycles go
+    unfinalised (CPython does not promise their finalisation at exit either); by then every atexit handler
+    registered after this one (Prefect's server stop, its log and event workers) has run."""
     sys.stdout.flush()
     sys.stderr.flush()
     for message in _ERRORS:
