@@ -14,7 +14,8 @@ reported. The .md output states this protocol, the budget and the chosen points 
 
 Each ρ gets a work directory (<workdir>/rho_<ρ>: a copy of pipeline/, stages/ and params.yaml — with `--profile`
 merged on — with data.bias_ratio = ρ) where the stages run as plain `python -m stages.<name>`, in the DAG's order:
-prepare_data → train_classifiers → train_diffusion (once per ρ), then per seed (ddb.seed = s) sample_bias_aligned →
+prepare_data → train_classifiers → train_diffusion (once per ρ; each skipped if it finished under the same params,
+`per_rho_stamp`), then per seed (ddb.seed = s) sample_bias_aligned →
 train_bias_amplifier[_real] (once per seed at the base settings, and again for a point that sets an amplifier key,
 `AMPLIFIER_KEYS`: then the amplifier is part of what validation chooses) →
 debias_classifier@<method> for every point of every method. With `--jobs N` the seeds run N at a time, each in a
@@ -79,6 +80,7 @@ SAMPLING_KEYS = {"ddb": ("seed", "num_per_class", "guidance_scale", "num_inferen
 SYNTHETIC = Path("data/methods/ddb_synthetic/images.npz")
 SAMPLED_STAMP = Path("data/ddb_synthetic_stamp.json")
 SHARED = ("data/prepared", "data/judges", "data/models")  # the per-ρ stages' outputs every seed's stages read
+PER_RHO = ("prepare_data", "train_classifiers", "train_diffusion")  # once per ρ, in this order
 LOCK = threading.Lock()  # rows and timings, written by side-by-side seeds (`--jobs`)
 
 
@@ -130,6 +132,39 @@ def set_params(w: Path, rho: float, seed: int, overrides: dict, profile: Path | 
         section, leaf = key.split(".", 1)
         raw[section][leaf] = value
     (w / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def per_rho_stamp(w: Path, stage: str) -> dict:
+    """The params a per-ρ stage reads (its `params` in dvc.yaml: sections or dotted keys) as work directory `w` sets
+    them, the bias ratio and any `--set` of them included: what its outputs depend on besides the code."""
+    raw = yaml.safe_load((w / "params.yaml").read_text())
+    stamp = {}
+    for name in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage].get("params", []):
+        if not isinstance(name, str):  # `- other_file.yaml: [keys]`: not a key of the work directory's params.yaml
+            raise SystemExit(f"dvc.yaml: {stage}'s params entry {name!r}: expected a params.yaml key")
+        node = raw
+        for part in name.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        stamp[name] = node
+    return stamp
+
+
+def per_rho_done(w: Path, stage: str) -> Path:
+    """The file that says `stage` finished in `w`, holding the per_rho_stamp it ran under."""
+    return w / "data" / f"ddb_done_{stage}.json"
+
+
+def run_per_rho(w: Path, timings: dict) -> None:
+    """The per-ρ stages, each skipped if it finished under the same stamp; once one runs, every later one runs too
+    (it reads the new outputs). A table killed mid-way resumes at the stage it was in."""
+    stale = False
+    for stage in PER_RHO:
+        done, stamp = per_rho_done(w, stage), per_rho_stamp(w, stage)
+        if stale or not done.is_file() or json.loads(done.read_text()) != stamp:
+            done.unlink(missing_ok=True)
+            run(w, [f"stages.{stage}"], timings, stage)
+            done.write_text(json.dumps(stamp))
+            stale = True
 
 
 def run(w: Path, args: list[str], timings: dict, label: str, threads: int | None = None) -> None:
@@ -314,12 +349,8 @@ def main() -> None:
         print(f"ρ = {rho}: {w}", flush=True)
         set_params(w, rho, args.seeds[0], base, args.profile)
         timings = timings_all.setdefault(str(rho), {})
-        marker = w / "data" / "bias_ratio.txt"
-        if not marker.is_file() or marker.read_text() != str(rho):
-            for stage in ("prepare_data", "train_classifiers", "train_diffusion"):
-                run(w, [f"stages.{stage}"], timings, stage)
-            marker.write_text(str(rho))
-            timings_path.write_text(json.dumps(timings_all, indent=1))
+        run_per_rho(w, timings)
+        timings_path.write_text(json.dumps(timings_all, indent=1))
         todo = {seed: [(m, pt) for m in args.methods for pt in points[m]
                        if not have(rho, seed, m, point_label(pt))] for seed in args.seeds}
         todo = {seed: runs for seed, runs in todo.items() if runs}

@@ -4,6 +4,7 @@ held-out fitting data."""
 
 import ast
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -227,6 +228,50 @@ def test_auto_adp_needs_a_held_out_share():
     parse_params(raw)
 
 
+def per_rho_stages_done(data: Path, rho: float = 0.99) -> None:
+    """Mark a ρ work directory's per-ρ stages (prepare_data, the judges, the diffusion model) finished under the
+    params benchmarks/ddb_table.py will write there (no profile, no overrides)."""
+    import json
+
+    import benchmarks.ddb_table as table
+
+    w = data.parent
+    table.set_params(w, rho, 0, {})
+    for stage in table.PER_RHO:
+        table.per_rho_done(w, stage).write_text(json.dumps(table.per_rho_stamp(w, stage)))
+
+
+def test_the_per_rho_stages_resume_where_they_stopped_and_rerun_for_their_own_params(tmp_path, monkeypatch):
+    """benchmarks/ddb_table.py runs prepare_data → train_classifiers → train_diffusion once per ρ: a stage finished
+    under the same params is skipped, a killed one (no done file) runs again with every stage after it, and a
+    `--set` of a section one of them reads re-runs it and what follows, not what comes before."""
+    import benchmarks.ddb_table as table
+
+    w = tmp_path / "rho_0.98"
+    (w / "data").mkdir(parents=True)
+    ran = []
+    monkeypatch.setattr(table, "run", lambda w, args, timings, label, threads=None: ran.append(label))
+
+    def per_rho(**overrides):
+        ran.clear()
+        table.set_params(w, 0.98, 0, overrides)
+        table.run_per_rho(w, {})
+        return list(ran)
+
+    assert per_rho() == list(table.PER_RHO)
+    assert per_rho() == []
+    assert per_rho(**{"ddb.epochs": 3}) == []  # a per-seed section: the per-ρ outputs stand
+    table.per_rho_done(w, "train_diffusion").unlink()  # killed while training the diffusion model
+    assert per_rho() == ["train_diffusion"]
+    assert per_rho(**{"classifiers.epochs": 1}) == ["train_classifiers", "train_diffusion"]
+    assert per_rho(**{"classifiers.epochs": 1}) == []
+    assert per_rho(**{"data.n_train": 100}) == list(table.PER_RHO)  # ρ itself is data.bias_ratio
+    ran.clear()
+    table.set_params(w, 0.95, 0, {"data.n_train": 100})  # another ρ in the same directory
+    table.run_per_rho(w, {})
+    assert ran == list(table.PER_RHO)
+
+
 def test_table_rows_carry_only_their_own_seeds_amplifier_figures(tmp_path, monkeypatch):
     """benchmarks/ddb_table.py: a row records the amplifier figures of the stages run for its seed, never a metrics
     file an earlier seed (or a copied work directory) left behind."""
@@ -237,7 +282,7 @@ def test_table_rows_carry_only_their_own_seeds_amplifier_figures(tmp_path, monke
 
     metrics = tmp_path / "rho_0.99" / "data" / "metrics"
     metrics.mkdir(parents=True)
-    (metrics.parent / "bias_ratio.txt").write_text("0.99")  # the per-ρ stages are done
+    per_rho_stages_done(metrics.parent)
     (metrics / "train_bias_amplifier_real.json").write_text(json.dumps({"test_conflicting_accuracy": 0.9}))
 
     def fake_run(w, args, timings, label, threads=None):  # each stage writes what the real one would, marked values
@@ -277,7 +322,7 @@ def test_a_point_that_sets_an_amplifier_key_gets_its_own_amplifier(tmp_path, mon
 
     metrics = tmp_path / "rho_0.99" / "data" / "metrics"
     metrics.mkdir(parents=True)
-    (metrics.parent / "bias_ratio.txt").write_text("0.99")
+    per_rho_stages_done(metrics.parent)
     calls = []
 
     def fake_run(w, args, timings, label, threads=None):
@@ -326,7 +371,7 @@ def test_side_by_side_seeds_each_run_in_a_work_directory_of_their_own(tmp_path, 
 
     rho_dir = tmp_path / "rho_0.99"
     (rho_dir / "data" / "metrics").mkdir(parents=True)
-    (rho_dir / "data" / "bias_ratio.txt").write_text("0.99")
+    per_rho_stages_done(rho_dir / "data")
     for rel in table.SHARED:
         (rho_dir / rel).mkdir(parents=True)
     calls, both_started, lock = [], threading.Barrier(2, timeout=10), threading.Lock()
@@ -424,7 +469,7 @@ def test_a_seeds_synthetic_set_is_reused_only_for_the_same_model_and_sampling_pa
 
     rho_dir = tmp_path / "rho_0.99"
     (rho_dir / "data" / "metrics").mkdir(parents=True)
-    (rho_dir / "data" / "bias_ratio.txt").write_text("0.99")
+    per_rho_stages_done(rho_dir / "data")
     weights = rho_dir / "data" / "models" / "diffusion" / "unet" / "w.safetensors"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"model one")
