@@ -134,14 +134,21 @@ def set_params(w: Path, rho: float, seed: int, overrides: dict, profile: Path | 
     (w / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+def stage_params(stage: str) -> list[str]:
+    """The params.yaml keys (sections or dotted keys) dvc.yaml lists under a stage's `params`: what it reads."""
+    names = (yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage] or {}).get("params", [])
+    bad = [n for n in names if not isinstance(n, str)]  # `- other_file.yaml: [keys]`: not params.yaml's
+    if bad:
+        raise SystemExit(f"dvc.yaml: {stage}'s params entries {bad}: expected params.yaml keys")
+    return names
+
+
 def per_rho_stamp(w: Path, stage: str) -> dict:
     """The params a per-ρ stage reads (its `params` in dvc.yaml: sections or dotted keys) as work directory `w` sets
     them, the bias ratio and any `--set` of them included: what its outputs depend on besides the code."""
     raw = yaml.safe_load((w / "params.yaml").read_text())
     stamp = {}
-    for name in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage].get("params", []):
-        if not isinstance(name, str):  # `- other_file.yaml: [keys]`: not a key of the work directory's params.yaml
-            raise SystemExit(f"dvc.yaml: {stage}'s params entry {name!r}: expected a params.yaml key")
+    for name in stage_params(stage):
         node = raw
         for part in name.split("."):
             node = node.get(part) if isinstance(node, dict) else None

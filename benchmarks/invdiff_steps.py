@@ -37,15 +37,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.ddb_table import stage_params  # noqa: E402
 from benchmarks.method_diagnostics import _Validation  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 
 VARIANTS = ("invdiff", "invdiff_lambda0", "invdiff_oracle")
 INPUTS = ("prepared", "models", "methods/invdiff_groups")  # what finetune_guidance reads under data/
-# invdiff keys fit_grouper reads: a candidate that changes one infers its own groups (the oracle reads none of them)
-GROUPER_KEYS = frozenset({"loss_timesteps", "loss_draws", "loss_contrast", "loss_batch_size", "num_groups",
-                          "min_group_share", "grouper_init", "grouper_steps", "grouper_lr", "conflict_clusters",
-                          "conflict_clusters_max", "split_module", "split_reference"})
+# invdiff keys fit_grouper reads (dvc.yaml): a candidate that changes one infers its own groups (the oracle reads none)
+GROUPER_KEYS = frozenset(k.removeprefix("invdiff.") for k in stage_params("fit_grouper")
+                         if k.startswith("invdiff."))
 ENV = {"OMP_NUM_THREADS": "1", "DEBIAS_TRACKING": "off", "PYTHONPATH": str(ROOT)}
 
 
