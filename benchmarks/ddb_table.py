@@ -285,6 +285,59 @@ def t_interval(row: dict, key: str) -> float:
     return float(t.ppf(0.975, n - 1) * row[key + "_std"] / np.sqrt(n)) if n > 1 else float("nan")
 
 
+# The comparisons the table is read for (docs/protocol.md): (row, against, margin) — row − (against + margin)
+COMPARISONS = (("recipe1", "lff", 0.0), ("recipe2", "lff", 0.0), ("recipe1", "erm", 0.15), ("recipe2", "erm", 0.15),
+               ("recipe1", "recipe1_real", 0.0), ("recipe2", "recipe2_real", 0.0))
+
+
+def welch_difference(a, b, confidence: float = 0.95) -> tuple[float, float, float]:
+    """mean(a) − mean(b) and its Welch interval: d ± t_{(1+c)/2, ν} · √(s_a²/n_a + s_b²/n_b), ν the
+    Welch–Satterthwaite degrees of freedom (scipy's `ttest_ind(equal_var=False)`); nan bounds under two seeds a side."""
+    from scipy.stats import ttest_ind
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    d = float(a.mean() - b.mean())
+    if min(len(a), len(b)) < 2:
+        return d, float("nan"), float("nan")
+    if a.std() == 0 and b.std() == 0:  # no spread on either side: the interval is the point
+        return d, d, d
+    ci = ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+    return d, float(ci.low), float(ci.high)
+
+
+def comparisons(reported: list[dict], key: str = "unbiased_accuracy") -> list[dict]:
+    """Per ρ, each of COMPARISONS whose two rows are in `reported` (the chosen points' per-seed rows): the seed-mean
+    difference row − (against + margin) with its Welch 95% interval, and how it reads: above / below when the
+    interval excludes 0, else inside the noise."""
+    by = {}
+    for r in reported:
+        by.setdefault((r["bias_ratio"], r["method"]), []).append(r[key])
+    out = []
+    for rho in sorted({k[0] for k in by}):
+        for row, against, margin in COMPARISONS:
+            if (rho, row) not in by or (rho, against) not in by:
+                continue
+            d, lo, hi = welch_difference(by[rho, row], np.asarray(by[rho, against]) + margin)
+            reading = "above" if lo > 0 else "below" if hi < 0 else "inside the noise"
+            out.append({"bias_ratio": rho, "row": row, "against": against, "margin": margin, "difference": d,
+                        "ci95_low": lo, "ci95_high": hi, "reading": reading})
+    return out
+
+
+def comparison_lines(rows: list[dict]) -> list[str]:
+    """The comparisons as a markdown table (points of accuracy)."""
+    if not rows:
+        return []
+    lines = ["", "| ρ | comparison (unbiased acc.) | difference [Welch 95% interval] | reading |", "|---|---|---|---|"]
+    for c in rows:
+        against = LABELS.get(c["against"], c["against"])
+        against = f"({against} + {100 * c['margin']:.0f})" if c["margin"] else against
+        lines.append(f"| {c['bias_ratio']} | {LABELS.get(c['row'], c['row'])} − {against} | "
+                     f"{100 * c['difference']:+.1f} [{100 * c['ci95_low']:+.1f}, {100 * c['ci95_high']:+.1f}] | "
+                     f"{c['reading']} |")
+    return lines
+
+
 def protocol_note(budget: dict, select_by: str, chosen: dict, profile, seeds, timings, jobs: int = 1,
                   overrides: str = "(params)") -> list[str]:
     """The protocol, stated beside the table (docs/protocol.md)."""
@@ -323,7 +376,21 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="seeds run side by side, each in its own work directory "
                     "(<workdir>/rho_<ρ>_seed_<s>) at one torch thread (OMP_NUM_THREADS, when set)")
     ap.add_argument("--select-by", default="val_unbiased_accuracy", help="validation metric that chooses the point")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULT.json", help="run nothing: the "
+                    "table and comparisons of these result files' chosen rows (a later file's (ρ, method) wins)")
     args = ap.parse_args()
+    if args.merge:
+        reported, chosen, source = merge_results(args.merge)
+        table, compared = summary_table(reported, chosen), comparisons(reported)
+        md = table_lines(table) + comparison_lines(compared) + [
+            "", "Merged from (per ρ, method): " + "; ".join(f"ρ={k[0]} {k[1]}: {v}" for k, v in sorted(source.items()))]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.out}.json").write_text(json.dumps(
+            {"summary": table, "comparisons": compared, "chosen": {f"{k[0]}|{k[1]}": v for k, v in chosen.items()},
+             "sources": {f"{k[0]}|{k[1]}": v for k, v in source.items()}}, indent=2) + "\n")
+        Path(f"{args.out}.md").write_text("\n".join(md) + "\n")
+        print("\n".join(md))
+        return
     base = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     budget = yaml.safe_load(args.budget.read_text()) if args.budget else BUDGET
     budget = {m: budget[m] for m in args.methods}
@@ -380,18 +447,31 @@ def main() -> None:
             and r["method"] in args.methods and r["point"] in labels[r["method"]]
             and r.get("set", "(params)") == overrides]
     reported, chosen = select_and_score(rows, args.select_by)  # validation decides; test read here, once
+    table = summary_table(reported, chosen)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    note = protocol_note(budget, args.select_by, chosen, args.profile, args.seeds, timings_all, args.jobs,
+                         overrides)
+    compared = comparisons(reported)
+    Path(f"{args.out}.json").write_text(json.dumps(
+        {"rows": rows, "summary": table, "comparisons": compared, "timings": timings_all,
+         "selected_by": args.select_by, "budget": budget, "chosen": {f"{k[0]}|{k[1]}": v for k, v in chosen.items()},
+         "profile": str(args.profile) if args.profile else None}, indent=2) + "\n")
+    md = table_lines(table) + comparison_lines(compared) + note
+    Path(f"{args.out}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def summary_table(reported: list[dict], chosen: dict) -> list[dict]:
+    """Per (ρ, method): the chosen point, its test mean ± std over seeds and 95% t-interval half-widths."""
     table = summarise(reported)
     for r in table:
         r["point"] = chosen[(r["bias_ratio"], r["method"])]
         for k in ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy"):
             r[k + "_ci95"] = t_interval(r, k)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    note = protocol_note(budget, args.select_by, chosen, args.profile, args.seeds, timings_all, args.jobs,
-                         overrides)
-    Path(f"{args.out}.json").write_text(json.dumps(
-        {"rows": rows, "summary": table, "timings": timings_all, "selected_by": args.select_by, "budget": budget,
-         "chosen": {f"{k[0]}|{k[1]}": v for k, v in chosen.items()},
-         "profile": str(args.profile) if args.profile else None}, indent=2) + "\n")
+    return table
+
+
+def table_lines(table: list[dict]) -> list[str]:
     md = ["| ρ | method | unbiased acc. | worst-group acc. | conflicting acc. | aligned acc. | seeds |",
           "|---|---|---|---|---|---|---|"]
     for r in table:
@@ -400,9 +480,22 @@ def main() -> None:
                  ("unbiased_accuracy", "worst_group_accuracy", "conflicting_accuracy", "aligned_accuracy")]
         md.append(f"| {r['bias_ratio']} | {LABELS.get(r['method'], r['method'])} | " + " | ".join(cells)
                   + f" | {r['n_seeds']} |")
-    Path(f"{args.out}.md").write_text("\n".join(md + note) + "\n")
-    print("\n".join(md + note))
+    return md
 
+
+def merge_results(files: list[Path]) -> tuple[list[dict], dict, dict]:
+    """The chosen points' per-seed rows of several result files, each chosen by its own protocol run (its `chosen`
+    and `rows`); a later file's (ρ, method) replaces an earlier one's. Returns (rows, chosen, source file per
+    (ρ, method)). Nothing is re-selected: a merged table is the union of already validation-chosen rows."""
+    picked, chosen, source = {}, {}, {}
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        for key, point in d["chosen"].items():
+            rho, method = key.split("|")
+            k = (float(rho), method)
+            picked[k] = [r for r in d["rows"] if (r["bias_ratio"], r["method"]) == k and r["point"] == point]
+            chosen[k], source[k] = point, Path(f).name
+    return [r for k in sorted(picked) for r in picked[k]], chosen, source
 
 if __name__ == "__main__":
     main()

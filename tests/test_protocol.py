@@ -219,6 +219,61 @@ def test_every_method_gets_the_same_selection_budget():
         table.grid_points({"ddb.guidance_scale": [1.0, 3.0]})  # upstream of the classifiers: not per point
 
 
+def test_welch_difference_by_hand():
+    """The table's comparisons: d ± t_{0.975, ν} · √(s_a²/n_a + s_b²/n_b) with the Welch–Satterthwaite ν, by hand."""
+    from scipy.stats import t
+
+    import benchmarks.ddb_table as table
+
+    a, b = np.array([0.80, 0.84, 0.86]), np.array([0.70, 0.71, 0.75, 0.74])
+    va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 4
+    nu = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
+    half = t.ppf(0.975, nu) * np.sqrt(va + vb)
+    d, lo, hi = table.welch_difference(a, b)
+    assert d == pytest.approx(a.mean() - b.mean()) and (lo, hi) == pytest.approx((d - half, d + half))
+    assert np.isnan(table.welch_difference(a, b[:1])[1])
+
+
+def test_comparisons_read_the_chosen_rows_with_the_margin():
+    """row − (against + margin) per ρ over the chosen per-seed rows; 'above'/'below' only when the interval excludes
+    0; a comparison whose rows are missing is left out."""
+    import benchmarks.ddb_table as table
+
+    def rows(method, values, rho=0.99):
+        return [{"bias_ratio": rho, "method": method, "seed": s, "unbiased_accuracy": v} for s, v in enumerate(values)]
+
+    got = table.comparisons(rows("erm", [0.60, 0.61, 0.62]) + rows("lff", [0.80, 0.81, 0.79])
+                            + rows("recipe2", [0.84, 0.76, 0.83]) + rows("recipe1", [0.70, 0.71, 0.70]))
+    read = {(c["row"], c["against"]): c for c in got}
+    assert set(read) == {("recipe1", "lff"), ("recipe2", "lff"), ("recipe1", "erm"), ("recipe2", "erm")}
+    assert read["recipe1", "erm"]["difference"] == pytest.approx(0.70333 - 0.61 - 0.15, abs=1e-4)
+    assert read["recipe1", "erm"]["reading"] == "below" and read["recipe1", "lff"]["reading"] == "below"
+    assert read["recipe2", "lff"]["reading"] == "inside the noise"
+    assert read["recipe2", "lff"]["ci95_low"] < 0 < read["recipe2", "lff"]["ci95_high"]
+
+
+def test_merged_tables_take_each_files_chosen_rows_and_a_later_file_wins(tmp_path):
+    """--merge: the union of already chosen rows; nothing re-selected; a later file's (ρ, method) replaces."""
+    import json
+
+    import benchmarks.ddb_table as table
+
+    def result(path, method, chosen, values):
+        rows = [{"bias_ratio": 0.99, "method": method, "seed": s, "point": p, "unbiased_accuracy": v + (p == "b")}
+                for p in ("a", "b") for s, v in enumerate(values)]
+        path.write_text(json.dumps({"chosen": {f"0.99|{method}": chosen}, "rows": rows}))
+        return path
+
+    first = result(tmp_path / "first.json", "recipe2", "a", [0.5, 0.6])
+    second = result(tmp_path / "second.json", "recipe2", "b", [0.1, 0.2])
+    other = result(tmp_path / "other.json", "lff", "a", [0.7, 0.8])
+    rows, chosen, source = table.merge_results([first, other, second])
+    assert chosen == {(0.99, "recipe2"): "b", (0.99, "lff"): "a"}
+    assert source == {(0.99, "recipe2"): "second.json", (0.99, "lff"): "other.json"}
+    assert sorted(r["unbiased_accuracy"] for r in rows if r["method"] == "recipe2") == [1.1, 1.2]
+    assert sorted(r["unbiased_accuracy"] for r in rows if r["method"] == "lff") == [0.7, 0.8]
+
+
 def test_auto_adp_needs_a_held_out_share():
     raw = tiny_params()
     raw["distguide"].update(adp="auto", holdout=0.0)
