@@ -489,7 +489,13 @@ def merge_results(files: list[Path]) -> tuple[list[dict], dict, dict]:
     (ρ, method)). Nothing is re-selected: a merged table is the union of already validation-chosen rows."""
     picked, chosen, source = {}, {}, {}
     for f in files:
-        d = json.loads(Path(f).read_text())
+        try:
+            d = json.loads(Path(f).read_text())
+            d["chosen"].items(), d["rows"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            print(f"error: --merge {f}: expected a result file of this script (JSON with 'chosen' and 'rows'): "
+                  f"{type(e).__name__}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         for key, point in d["chosen"].items():
             rho, method = key.split("|")
             k = (float(rho), method)

@@ -272,6 +272,11 @@ def test_merged_tables_take_each_files_chosen_rows_and_a_later_file_wins(tmp_pat
     assert source == {(0.99, "recipe2"): "second.json", (0.99, "lff"): "other.json"}
     assert sorted(r["unbiased_accuracy"] for r in rows if r["method"] == "recipe2") == [1.1, 1.2]
     assert sorted(r["unbiased_accuracy"] for r in rows if r["method"] == "lff") == [0.7, 0.8]
+    (tmp_path / "summary.json").write_text(json.dumps({"summary": []}))
+    for bad in (tmp_path / "missing.json", tmp_path / "summary.json"):
+        with pytest.raises(SystemExit) as exit_:
+            table.merge_results([first, bad])
+        assert exit_.value.code == 2
 
 
 def test_auto_adp_needs_a_held_out_share():
