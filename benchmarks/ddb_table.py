@@ -25,7 +25,10 @@ torch thread (OMP_NUM_THREADS, when set); a stage's CPU time is its own process'
 debias-diffusion, tags method / bias_ratio / ddb_seed) goes to $MLFLOW_TRACKING_URI, default
 sqlite:///<workdir>/mlflow.db.
 
-Writes <out>.json (every row, the summary, the choice, the budget, timings) and <out>.md (the table and protocol).
+Writes <out>.json (every row, the summary, the comparisons, the choice, the budget, timings) and <out>.md (the table,
+the comparisons it is read for — each recipe against LfF, ERM + 15 points and its real-data ablation, Welch 95%
+intervals, `COMPARISONS` — and the protocol). `--merge A.json B.json …` runs nothing: the table and comparisons of
+result files' already chosen rows, a later file's (ρ, method) replacing an earlier one's.
 """
 
 from __future__ import annotations
@@ -285,7 +288,8 @@ def t_interval(row: dict, key: str) -> float:
     return float(t.ppf(0.975, n - 1) * row[key + "_std"] / np.sqrt(n)) if n > 1 else float("nan")
 
 
-# The comparisons the table is read for (docs/protocol.md): (row, against, margin) — row − (against + margin)
+# The comparisons the table is read for (docs/methods.md, "The table and its protocol"): (row, against, margin),
+# read as row − (against + margin)
 COMPARISONS = (("recipe1", "lff", 0.0), ("recipe2", "lff", 0.0), ("recipe1", "erm", 0.15), ("recipe2", "erm", 0.15),
                ("recipe1", "recipe1_real", 0.0), ("recipe2", "recipe2_real", 0.0))
 
