@@ -388,12 +388,8 @@ def main() -> None:
         table, compared = summary_table(reported, chosen), comparisons(reported)
         md = table_lines(table) + comparison_lines(compared) + [
             "", "Merged from (per ρ, method): " + "; ".join(f"ρ={k[0]} {k[1]}: {v}" for k, v in sorted(source.items()))]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.json").write_text(json.dumps(
-            {"summary": table, "comparisons": compared, "chosen": {f"{k[0]}|{k[1]}": v for k, v in chosen.items()},
-             "sources": {f"{k[0]}|{k[1]}": v for k, v in source.items()}}, indent=2) + "\n")
-        Path(f"{args.out}.md").write_text("\n".join(md) + "\n")
-        print("\n".join(md))
+        write_outputs(args.out, {"summary": table, "comparisons": compared, "chosen": by_key(chosen),
+                                 "sources": by_key(source)}, md)
         return
     base = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     budget = yaml.safe_load(args.budget.read_text()) if args.budget else BUDGET
@@ -452,16 +448,25 @@ def main() -> None:
             and r.get("set", "(params)") == overrides]
     reported, chosen = select_and_score(rows, args.select_by)  # validation decides; test read here, once
     table = summary_table(reported, chosen)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     note = protocol_note(budget, args.select_by, chosen, args.profile, args.seeds, timings_all, args.jobs,
                          overrides)
     compared = comparisons(reported)
-    Path(f"{args.out}.json").write_text(json.dumps(
-        {"rows": rows, "summary": table, "comparisons": compared, "timings": timings_all,
-         "selected_by": args.select_by, "budget": budget, "chosen": {f"{k[0]}|{k[1]}": v for k, v in chosen.items()},
-         "profile": str(args.profile) if args.profile else None}, indent=2) + "\n")
-    md = table_lines(table) + comparison_lines(compared) + note
-    Path(f"{args.out}.md").write_text("\n".join(md) + "\n")
+    write_outputs(args.out, {"rows": rows, "summary": table, "comparisons": compared, "timings": timings_all,
+                             "selected_by": args.select_by, "budget": budget, "chosen": by_key(chosen),
+                             "profile": str(args.profile) if args.profile else None},
+                  table_lines(table) + comparison_lines(compared) + note)
+
+
+def by_key(d: dict) -> dict:
+    """A {(ρ, method): value} map with JSON keys "ρ|method" (what merge_results reads back)."""
+    return {f"{k[0]}|{k[1]}": v for k, v in d.items()}
+
+
+def write_outputs(out: Path, payload: dict, md: list[str]) -> None:
+    """<out>.json and <out>.md, and the .md printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    Path(f"{out}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
@@ -495,11 +500,14 @@ def merge_results(files: list[Path]) -> tuple[list[dict], dict, dict]:
     for f in files:
         try:
             d = json.loads(Path(f).read_text())
-            d["chosen"].items(), d["rows"]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            problem = None if isinstance(d, dict) and isinstance(d.get("chosen"), dict) and isinstance(
+                d.get("rows"), list) else "no 'chosen' map and 'rows' list"
+        except (OSError, ValueError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
             print(f"error: --merge {f}: expected a result file of this script (JSON with 'chosen' and 'rows'): "
-                  f"{type(e).__name__}: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+                  f"{problem}", file=sys.stderr)
+            raise SystemExit(2)
         for key, point in d["chosen"].items():
             rho, method = key.split("|")
             k = (float(rho), method)
